@@ -1,0 +1,32 @@
+# minivb: `make demo` and `make test` are all a new user needs; both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo bench weights notebooks
+
+setup: $(STAMP)
+
+# torch first, pinned to the CPU build these machines carry (a plain `torch` pulls several GB of CUDA packages).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test,video,notebooks]'
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest tests -q --durations=20
+
+demo: setup
+	$(PY) -m minivb ask --model weights/vicuna-tiny --video tests/data/clock_cc0_1bpp.gif "What is happening in the video?"
+
+bench: setup
+	$(PY) tests/bench_generate.py
+
+weights: setup
+	$(PY) weights/build.py
+
+notebooks: setup
+	$(VENV)/bin/jupyter notebook notebooks/

@@ -1,0 +1,207 @@
+"""Loading official Hugging Face checkpoints: config.json + safetensors, mapped by an explicit key table.
+
+An official checkpoint directory (e.g. Salesforce/instructblip-vicuna-7b) holds `config.json` and either one
+`model.safetensors` or `model.safetensors.index.json` naming its shards. Every tensor name in those files is one
+of the patterns in KEY_TABLE below; grep any checkpoint key there to see where it lands in minivb.
+
+The loader is strict, in the spirit of nanoGPT's `from_pretrained`: every tensor of the checkpoint is used once,
+every parameter of minivb is filled, every shape is checked. Tensors are read lazily, one at a time, shard by
+shard, and cast to the requested dtype as they are read, so peak memory stays near one copy of the weights.
+safetensors only: minivb never unpickles (`pytorch_model.bin` can run code when loaded).
+"""
+
+import json
+import os
+import re
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+# {i} stands for a layer number. Each line maps an official module (or parameter) name to minivb's; the suffix
+# `.weight` / `.bias` carries over unchanged.
+KEY_TABLE = [
+    # --- learned queries and the projection into the language model
+    ("query_tokens", "query_tokens"),
+    ("language_projection", "projection"),
+    # --- vision encoder (vit.py)
+    ("vision_model.embeddings.class_embedding", "vision.class_token"),
+    ("vision_model.embeddings.position_embedding", "vision.position_embedding"),
+    ("vision_model.embeddings.patch_embedding", "vision.patch_embedding"),
+    ("vision_model.encoder.layers.{i}.layer_norm1", "vision.blocks.{i}.attn_norm"),
+    ("vision_model.encoder.layers.{i}.self_attn.qkv", "vision.blocks.{i}.attn.qkv"),
+    ("vision_model.encoder.layers.{i}.self_attn.projection", "vision.blocks.{i}.attn.proj"),
+    ("vision_model.encoder.layers.{i}.layer_norm2", "vision.blocks.{i}.mlp_norm"),
+    ("vision_model.encoder.layers.{i}.mlp.fc1", "vision.blocks.{i}.mlp.fc1"),
+    ("vision_model.encoder.layers.{i}.mlp.fc2", "vision.blocks.{i}.mlp.fc2"),
+    ("vision_model.post_layernorm", "vision.post_norm"),
+    # --- Q-Former (qformer.py)
+    ("qformer.embeddings.word_embeddings", "qformer.word_embeddings"),
+    ("qformer.embeddings.position_embeddings", "qformer.position_embeddings"),
+    ("qformer.embeddings.layernorm", "qformer.embed_norm"),
+    ("qformer.encoder.layer.{i}.attention.attention.query", "qformer.layers.{i}.self_attn.query"),
+    ("qformer.encoder.layer.{i}.attention.attention.key", "qformer.layers.{i}.self_attn.key"),
+    ("qformer.encoder.layer.{i}.attention.attention.value", "qformer.layers.{i}.self_attn.value"),
+    ("qformer.encoder.layer.{i}.attention.output.dense", "qformer.layers.{i}.self_attn.out"),
+    ("qformer.encoder.layer.{i}.attention.output.LayerNorm", "qformer.layers.{i}.self_attn.norm"),
+    ("qformer.encoder.layer.{i}.crossattention.attention.query", "qformer.layers.{i}.cross_attn.query"),
+    ("qformer.encoder.layer.{i}.crossattention.attention.key", "qformer.layers.{i}.cross_attn.key"),
+    ("qformer.encoder.layer.{i}.crossattention.attention.value", "qformer.layers.{i}.cross_attn.value"),
+    ("qformer.encoder.layer.{i}.crossattention.output.dense", "qformer.layers.{i}.cross_attn.out"),
+    ("qformer.encoder.layer.{i}.crossattention.output.LayerNorm", "qformer.layers.{i}.cross_attn.norm"),
+    ("qformer.encoder.layer.{i}.intermediate.dense", "qformer.layers.{i}.text_ffn.fc1"),
+    ("qformer.encoder.layer.{i}.output.dense", "qformer.layers.{i}.text_ffn.fc2"),
+    ("qformer.encoder.layer.{i}.output.LayerNorm", "qformer.layers.{i}.text_ffn.norm"),
+    ("qformer.encoder.layer.{i}.intermediate_query.dense", "qformer.layers.{i}.query_ffn.fc1"),
+    ("qformer.encoder.layer.{i}.output_query.dense", "qformer.layers.{i}.query_ffn.fc2"),
+    ("qformer.encoder.layer.{i}.output_query.LayerNorm", "qformer.layers.{i}.query_ffn.norm"),
+    # --- Vicuna / LLaMA (llama.py)
+    ("language_model.model.embed_tokens", "language_model.embed_tokens"),
+    ("language_model.model.layers.{i}.input_layernorm", "language_model.layers.{i}.attn_norm"),
+    ("language_model.model.layers.{i}.self_attn.q_proj", "language_model.layers.{i}.attn.q_proj"),
+    ("language_model.model.layers.{i}.self_attn.k_proj", "language_model.layers.{i}.attn.k_proj"),
+    ("language_model.model.layers.{i}.self_attn.v_proj", "language_model.layers.{i}.attn.v_proj"),
+    ("language_model.model.layers.{i}.self_attn.o_proj", "language_model.layers.{i}.attn.o_proj"),
+    ("language_model.model.layers.{i}.post_attention_layernorm", "language_model.layers.{i}.mlp_norm"),
+    ("language_model.model.layers.{i}.mlp.gate_proj", "language_model.layers.{i}.mlp.gate_proj"),
+    ("language_model.model.layers.{i}.mlp.up_proj", "language_model.layers.{i}.mlp.up_proj"),
+    ("language_model.model.layers.{i}.mlp.down_proj", "language_model.layers.{i}.mlp.down_proj"),
+    ("language_model.model.norm", "language_model.norm"),
+    ("language_model.lm_head", "language_model.lm_head"),  # LLaMA: always its own; T5: may be absent (tied)
+    # --- Flan-T5 (t5.py). Block 0 alone stores the relative position table; the whole stack shares it.
+    ("language_model.shared", "language_model.shared"),
+    ("language_model.{stack}.block.0.layer.0.SelfAttention.relative_attention_bias",
+     "language_model.{stack}.relative_attention_bias"),
+    ("language_model.{stack}.block.{i}.layer.0.layer_norm", "language_model.{stack}.blocks.{i}.attn_norm"),
+    ("language_model.{stack}.block.{i}.layer.0.SelfAttention.{proj}", "language_model.{stack}.blocks.{i}.attn.{proj}"),
+    ("language_model.encoder.block.{i}.layer.1.layer_norm", "language_model.encoder.blocks.{i}.ffn_norm"),
+    ("language_model.encoder.block.{i}.layer.1.DenseReluDense.{ffn}", "language_model.encoder.blocks.{i}.ffn.{ffn}"),
+    ("language_model.decoder.block.{i}.layer.1.layer_norm", "language_model.decoder.blocks.{i}.cross_attn_norm"),
+    ("language_model.decoder.block.{i}.layer.1.EncDecAttention.{proj}", "language_model.decoder.blocks.{i}.cross_attn.{proj}"),
+    ("language_model.decoder.block.{i}.layer.2.layer_norm", "language_model.decoder.blocks.{i}.ffn_norm"),
+    ("language_model.decoder.block.{i}.layer.2.DenseReluDense.{ffn}", "language_model.decoder.blocks.{i}.ffn.{ffn}"),
+    ("language_model.{stack}.final_layer_norm", "language_model.{stack}.final_norm"),
+]
+
+# Names the official T5 checkpoints (and transformers) write for the very same tensor as `shared`: the input
+# embeddings of the encoder and of the decoder. They are aliases: read once, checked equal, never loaded twice.
+ALIASES = {
+    "language_model.encoder.embed_tokens.weight": "language_model.shared.weight",
+    "language_model.decoder.embed_tokens.weight": "language_model.shared.weight",
+}
+
+_PLACEHOLDERS = {"{i}": r"(?P<i>\d+)", "{stack}": r"(?P<stack>encoder|decoder)", "{proj}": r"(?P<proj>[qkvo])",
+                 "{ffn}": r"(?P<ffn>wi_0|wi_1|wi|wo)"}
+
+
+def _compile(pattern: str) -> re.Pattern:
+    regex = re.escape(pattern)
+    for placeholder, group in _PLACEHOLDERS.items():
+        regex = regex.replace(re.escape(placeholder), group)  # each placeholder appears at most once a pattern
+    return re.compile(rf"^{regex}(?P<suffix>\.weight|\.bias)?$")
+
+
+_COMPILED = [(_compile(official), ours) for official, ours in KEY_TABLE]
+
+
+def map_key(official_name: str) -> str | None:
+    """The minivb parameter name for an official checkpoint key, or None if the table has no such pattern."""
+    for regex, ours in _COMPILED:
+        match = regex.match(official_name)
+        if match:
+            groups = match.groupdict()
+            name = ours
+            for key in ("i", "stack", "proj", "ffn"):
+                if groups.get(key) is not None:
+                    name = name.replace("{" + key + "}", groups[key])
+            return name + (groups["suffix"] or "")
+    return None
+
+
+# ----------------------------------------------------------------------------- reading safetensors files
+
+
+def checkpoint_files(path: str) -> list[str]:
+    """The safetensors files of a checkpoint directory: the single file, or the shards its index names."""
+    single = os.path.join(path, "model.safetensors")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index (expected a JSON object with 'weight_map'): {e}") from None
+        shards = sorted(set(weight_map.values()))
+        for shard in shards:
+            if not os.path.isfile(os.path.join(path, shard)):
+                raise FileNotFoundError(f"shard {shard!r} named in {index} is missing from {path}")
+        return [os.path.join(path, shard) for shard in shards]
+    if os.path.isfile(single):
+        return [single]
+    found = sorted(os.listdir(path))
+    hint = ""
+    if any(name.endswith((".bin", ".pt", ".pth", ".ckpt")) for name in found):
+        hint = (" It holds pickled PyTorch weights, which minivb never loads (unpickling can run arbitrary code):"
+                " convert them to safetensors first.")
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}.{hint}")
+
+
+def _open(file: str):
+    try:
+        return safe_open(file, framework="pt")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read safetensors file {file}: it is truncated or corrupt ({e})") from None
+
+
+def _read(handle, file: str, key: str) -> torch.Tensor:
+    try:
+        return handle.get_tensor(key)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"cannot read tensor {key!r} from {file}: the file is truncated or corrupt ({e})") from None
+
+
+def _format_list(names) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:10])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
+
+
+def load_state(model: torch.nn.Module, path: str, dtype: torch.dtype | None = None) -> None:
+    """Fill every parameter of `model` from the checkpoint in `path`, strictly, one tensor at a time."""
+    params = dict(model.named_parameters())
+    filled, unexpected, shared_values = set(), [], {}
+    has_lm_head = False
+    for file in checkpoint_files(path):
+        with _open(file) as handle:
+            for key in handle.keys():
+                if key in ALIASES:
+                    shared_values.setdefault(key, (file, handle.get_slice(key).get_shape()))
+                    continue
+                ours = map_key(key)
+                if ours is None or ours not in params:
+                    unexpected.append(key)
+                    continue
+                if ours in filled:
+                    raise ValueError(f"checkpoint tensor {key!r} appears twice in {path}")
+                tensor = _read(handle, file, key)
+                param = params[ours]
+                if tuple(tensor.shape) != tuple(param.shape):
+                    raise ValueError(
+                        f"shape mismatch for {key!r}: checkpoint has {tuple(tensor.shape)}, the model built from "
+                        f"config.json expects {tuple(param.shape)}")
+                with torch.no_grad():
+                    param.copy_(tensor.to(dtype or param.dtype))  # cast as read: one tensor in flight at a time
+                filled.add(ours)
+                has_lm_head |= key == "language_model.lm_head.weight"
+    # transformers 5 writes T5 with lm_head tied to `shared` and leaves lm_head.weight out of the file.
+    if "language_model.lm_head.weight" in params and not has_lm_head and hasattr(model.language_model, "tie_lm_head"):
+        model.language_model.tie_lm_head()
+        filled.add("language_model.lm_head.weight")
+    for alias, (file, shape) in shared_values.items():
+        target = params.get(ALIASES[alias])
+        if target is None or tuple(shape) != tuple(target.shape):
+            unexpected.append(alias)
+    if unexpected:
+        raise ValueError(f"checkpoint {path} has tensors minivb does not expect: {_format_list(unexpected)}")
+    missing = [name for name in params if name not in filled]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks tensors the model needs: {_format_list(missing)}")

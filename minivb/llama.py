@@ -1,0 +1,240 @@
+"""Vicuna, the language model of the InstructBLIP-Vicuna checkpoints: a LLaMA decoder.
+
+Where it sits: the Q-Former's query outputs are projected to the LLaMA width and placed among the prompt's
+token embeddings (model.py); this file turns that sequence of embeddings into next-token logits, and
+generate.py calls it once for the prompt (prefill) and then once per new token (decode) with a KV cache.
+
+A LLaMA block is pre-norm attention then pre-norm MLP, both residual:
+    h = h + o_proj(attention(rope(q_proj(rmsnorm(h))), rope(k_proj(...)), v_proj(...)))
+    h = h + down_proj(silu(gate_proj(rmsnorm(h))) * up_proj(rmsnorm(h)))
+after the last block: a final RMSNorm and an untied lm_head (Vicuna does not share it with embed_tokens).
+
+It mirrors transformers' LlamaForCausalLM (models/llama/modeling_llama.py) numerically: RMSNorm in fp32,
+RoPE cos/sin computed in fp32 then cast to the activations' dtype, the "rotate_half" RoPE layout.
+
+Letters used in shape comments:
+    B batch, L new tokens in this call, S keys (cache.length + L), D hidden size, H query heads,
+    Hkv key/value heads (H when there is no grouped-query attention), Dh head dim, V vocabulary size.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LlamaConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, with no mean subtraction and no bias."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the weight, as transformers does: bf16 then matches it closely.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_tables(config: LlamaConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position's rotation angles, (max_position_embeddings, Dh), in fp32."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
+    positions = torch.arange(config.max_position_embeddings, dtype=torch.float, device=device)
+    angles = positions[:, None] * inv_freq[None, :]  # (P, Dh/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (P, Dh): both halves rotate by the same angles
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[i], x[i + Dh/2]) by the position's angle: the "rotate_half" layout, not interleaved pairs."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (B, H, L, Dh)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Keys and values of every token seen so far, preallocated for max_length tokens.
+
+    keys / values: (num_layers, B, Hkv, max_length, Dh); slots [0, length) are filled. Each layer's attention
+    writes its new keys with `update`; `Llama.forward` calls `advance` once all layers have written.
+    """
+
+    def __init__(self, num_layers, batch_size, num_kv_heads, max_length, head_dim, dtype, device):
+        shape = (num_layers, batch_size, num_kv_heads, max_length, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_length = max_length
+        self.length = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this layer's new k, v (B, Hkv, L, Dh); return all its keys and values so far, (B, Hkv, S, Dh)."""
+        end = self.length + k.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KVCache is full: {self.length} + {k.shape[2]} tokens exceed max_length {self.max_length}")
+        self.keys[layer_idx, :, :, self.length : end] = k
+        self.values[layer_idx, :, :, self.length : end] = v
+        return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]  # views, no copy
+
+    def advance(self, num_tokens: int) -> None:
+        self.length += num_tokens
+
+    def reorder(self, index: torch.LongTensor) -> None:
+        """Row b becomes old row index[b] (beam search keeps the beams it extends)."""
+        if index.shape != (self.batch_size,):
+            raise ValueError(f"KVCache.reorder: index must have shape ({self.batch_size},), got {tuple(index.shape)}")
+        filled = slice(0, self.length)  # only the filled slots are worth copying
+        self.keys[:, :, :, filled] = self.keys[:, :, :, filled].index_select(1, index)
+        self.values[:, :, :, filled] = self.values[:, :, :, filled].index_select(1, index)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx  # which slot of the KV cache this layer owns
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        D, Dh, bias = config.hidden_size, config.head_dim, config.attention_bias
+        self.q_proj = nn.Linear(D, self.num_heads * Dh, bias=bias)
+        self.k_proj = nn.Linear(D, self.num_kv_heads * Dh, bias=bias)
+        self.v_proj = nn.Linear(D, self.num_kv_heads * Dh, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * Dh, D, bias=bias)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None) -> torch.Tensor:
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, Dh)
+        k = self.k_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, Dh)
+        v = self.v_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, Dh)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, Dh)
+        # Grouped-query attention: each key/value head serves H / Hkv query heads, without materialising copies.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
+        out = out.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim)  # (B, L, H*Dh)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    """SwiGLU: a SiLU-gated linear unit."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        D, I, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(D, I, bias=bias)
+        self.up_proj = nn.Linear(D, I, bias=bias)
+        self.down_proj = nn.Linear(I, D, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config, layer_idx)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, h, cos, sin, mask, cache: KVCache | None) -> torch.Tensor:
+        h = h + self.attn(self.attn_norm(h), cos, sin, mask, cache)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+def attention_keep_mask(attention_mask, past: int, L: int, device) -> torch.Tensor | None:
+    """Which keys each new token may attend to: (B or 1, 1, L, S) bool, True = attend; None = all of them.
+
+    Causal: new token i sits at slot past + i and sees slots 0..past + i. Padding: no one sees a pad slot.
+    A left-pad query row sees nothing at all; scaled_dot_product_attention returns zeros for such a row
+    (as it does inside transformers), so its output stays finite and is never used.
+    """
+    keep = None
+    if L > 1:
+        slots = torch.arange(past + L, device=device)  # (S,)
+        keep = (slots[None, :] <= slots[past:, None])[None, None]  # (1, 1, L, S)
+    if attention_mask is not None:
+        not_pad = attention_mask[:, None, None, :].bool()  # (B, 1, 1, S)
+        keep = not_pad if keep is None else keep & not_pad
+    return keep
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        if config.hidden_act != "silu":
+            raise ValueError(f"text_config.hidden_act must be 'silu' for LLaMA, got {config.hidden_act!r}")
+        if config.head_dim % 2:
+            raise ValueError(f"text_config.head_dim must be even for RoPE, got {config.head_dim}")
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Plain tensors, not buffers: model.to(torch.bfloat16) must not round them (transformers keeps RoPE in fp32).
+        self.rope_cos, self.rope_sin = rope_tables(config, "cpu")
+
+    def new_cache(self, batch_size: int, max_length: int, dtype=None, device=None) -> KVCache:
+        """An empty KVCache for this model; dtype and device default to the model's."""
+        c, weight = self.config, self.embed_tokens.weight
+        return KVCache(
+            c.num_hidden_layers, batch_size, c.num_key_value_heads, max_length, c.head_dim,
+            dtype or weight.dtype, device or weight.device,
+        )
+
+    def rope(self, position_ids: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B or 1, 1, L, Dh) for these positions, looked up in fp32 then cast like transformers."""
+        if self.rope_cos.device != position_ids.device:  # moved once, on the first call on a new device
+            self.rope_cos, self.rope_sin = rope_tables(self.config, position_ids.device)
+        return self.rope_cos[position_ids][:, None].to(dtype), self.rope_sin[position_ids][:, None].to(dtype)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        only_last_logits: bool = False,
+    ) -> torch.Tensor:
+        """inputs_embeds (B, L, D) -> logits (B, L, V), or (B, 1, V) for the last position only.
+
+        attention_mask (B, S): 1 = real token, 0 = pad, covering the cached tokens and the new ones.
+        With a cache, the new tokens' keys and values are appended to it and cache.length grows by L.
+        """
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"inputs_embeds must have shape (batch, length, {self.config.hidden_size}), got {tuple(inputs_embeds.shape)}"
+            )
+        B, L, _ = inputs_embeds.shape
+        past = 0 if cache is None else cache.length
+        S = past + L
+        if cache is not None and cache.batch_size != B:
+            raise ValueError(f"cache holds batch size {cache.batch_size}, inputs_embeds has {B}")
+        if attention_mask is not None and attention_mask.shape != (B, S):
+            raise ValueError(f"attention_mask must have shape ({B}, {S}) (cached + new tokens), got {tuple(attention_mask.shape)}")
+        if S > self.config.max_position_embeddings:
+            raise ValueError(f"{S} tokens exceed max_position_embeddings {self.config.max_position_embeddings}")
+        if position_ids is None:
+            # As transformers' forward: positions count from the first slot, even on left-padded rows. generate.py
+            # passes cumsum(attention_mask) - 1 itself so that each row's first real token sits at position 0.
+            position_ids = (past + torch.arange(L, device=inputs_embeds.device))[None]  # (1, L)
+        elif position_ids.shape[-1] != L:
+            raise ValueError(f"position_ids must have shape ({B}, {L}), got {tuple(position_ids.shape)}")
+
+        cos, sin = self.rope(position_ids, inputs_embeds.dtype)  # (B or 1, 1, L, Dh)
+        mask = attention_keep_mask(attention_mask, past, L, inputs_embeds.device)
+        h = inputs_embeds
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, cache)  # (B, L, D)
+        if cache is not None:
+            cache.advance(L)
+        if only_last_logits:
+            h = h[:, -1:]  # (B, 1, D): prefill only needs the next token's logits
+        return self.lm_head(self.norm(h))  # (B, L, V)

@@ -1,0 +1,205 @@
+"""InstructBLIP-Video: the wiring of the four parts, from frames and an instruction to next-token logits.
+
+    frames (B, T, 3, H, W)            or one image a row (B, 3, H, W), which is T = 1
+      -> ViT, frame by frame           frame_features (B*T, 1+P, C)          vit.py
+      -> Q-Former with the instruction query_output   (B*T, Q, Hq)           qformer.py
+      -> linear projection             visual_tokens  (B, T*Q, D)
+      -> language model, the visual tokens in place of the placeholders of input_ids
+                                       logits         (B, L, V)              llama.py / t5.py
+
+B batch, T frames, P patches, C vision width, Q learned queries (32), Hq Q-Former width, D language-model width,
+L text length, V vocabulary. Batches follow transformers' conventions, so a batch built for
+`InstructBlipVideoForConditionalGeneration` works here unchanged.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import InstructBlipVideoConfig, load_config
+from .llama import Llama
+from .qformer import QFormer
+from .t5 import T5
+from .vit import VisionTransformer
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor  # (B, L, V): for T5, over the decoder positions
+    loss: torch.Tensor | None = None
+    frame_features: torch.Tensor | None = None  # (B*T, 1+P, C) ViT output
+    query_output: torch.Tensor | None = None  # (B*T, Q, Hq) Q-Former output at the query positions
+    visual_tokens: torch.Tensor | None = None  # (B, T*Q, D) what the language model sees of the video
+
+
+class InstructBlipVideo(nn.Module):
+    def __init__(self, config: InstructBlipVideoConfig):
+        super().__init__()
+        self.config = config
+        self.vision = VisionTransformer(config.vision)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer.hidden_size))
+        self.qformer = QFormer(config.qformer)
+        self.projection = nn.Linear(config.qformer.hidden_size, config.text.hidden_size)
+        self.language_model = T5(config.text) if config.is_encoder_decoder else Llama(config.text)
+
+    # ------------------------------------------------------------------ vision side: pixels -> visual tokens
+
+    def encode_video(self, pixel_values, qformer_input_ids, qformer_attention_mask=None,
+                     interpolate_pos_encoding=False) -> Output:
+        """Frames and instruction -> visual tokens for the language model (logits left empty)."""
+        pixel_values = _as_video(pixel_values)
+        B, T = pixel_values.shape[:2]
+        _check_ids("qformer_input_ids", qformer_input_ids, B, self.config.qformer.vocab_size)
+        if qformer_attention_mask is None:
+            qformer_attention_mask = torch.ones_like(qformer_input_ids)
+        _check_mask("qformer_attention_mask", qformer_attention_mask, qformer_input_ids)
+
+        frames = pixel_values.flatten(0, 1).to(self.projection.weight.dtype)  # (B*T, 3, H, W)
+        frame_features = self.vision(frames, interpolate_pos_encoding=interpolate_pos_encoding)  # (B*T, 1+P, C)
+
+        # InstructBLIP's difference from BLIP-2: the instruction enters the Q-Former too, so the queries look
+        # for what the question asks about. Every frame of a video reads the same instruction.
+        instruction = qformer_input_ids.repeat_interleave(T, dim=0)  # (B*T, Lq)
+        instruction_mask = qformer_attention_mask.repeat_interleave(T, dim=0)  # (B*T, Lq)
+        queries = self.query_tokens.expand(B * T, -1, -1)  # (B*T, Q, Hq)
+        query_output = self.qformer(queries, instruction, instruction_mask, frame_features)  # (B*T, Q, Hq)
+
+        visual_tokens = self.projection(query_output)  # (B*T, Q, D)
+        visual_tokens = visual_tokens.reshape(B, T * self.config.num_query_tokens, -1)  # (B, T*Q, D), frame-major
+        return Output(logits=None, frame_features=frame_features, query_output=query_output,
+                      visual_tokens=visual_tokens)
+
+    def embed_inputs(self, visual_tokens, input_ids, attention_mask=None, labels=None):
+        """Token embeddings of input_ids with the visual tokens in the placeholders' positions.
+
+        Returns (inputs_embeds (B, L', D), attention_mask (B, L'), labels or None).
+        """
+        B, num_visual, D = visual_tokens.shape
+        _check_ids("input_ids", input_ids, B, self.config.text.vocab_size, allowed=self.config.placeholder_token_id)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        _check_mask("attention_mask", attention_mask, input_ids)
+        if labels is not None and labels.shape != input_ids.shape and not self.config.is_encoder_decoder:
+            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+
+        placeholder = self.config.placeholder_token_id
+        is_visual = (input_ids == placeholder) if placeholder is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+        text_ids = input_ids.masked_fill(is_visual, 0)  # the placeholder id may lie past the embedding table
+        lm = self.language_model
+        embeds = (lm.shared if self.config.is_encoder_decoder else lm.embed_tokens)(text_ids)  # (B, L, D)
+        visual_tokens = visual_tokens.to(embeds.dtype)
+
+        counts = is_visual.sum(dim=1)
+        if bool((counts == num_visual).all()):
+            embeds = embeds.masked_scatter(is_visual.unsqueeze(-1), visual_tokens)  # row by row, in order
+            return embeds, attention_mask, labels
+        if bool((counts == 0).all()):
+            # No placeholders: prepend the visual tokens, the original LAVIS layout. This is minivb's own
+            # convention; transformers 5 silently drops the visual features for such input_ids.
+            embeds = torch.cat([visual_tokens, embeds], dim=1)  # (B, T*Q + L, D)
+            ones = attention_mask.new_ones(B, num_visual)
+            attention_mask = torch.cat([ones, attention_mask], dim=1)  # (B, T*Q + L)
+            if labels is not None and not self.config.is_encoder_decoder:
+                labels = torch.cat([labels.new_full((B, num_visual), -100), labels], dim=1)
+            return embeds, attention_mask, labels
+        raise ValueError(
+            f"input_ids must hold the placeholder token {placeholder} exactly T*num_query_tokens = {num_visual} times "
+            f"in every row (or never), got {counts.tolist()}")
+
+    # ------------------------------------------------------------------ the whole model
+
+    def forward(self, pixel_values, qformer_input_ids, qformer_attention_mask=None, input_ids=None,
+                attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None, labels=None,
+                interpolate_pos_encoding=False) -> Output:
+        if input_ids is None:
+            raise ValueError("input_ids is required: the prompt for the language model (see minivb.load_processor)")
+        out = self.encode_video(pixel_values, qformer_input_ids, qformer_attention_mask, interpolate_pos_encoding)
+        inputs_embeds, attention_mask, labels = self.embed_inputs(out.visual_tokens, input_ids, attention_mask, labels)
+
+        if self.config.is_encoder_decoder:
+            if decoder_input_ids is None:
+                if labels is None:
+                    raise ValueError("a T5 model needs decoder_input_ids or labels")
+                decoder_input_ids = self._shift_right(labels)
+            _check_ids("decoder_input_ids", decoder_input_ids, input_ids.shape[0], self.config.text.vocab_size)
+            if decoder_attention_mask is not None:
+                _check_mask("decoder_attention_mask", decoder_attention_mask, decoder_input_ids)
+            out.logits = self.language_model(inputs_embeds, attention_mask, decoder_input_ids, decoder_attention_mask)
+            if labels is not None:
+                out.loss = F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        else:
+            # Forward uses positions 0..L-1 on every row, left-padded or not, as transformers' forward does;
+            # generation uses cumsum(attention_mask) - 1 instead (see generate.py).
+            out.logits = self.language_model(inputs_embeds, attention_mask)
+            if labels is not None:
+                # Causal LM loss: position t predicts token t+1; -100 (placeholders, prompt, padding) is ignored.
+                shifted = out.logits[:, :-1].flatten(0, 1).float()
+                out.loss = F.cross_entropy(shifted, labels[:, 1:].flatten(), ignore_index=-100)
+        return out
+
+    def _shift_right(self, labels):
+        """T5's decoder input: the start token, then the labels moved one step right, -100 read as padding."""
+        start = labels.new_full((labels.shape[0], 1), self.config.text.decoder_start_token_id)
+        shifted = torch.cat([start, labels[:, :-1]], dim=1)
+        return shifted.masked_fill(shifted == -100, self.config.text.pad_token_id)
+
+    @torch.no_grad()
+    def generate(self, **kwargs) -> torch.LongTensor:
+        """New tokens only, (B * num_return_sequences, L_new). See generate.py for the arguments."""
+        from .generate import generate
+
+        return generate(self, **kwargs)
+
+
+# ---------------------------------------------------------------------------- input checks
+
+
+def _as_video(pixel_values) -> torch.Tensor:
+    if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
+        raise ValueError("pixel_values must be a float tensor (B, T, 3, H, W) or (B, 3, H, W)")
+    if pixel_values.dim() == 4:
+        pixel_values = pixel_values.unsqueeze(1)  # an image is a video of one frame: (B, 1, 3, H, W)
+    if pixel_values.dim() != 5 or pixel_values.shape[2] != 3 or 0 in pixel_values.shape:
+        raise ValueError(
+            f"pixel_values must have shape (B, T, 3, H, W) or (B, 3, H, W) with no empty dimension, "
+            f"got {tuple(pixel_values.shape)}")
+    return pixel_values
+
+
+def _check_ids(name, ids, batch_size, vocab_size, allowed=None):
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"{name} must be an integer tensor of shape (B, L), got {shape}")
+    if ids.shape[0] != batch_size:
+        raise ValueError(f"{name} has batch size {ids.shape[0]} but pixel_values has {batch_size}")
+    if ids.shape[1] == 0:
+        raise ValueError(f"{name} is empty: expected at least one token per row")
+    ordinary = ids if allowed is None else ids[ids != allowed]
+    if ordinary.numel() and (int(ordinary.min()) < 0 or int(ordinary.max()) >= vocab_size):
+        raise ValueError(
+            f"{name} holds token ids outside the vocabulary [0, {vocab_size}): "
+            f"min {int(ordinary.min())}, max {int(ordinary.max())}")
+
+
+def _check_mask(name, mask, ids):
+    if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"{name} must have the shape of its ids {tuple(ids.shape)}, got {shape}")
+
+
+def load_model(path, dtype: torch.dtype = torch.float32, device="cpu") -> InstructBlipVideo:
+    """Build minivb from an official checkpoint directory (config.json + safetensors) and load its weights."""
+    from .checkpoint import load_state
+
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype such as torch.float32 or torch.bfloat16, got {dtype!r}")
+    config = load_config(path)
+    # Build on the meta device (no memory, no random init), then allocate once in the target dtype: with the
+    # loader casting each tensor as it reads it, peak memory stays near one copy of the weights.
+    with torch.device("meta"):
+        model = InstructBlipVideo(config)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    load_state(model, str(path), dtype=dtype)
+    return model.eval()
