@@ -165,12 +165,18 @@ def _format_list(names) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
 
 
-def load_state(model: torch.nn.Module, path: str, dtype: torch.dtype | None = None) -> None:
-    """Fill every parameter of `model` from the checkpoint in `path`, strictly, one tensor at a time."""
+def load_state(model: torch.nn.Module, path: str, dtype: torch.dtype | None = None, progress=None) -> None:
+    """Fill every parameter of `model` from the checkpoint in `path`, strictly, one tensor at a time.
+
+    `progress(done, total, file)`, if given, is called before each safetensors file is read.
+    """
     params = dict(model.named_parameters())
     filled, unexpected, shared_values = set(), [], {}
     has_lm_head = False
-    for file in checkpoint_files(path):
+    files = checkpoint_files(path)
+    for done, file in enumerate(files):
+        if progress is not None:
+            progress(done, len(files), file)
         with _open(file) as handle:
             for key in handle.keys():
                 if key in ALIASES:

@@ -189,17 +189,26 @@ def _check_mask(name, mask, ids):
         raise ValueError(f"{name} must have the shape of its ids {tuple(ids.shape)}, got {shape}")
 
 
-def load_model(path, dtype: torch.dtype = torch.float32, device="cpu") -> InstructBlipVideo:
-    """Build minivb from an official checkpoint directory (config.json + safetensors) and load its weights."""
+def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", progress=None) -> InstructBlipVideo:
+    """Build minivb from an official checkpoint directory (config.json + safetensors) and load its weights.
+
+    `progress(done, total, file)` is called before each safetensors file is read (the CLI prints it).
+    """
     from .checkpoint import load_state
 
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype such as torch.float32 or torch.bfloat16, got {dtype!r}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a torch device such as 'cpu' or 'cuda': {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but torch sees no CUDA GPU on this machine")
     config = load_config(path)
     # Build on the meta device (no memory, no random init), then allocate once in the target dtype: with the
     # loader casting each tensor as it reads it, peak memory stays near one copy of the weights.
     with torch.device("meta"):
         model = InstructBlipVideo(config)
     model = model.to(dtype=dtype).to_empty(device=device)
-    load_state(model, str(path), dtype=dtype)
+    load_state(model, str(path), dtype=dtype, progress=progress)
     return model.eval()
