@@ -1,0 +1,117 @@
+"""The command line: ask a checkpoint about a video or an image, or describe a checkpoint.
+
+    python -m minivb ask --model DIR --video PATH "What is happening?"
+    python -m minivb info DIR
+
+Errors print one line on stderr and exit with code 2, with no traceback.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LARGE_CHECKPOINT = 200_000_000  # bytes; above this, loading prints its progress
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m minivb", description="minivb: InstructBLIP-Video in plain PyTorch")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    ask = commands.add_parser("ask", help="answer a question about a video or an image")
+    ask.add_argument("question")
+    ask.add_argument("--model", required=True, help="checkpoint directory (official layout)")
+    source = ask.add_mutually_exclusive_group(required=True)
+    source.add_argument("--video", help="a GIF / WebP / APNG, a folder of frames, or mp4 / webm / mkv / avi (PyAV)")
+    source.add_argument("--image", help="an image file")
+    ask.add_argument("--frames", type=int, default=4, help="frames sampled uniformly from the video (default 4)")
+    ask.add_argument("--num-beams", type=int, default=5)
+    ask.add_argument("--max-new-tokens", type=int, default=30)
+    ask.add_argument("--repetition-penalty", type=float, default=1.5)
+    ask.add_argument("--length-penalty", type=float, default=1.0)
+    ask.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    ask.add_argument("--device", default="cpu")
+
+    info = commands.add_parser("info", help="architecture and parameter counts of a checkpoint")
+    info.add_argument("model", help="checkpoint directory (official layout)")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "ask":
+            print(run_ask(args))
+        else:
+            print(run_info(args.model))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"minivb: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _print_progress(done, total, file):
+    print(f"loading {os.path.basename(file)} ({done + 1}/{total})", file=sys.stderr, flush=True)
+
+
+def _checkpoint_bytes(path) -> int:
+    return sum(entry.stat().st_size for entry in os.scandir(path) if entry.name.endswith(".safetensors"))
+
+
+def run_ask(args) -> str:
+    import minivb
+
+    if args.frames < 1:
+        raise ValueError(f"--frames must be at least 1, got {args.frames}")
+    processor = minivb.load_processor(args.model)  # checks the folder before the (slower) weights
+    large = os.path.isdir(args.model) and _checkpoint_bytes(args.model) > LARGE_CHECKPOINT
+    model = minivb.load_model(args.model, dtype=DTYPES[args.dtype], device=args.device,
+                              progress=_print_progress if large else None)
+    if args.video is not None:
+        batch = processor(text=args.question, videos=[args.video], num_frames=args.frames)
+    else:
+        batch = processor(text=args.question, images=[args.image])
+    batch = {name: tensor.to(args.device) for name, tensor in batch.items()}
+    # The tokenizer's eos ends the answers (`</s>`, 2, for Vicuna); the official Vicuna config's eos (1) is an artefact.
+    ids = model.generate(**batch, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                         repetition_penalty=args.repetition_penalty, length_penalty=args.length_penalty,
+                         eos_token_id=processor.eos_token_id, pad_token_id=processor.pad_token_id)
+    return processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
+
+
+def run_info(path) -> str:
+    from .config import load_config
+    from .model import InstructBlipVideo
+
+    config = load_config(path)
+    with torch.device("meta"):  # count parameters without allocating them
+        model = InstructBlipVideo(config)
+    text = config.text
+    if config.is_encoder_decoder:
+        language = (f"Flan-T5 encoder-decoder: {text.num_layers}+{text.num_decoder_layers} layers x {text.d_model}, "
+                    f"{text.num_heads} heads, feed-forward {text.d_ff} ({text.dense_act_fn}), vocab {text.vocab_size}")
+    else:
+        language = (f"LLaMA decoder: {text.num_hidden_layers} layers x {text.hidden_size}, {text.num_attention_heads} "
+                    f"heads ({text.num_key_value_heads} kv), MLP {text.intermediate_size}, vocab {text.vocab_size}")
+    v, q = config.vision, config.qformer
+    parts = {
+        "vision": (f"ViT: {v.num_hidden_layers} layers x {v.hidden_size}, {v.num_attention_heads} heads, MLP "
+                   f"{v.intermediate_size}, patch {v.patch_size} at {v.image_size} px", model.vision),
+        "qformer": (f"Q-Former: {q.num_hidden_layers} layers x {q.hidden_size}, cross-attention every "
+                    f"{q.cross_attention_frequency}, {config.num_query_tokens} queries", model.qformer),
+        "projection": (f"linear {q.hidden_size} -> {text.hidden_size}", model.projection),
+        "language_model": (language, model.language_model),
+    }
+    lines = [f"{path}: {config.model_type}, placeholder token {config.placeholder_token_id}"]
+    total = 0
+    for name, (description, module) in parts.items():
+        count = sum(p.numel() for p in module.parameters())
+        total += count
+        lines.append(f"  {name:<15} {count:>15,}  {description}")
+    total += model.query_tokens.numel()
+    lines.append(f"  {'query_tokens':<15} {model.query_tokens.numel():>15,}")
+    lines.append(f"  {'total':<15} {total:>15,}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
