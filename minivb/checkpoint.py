@@ -211,3 +211,70 @@ def load_state(model: torch.nn.Module, path: str, dtype: torch.dtype | None = No
     missing = [name for name in params if name not in filled]
     if missing:
         raise ValueError(f"checkpoint {path} lacks tensors the model needs: {_format_list(missing)}")
+
+
+# ----------------------------------------------------------------------------- writing: the table read backwards
+
+_REVERSED = [(_compile(ours), official) for official, ours in KEY_TABLE]
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "preprocessor_config.json", "processor_config.json", "qformer_tokenizer")
+
+
+def official_key(name: str) -> str:
+    """The official checkpoint key of a minivb parameter name: `map_key` read backwards."""
+    for regex, official in _REVERSED:
+        match = regex.match(name)
+        if match:
+            groups = match.groupdict()
+            for key in ("i", "stack", "proj", "ffn"):
+                if groups.get(key) is not None:
+                    official = official.replace("{" + key + "}", groups[key])
+            return official + (groups["suffix"] or "")
+    raise ValueError(f"minivb parameter {name!r} has no entry in the key table")
+
+
+def _config_dict(config) -> dict:
+    from dataclasses import asdict
+
+    def clean(values):
+        return {k: v for k, v in values.items() if v is not None}
+
+    video = config.model_type == "instructblipvideo"
+    text = clean(asdict(config.text))
+    values = {
+        "architectures": ["InstructBlipVideoForConditionalGeneration" if video else "InstructBlipForConditionalGeneration"],
+        "model_type": config.model_type,
+        "num_query_tokens": config.num_query_tokens,
+        "use_decoder_only_language_model": not config.is_encoder_decoder,
+        "vision_config": dict(asdict(config.vision), model_type=f"{config.model_type}_vision_model"),
+        "qformer_config": dict(asdict(config.qformer), model_type=f"{config.model_type}_qformer"),
+        "text_config": text,
+    }
+    values.update(clean({"video_token_index": config.video_token_index, "image_token_index": config.image_token_index}))
+    return values
+
+
+def save_checkpoint(model, path, processor_from=None, dtype: torch.dtype | None = None) -> None:
+    """Write `model` as an official checkpoint directory: config.json and model.safetensors with the official key
+    names, plus the tokenizer and preprocessor files copied from `processor_from` (a checkpoint directory)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    tensors = {}
+    for name, param in model.named_parameters():  # a tied lm_head is the same Parameter as `shared`: listed once
+        tensor = param.detach().to(dtype or param.dtype, copy=True).contiguous()
+        tensors[official_key(name)] = tensor.cpu()
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(_config_dict(model.config), f, indent=2, sort_keys=True)
+        f.write("\n")
+    if processor_from is not None:
+        for name in PROCESSOR_FILES:
+            source = os.path.join(processor_from, name)
+            target = os.path.join(path, name)
+            if os.path.isdir(source):
+                shutil.copytree(source, target, dirs_exist_ok=True)
+            elif os.path.isfile(source):
+                shutil.copyfile(source, target)

@@ -82,6 +82,10 @@ class QFormerFeedForward(nn.Module):
 
     def __init__(self, config: QFormerConfig):
         super().__init__()
+        if config.hidden_act != "gelu":
+            raise ValueError(
+                f"qformer hidden_act {config.hidden_act!r} is not supported; the official checkpoints use 'gelu'"
+            )
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)

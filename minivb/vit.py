@@ -114,7 +114,7 @@ class VisionTransformer(nn.Module):
         """
         grid_height, grid_width = height // self.patch_size, width // self.patch_size
         if (grid_height, grid_width) == (self.grid_size, self.grid_size):
-            return self.position_embedding  # (1, 1+P, C)
+            return self.position_embedding  # (1, 1+P, C); resizing to the same grid would be the identity
         channels = self.position_embedding.shape[-1]
         class_position = self.position_embedding[:, :1]  # (1, 1, C)
         patch_positions = self.position_embedding[:, 1:].reshape(1, self.grid_size, self.grid_size, channels)

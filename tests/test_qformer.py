@@ -147,3 +147,8 @@ def test_rejects_bad_inputs(models):
         ours(query_tokens[:1], input_ids, attention_mask, frame_features)
     with pytest.raises(ValueError, match=r"frame_features must have shape \(2, tokens, 64\)"):
         ours(query_tokens, input_ids, attention_mask, frame_features[..., :32])
+
+
+def test_rejects_unsupported_activation():
+    with pytest.raises(ValueError, match="hidden_act 'relu'"):
+        QFormer(QFormerConfig(**TINY, hidden_act="relu"))
