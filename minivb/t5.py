@@ -30,9 +30,15 @@ from torch import nn
 
 from .config import T5Config
 
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """The tanh approximation of GELU, written out as transformers' "gelu_new" is (so bf16 rounds the same way)."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
 ACTIVATIONS = {
     "gelu": F.gelu,  # exact (erf) GELU: what the official InstructBLIP T5 checkpoints name in dense_act_fn
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # implied by feed_forward_proj "gated-gelu" alone
+    "gelu_new": gelu_tanh,  # what feed_forward_proj "gated-gelu" implies when dense_act_fn is absent
     "relu": F.relu,  # the original T5
 }
 
@@ -164,8 +170,9 @@ class T5FeedForward(nn.Module):
 
 
 class T5Block(nn.Module):
-    # transformers clamps the residual stream to the fp16 range after each sublayer (clamp_value in T5Block);
-    # that acts only in fp16, where T5 v1.1 is known to overflow anyway. Not replicated: run T5 in bf16 or fp32.
+    # transformers clamps the residual stream to the fp16 range after each sublayer (clamp_value in T5Block) and
+    # keeps `wo` in fp32 when loading in fp16; both act only in fp16, where T5 v1.1 is known to overflow anyway.
+    # Neither is replicated: run T5 in bf16 or fp32.
     def __init__(self, config: T5Config, layer_idx: int, is_decoder: bool):
         super().__init__()
         self.layer_idx = layer_idx  # which slot of the cache this block owns

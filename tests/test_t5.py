@@ -50,8 +50,10 @@ def build(variant="flan-t5", attn_implementation="eager", seed=0):
             noise = torch.randn(p.shape, generator=g)
             if "layer_norm" in name:
                 p.copy_(1.0 + 0.3 * noise)  # RMSNorm gains away from 1, so that a missing one shows
-            elif name in ("shared.weight", "lm_head.weight") or "relative_attention_bias" in name:
+            elif name == "shared.weight" or "relative_attention_bias" in name:
                 p.copy_(noise)
+            elif name == "lm_head.weight":
+                p.copy_(noise / 2)  # unscaled decoder output: logits of std ~4, far from flat yet fp32-friendly
             else:
                 p.copy_(noise / math.sqrt(p.shape[1]))
     # The real path: the config.json transformers writes for this text config, read by minivb.config.
@@ -133,8 +135,9 @@ def test_relative_position_buckets_match_transformers():
             expected = RefT5Attention._relative_position_bucket(relative, bidirectional, num_buckets, max_distance)
             got = relative_position_bucket(relative, bidirectional, num_buckets, max_distance)
             assert torch.equal(got, expected)
-            # Every bucket in use, except, bidirectionally, "0 steps ahead" (distance 0 counts as behind).
-            assert got.unique().numel() == num_buckets - bidirectional
+            # The range reaches the far bucket of each direction (the clamp at max_distance).
+            far = {num_buckets // 2 - 1, num_buckets - 1} if bidirectional else {num_buckets - 1}
+            assert far <= set(got.unique().tolist())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -189,26 +192,26 @@ def test_reorder_matches_full_recomputation():
 
 
 @torch.no_grad()
-def test_bf16_runs_and_stays_close_to_transformers():
-    ref, ours = build("flan-t5")
+def test_bf16_matches_transformers():
+    # Against transformers' default (sdpa) attention, which runs the same kernel: on CPU the bf16 logits agree bit
+    # for bit (norm rounding, gelu_new formula and masking all as transformers), far below bf16's own error.
+    ref, ours = build("t5-v1.1", attn_implementation="sdpa")
     embeds, mask = encoder_batch()
     ids = decoder_ids()
     exact = ref(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=ids).logits
     ref, ours = ref.to(torch.bfloat16), ours.to(torch.bfloat16)
     embeds = embeds.to(torch.bfloat16)
-    expected = ref(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=ids).logits
+    expected = ref(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=ids).logits.float()
     got = ours(embeds, mask, ids)
     assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
-    # bf16 rounding differs between implementations (attention kernels): judge both against the fp32 logits.
-    ref_error = (expected.float() - exact).abs().max()
-    assert (got.float() - exact).abs().max() <= 2 * ref_error + 0.05
-    assert (got.float() - expected.float()).abs().max() <= 3 * ref_error + 0.05
+    bf16_error = (expected - exact).abs().max()
+    assert bf16_error > 0.1  # bf16 does round: the comparison below is meaningful
+    assert (got.float() - expected).abs().max() <= 0.02 * bf16_error
     encoder_hidden = ours.encode(embeds, mask)
     cache = ours.new_cache(batch_size=2, max_length=L)
     assert cache.keys.dtype == torch.bfloat16
-    first = ours.decode(ids[:, :1], encoder_hidden, mask, cache=cache)
-    step = ours.decode(ids[:, 1:2], encoder_hidden, mask, cache=cache)
-    assert (torch.cat([first, step], dim=1).float() - got[:, :2].float()).abs().max() <= 2 * ref_error + 0.05
+    steps = [ours.decode(ids[:, t : t + 1], encoder_hidden, mask, cache=cache) for t in range(3)]
+    assert (torch.cat(steps, dim=1).float() - got[:, :3].float()).abs().max() <= bf16_error
 
 
 def test_bad_inputs_raise_value_errors():
