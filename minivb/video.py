@@ -56,7 +56,10 @@ def read_video(source, num_frames: int = 4) -> list[Image.Image]:
     if isinstance(source, np.ndarray):
         _check_uint8(source, "video")
         if source.ndim != 4 or source.shape[-1] != 3:
-            raise ValueError(f"a video array must have shape (T, H, W, 3) (RGB, channels last), got {source.shape}")
+            raise ValueError(
+                f"a video array must have shape (T, H, W, 3) (RGB, channels last), got {source.shape} "
+                "(a (T, 3, H, W) tensor: pass tensor.permute(0, 2, 3, 1))"
+            )
         if source.shape[0] == 0:
             raise ValueError("empty video: the array has 0 frames")
         _check_size(source.shape[1:3], "video frames")
