@@ -14,7 +14,8 @@ RoPE cos/sin computed in fp32 then cast to the activations' dtype, the "rotate_h
 
 Letters used in shape comments:
     B batch, L new tokens in this call, S keys (cache.length + L), D hidden size, H query heads,
-    Hkv key/value heads (H when there is no grouped-query attention), Dh head dim, V vocabulary size.
+    Hkv key/value heads (H when there is no grouped-query attention), Dh head dim, V vocabulary size,
+    P max_position_embeddings (rows of the RoPE tables).
 """
 
 import torch
@@ -34,9 +35,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 and cast back before the weight, as transformers does: bf16 then matches it closely.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def rope_tables(config: LlamaConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +77,7 @@ class KVCache:
         """Store this layer's new k, v (B, Hkv, L, Dh); return all its keys and values so far, (B, Hkv, S, Dh)."""
         end = self.length + k.shape[2]
         if end > self.max_length:
-            raise ValueError(f"KVCache is full: {self.length} + {k.shape[2]} tokens exceed max_length {self.max_length}")
+            raise ValueError(f"KVCache full: {self.length} + {k.shape[2]} tokens exceed max_length {self.max_length}")
         self.keys[layer_idx, :, :, self.length : end] = k
         self.values[layer_idx, :, :, self.length : end] = v
         return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]  # views, no copy
@@ -149,20 +148,19 @@ class LlamaBlock(nn.Module):
         return h + self.mlp(self.mlp_norm(h))
 
 
-def attention_keep_mask(attention_mask, past: int, L: int, device) -> torch.Tensor | None:
-    """Which keys each new token may attend to: (B or 1, 1, L, S) bool, True = attend; None = all of them.
+def attention_keep_mask(attention_mask, past: int, L: int, device) -> torch.Tensor:
+    """Which keys each new token may look at: (B or 1, 1, L, S) bool, True = attend.
 
     Causal: new token i sits at slot past + i and sees slots 0..past + i. Padding: no one sees a pad slot.
     A left-pad query row sees nothing at all; scaled_dot_product_attention returns zeros for such a row
-    (as it does inside transformers), so its output stays finite and is never used.
+    (as it does inside transformers, whose sdpa path passes the same boolean mask), so it stays finite.
+    Built once per forward, and always, even for one new token: given no mask, PyTorch 2.11 on an H100
+    picks cuDNN attention, which re-plans for every new key length (milliseconds a step).
     """
-    keep = None
-    if L > 1:
-        slots = torch.arange(past + L, device=device)  # (S,)
-        keep = (slots[None, :] <= slots[past:, None])[None, None]  # (1, 1, L, S)
+    slots = torch.arange(past + L, device=device)  # (S,)
+    keep = (slots[None, :] <= slots[past:, None])[None, None]  # (1, 1, L, S)
     if attention_mask is not None:
-        not_pad = attention_mask[:, None, None, :].bool()  # (B, 1, 1, S)
-        keep = not_pad if keep is None else keep & not_pad
+        keep = keep & attention_mask[:, None, None, :].bool()  # (B, 1, L, S)
     return keep
 
 
@@ -191,7 +189,7 @@ class Llama(nn.Module):
 
     def rope(self, position_ids: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (B or 1, 1, L, Dh) for these positions, looked up in fp32 then cast like transformers."""
-        if self.rope_cos.device != position_ids.device:  # moved once, on the first call on a new device
+        if self.rope_cos.device != position_ids.device:  # rebuilt once, on the first call on a new device
             self.rope_cos, self.rope_sin = rope_tables(self.config, position_ids.device)
         return self.rope_cos[position_ids][:, None].to(dtype), self.rope_sin[position_ids][:, None].to(dtype)
 
@@ -209,16 +207,16 @@ class Llama(nn.Module):
         With a cache, the new tokens' keys and values are appended to it and cache.length grows by L.
         """
         if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
-            raise ValueError(
-                f"inputs_embeds must have shape (batch, length, {self.config.hidden_size}), got {tuple(inputs_embeds.shape)}"
-            )
+            raise ValueError(f"inputs_embeds must have shape (batch, length, {self.config.hidden_size}), "
+                             f"got {tuple(inputs_embeds.shape)}")
         B, L, _ = inputs_embeds.shape
         past = 0 if cache is None else cache.length
         S = past + L
         if cache is not None and cache.batch_size != B:
             raise ValueError(f"cache holds batch size {cache.batch_size}, inputs_embeds has {B}")
         if attention_mask is not None and attention_mask.shape != (B, S):
-            raise ValueError(f"attention_mask must have shape ({B}, {S}) (cached + new tokens), got {tuple(attention_mask.shape)}")
+            raise ValueError(f"attention_mask must have shape ({B}, {S}) (cached + new tokens), "
+                             f"got {tuple(attention_mask.shape)}")
         if S > self.config.max_position_embeddings:
             raise ValueError(f"{S} tokens exceed max_position_embeddings {self.config.max_position_embeddings}")
         if position_ids is None:
