@@ -85,11 +85,15 @@ class KVCache:
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens
 
-    def reorder(self, index: torch.LongTensor) -> None:
-        """Row b becomes old row index[b] (beam search keeps the beams it extends)."""
+    def reorder(self, index: torch.LongTensor, start: int = 0) -> None:
+        """Row b becomes old row index[b] (beam search keeps the beams it extends), from slot `start` on.
+
+        Slots before `start` stay in place: beam search passes the prompt's length, which all the beams of an
+        example share, so that each step moves only the generated tokens, not the whole prompt.
+        """
         if index.shape != (self.batch_size,):
             raise ValueError(f"KVCache.reorder: index must have shape ({self.batch_size},), got {tuple(index.shape)}")
-        filled = slice(0, self.length)  # only the filled slots are worth copying
+        filled = slice(start, self.length)  # only the filled slots are worth copying
         self.keys[:, :, :, filled] = self.keys[:, :, :, filled].index_select(1, index)
         self.values[:, :, :, filled] = self.values[:, :, :, filled].index_select(1, index)
 
