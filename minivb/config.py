@@ -197,13 +197,19 @@ def config_from_dict(values: dict) -> InstructBlipVideoConfig:
     )
 
 
-def load_config(path) -> InstructBlipVideoConfig:
-    """Read `config.json` from a checkpoint directory."""
+def checkpoint_dir(path) -> str:
+    """`path` as a string, once it is known to be an existing directory."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     if not os.path.isdir(path):
         raise ValueError(f"expected a checkpoint directory, got a file: {path}")
+    return path
+
+
+def load_config(path) -> InstructBlipVideoConfig:
+    """Read `config.json` from a checkpoint directory."""
+    path = checkpoint_dir(path)
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"no config.json in checkpoint directory {path}")

@@ -74,11 +74,9 @@ class DecodeState:
 
     def reorder(self, rows: torch.LongTensor) -> None:
         """Beam search: row r continues old row rows[r]. Masks and positions are equal within an example."""
-        if isinstance(self.cache, KVCache):
+        if self.cache is not None:
             # The beams of an example share its prompt: only the slots written since then need to move.
             self.cache.reorder(rows, start=self.prompt_length)
-        elif self.cache is not None:
-            self.cache.reorder(rows)
         else:
             self.inputs = self.inputs[rows]
 

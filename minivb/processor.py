@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
-from .config import load_config
+from .config import checkpoint_dir, load_config
 from .video import read_image, read_video
 
 
@@ -217,11 +217,7 @@ def _check_ids(row) -> None:
 
 def load_processor(path) -> Processor:
     """Build the processor from a checkpoint folder in the official layout (see the top of this file)."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint directory not found: {path}")
-    if not os.path.isdir(path):
-        raise ValueError(f"expected a checkpoint directory, got a file: {path}")
+    path = checkpoint_dir(path)
     qformer_path = os.path.join(path, "qformer_tokenizer")
 
     image = _image_settings(path)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import T5Config
+from .llama import KVCache  # the decoder's self-attention cache is LLaMA's
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -81,8 +82,8 @@ def relative_position_bucket(relative_position, bidirectional: bool, num_buckets
     return buckets + torch.where(distance < max_exact, distance, log_bucket)
 
 
-class T5Cache:
-    """What the decoder keeps between steps.
+class T5Cache(KVCache):
+    """What the decoder keeps between steps: LLaMA's KVCache for self-attention, plus the cross-attention.
 
     keys / values: self-attention, (num_layers, B, H, max_length, Dk), preallocated; slots [0, length) filled.
     cross: per layer the cross-attention (keys, values) (B, H, S, Dk), computed from the encoder output on the
@@ -90,34 +91,12 @@ class T5Cache:
     """
 
     def __init__(self, num_layers, batch_size, num_heads, max_length, head_dim, dtype, device):
-        shape = (num_layers, batch_size, num_heads, max_length, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        super().__init__(num_layers, batch_size, num_heads, max_length, head_dim, dtype, device)
         self.cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
-        self.max_length = max_length
-        self.length = 0
 
-    @property
-    def batch_size(self) -> int:
-        return self.keys.shape[1]
-
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this layer's new self-attention k, v (B, H, L, Dk); return all of them so far, (B, H, K, Dk)."""
-        end = self.length + k.shape[2]
-        self.keys[layer_idx, :, :, self.length : end] = k
-        self.values[layer_idx, :, :, self.length : end] = v
-        return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]  # views, no copy
-
-    def advance(self, num_tokens: int) -> None:
-        self.length += num_tokens
-
-    def reorder(self, index: torch.LongTensor) -> None:
+    def reorder(self, index: torch.LongTensor, start: int = 0) -> None:
         """Row b becomes old row index[b] (beam search keeps the beams it extends)."""
-        if index.shape != (self.batch_size,):
-            raise ValueError(f"T5Cache.reorder: index must have shape ({self.batch_size},), got {tuple(index.shape)}")
-        filled = slice(0, self.length)  # only the filled slots are worth copying
-        self.keys[:, :, :, filled] = self.keys[:, :, :, filled].index_select(1, index)
-        self.values[:, :, :, filled] = self.values[:, :, :, filled].index_select(1, index)
+        super().reorder(index, start)
         self.cross = [None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))
                       for kv in self.cross]
 
@@ -300,8 +279,6 @@ class T5(nn.Module):
         if cache is not None:
             if cache.batch_size != B:
                 raise ValueError(f"cache holds batch size {cache.batch_size}, decoder_input_ids has {B}")
-            if past + L > cache.max_length:
-                raise ValueError(f"T5Cache is full: {past} + {L} tokens exceed max_length {cache.max_length}")
         h = self.shared(decoder_input_ids)  # (B, L, D)
         h = self.decoder(h, decoder_attention_mask, encoder_hidden, encoder_attention_mask, cache)
         if only_last_logits:
