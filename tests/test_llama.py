@@ -10,9 +10,9 @@ import pytest
 import torch
 import transformers
 
-from minivb.checkpoint import map_key
 from minivb.config import LlamaConfig
 from minivb.llama import Llama
+from tests.tiny import copy_into
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, vocab_size=101,
             max_position_embeddings=64, rope_theta=500.0, rms_norm_eps=1e-6)
@@ -36,9 +36,7 @@ def build(num_key_value_heads=2, attn_implementation="sdpa", seed=0):
             else:
                 p.copy_(noise / math.sqrt(p.shape[1]))
     ours = Llama(LlamaConfig(num_key_value_heads=num_key_value_heads, **TINY)).eval()
-    # The checkpoint key table maps InstructBLIP's "language_model." names; a bare LlamaForCausalLM lacks the prefix.
-    state = {map_key("language_model." + k).removeprefix("language_model."): v for k, v in ref.state_dict().items()}
-    ours.load_state_dict(state, strict=True)
+    copy_into(ref, ours, "language_model")  # through the checkpoint key table
     return ref, ours
 
 

@@ -10,10 +10,9 @@ import torch
 from transformers.models.instructblipvideo.configuration_instructblipvideo import InstructBlipVideoQFormerConfig
 from transformers.models.instructblipvideo.modeling_instructblipvideo import InstructBlipVideoQFormerModel
 
-from minivb.checkpoint import map_key
 from minivb.config import QFormerConfig
 from minivb.qformer import QFormer
-from tests.tiny import randomize
+from tests.tiny import copy_into, randomize
 
 # 3 layers with cross_attention_frequency 2: cross-attention on layers 0 and 2, not 1. layer_norm_eps far from the
 # official 1e-12: a LayerNorm that ignored the config would fail the parity checks.
@@ -30,12 +29,7 @@ def models():
     reference = InstructBlipVideoQFormerModel(config).eval()
     randomize(reference, seed=1)
     ours = QFormer(QFormerConfig(**TINY)).eval()
-    state = {}
-    for name, tensor in reference.state_dict().items():
-        mapped = map_key("qformer." + name)
-        assert mapped is not None and mapped.startswith("qformer."), f"{name} -> {mapped}"
-        state[mapped.removeprefix("qformer.")] = tensor
-    ours.load_state_dict(state, strict=True)  # every parameter filled, nothing left over
+    copy_into(reference, ours, "qformer")  # through the key table; every parameter filled
     return reference, ours
 
 

@@ -9,10 +9,9 @@ import torch
 from transformers.models.instructblipvideo.configuration_instructblipvideo import InstructBlipVideoVisionConfig
 from transformers.models.instructblipvideo.modeling_instructblipvideo import InstructBlipVideoVisionModel
 
-from minivb.checkpoint import map_key
 from minivb.config import VisionConfig
 from minivb.vit import VisionTransformer
-from tests.tiny import randomize
+from tests.tiny import copy_into, randomize
 
 # layer_norm_eps far from the official 1e-6: a LayerNorm that ignored the config would fail the parity checks.
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=28,
@@ -27,12 +26,7 @@ def models():
     reference = InstructBlipVideoVisionModel(config).eval()
     randomize(reference, seed=1)
     ours = VisionTransformer(VisionConfig(**TINY)).eval()
-    state = {}
-    for name, tensor in reference.state_dict().items():
-        mapped = map_key("vision_model." + name)
-        assert mapped is not None and mapped.startswith("vision."), f"{name} -> {mapped}"
-        state[mapped.removeprefix("vision.")] = tensor
-    ours.load_state_dict(state, strict=True)  # every parameter filled, nothing left over
+    copy_into(reference, ours, "vision_model")  # through the key table; every parameter filled
     return reference, ours
 
 

@@ -10,6 +10,8 @@ import math
 import torch
 import transformers
 
+from minivb.checkpoint import map_key
+
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
               patch_size=14, layer_norm_eps=1e-6)
 QFORMER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, vocab_size=100,
@@ -111,3 +113,20 @@ def add_own_lm_head(path, seed=1):
     tensors["language_model.lm_head.weight"] = torch.randn(shared.shape, generator=generator) / math.sqrt(shared.shape[1])
     save_file(tensors, file, metadata={"format": "pt"})
     return path
+
+
+def copy_into(reference, ours, prefix):
+    """Load a transformers submodule's weights into the minivb module, through the checkpoint key table.
+
+    `prefix` is the submodule's place in InstructBLIP ("vision_model", "qformer", "language_model"): the table
+    maps full official names, and a bare submodule's names lack it. Strict: every parameter filled, none left over.
+    """
+    ours_prefix = None
+    state = {}
+    for name, tensor in reference.state_dict().items():
+        mapped = map_key(f"{prefix}.{name}")
+        assert mapped is not None, f"no key-table entry for {prefix}.{name}"
+        ours_prefix = ours_prefix or mapped.split(".")[0]
+        state[mapped.removeprefix(ours_prefix + ".")] = tensor
+    ours.load_state_dict(state, strict=True)
+    return ours
