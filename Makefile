@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench weights notebooks
+.PHONY: setup test demo bench weights notebooks train-toy eval-toy
 
 setup: $(STAMP)
 
@@ -20,7 +20,7 @@ test: setup
 	$(PY) -m pytest tests -q --durations=20
 
 demo: setup
-	$(PY) -m minivb ask --model weights/vicuna-tiny --video tests/data/clock_cc0_1bpp.gif "What is happening in the video?"
+	$(PY) -m minivb ask --model weights/toy-vicuna --video weights/toy-vicuna/example.gif "What color is the shape?"
 
 bench: setup
 	$(PY) tests/bench_generate.py
@@ -30,3 +30,10 @@ weights: setup
 
 notebooks: setup
 	$(VENV)/bin/jupyter notebook notebooks/
+
+# The toy checkpoint weights/toy-vicuna, trained from scratch on synthetic clips (minivb/toy.py, minivb/train.py).
+train-toy: setup
+	$(PY) -m minivb.train full --out weights/toy-vicuna
+
+eval-toy: setup
+	$(PY) -m minivb.train eval --model weights/toy-vicuna --clips 200

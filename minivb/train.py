@@ -1,0 +1,361 @@
+"""Training: teach an InstructBLIP-Video to answer questions about the toy clips of toy.py.
+
+Where it sits: everything else in minivb runs a trained model; this file makes one. It uses the model's own
+forward with `labels` (model.py computes the loss), the processor the checkpoint ships with (processor.py) and
+`save_checkpoint` (checkpoint.py), so what comes out is an official-layout checkpoint that minivb, the CLI and
+transformers all read.
+
+Two recipes:
+  "instructblip"  the paper's: start from a checkpoint, freeze the vision encoder and the language model, train only
+                  the Q-Former, the query tokens and the projection (the instruction-aware bridge between the two);
+  "full"          everything from scratch: a small architecture (TOY_* below) with the real Vicuna tokenizer. This
+                  is how the shipped toy checkpoint weights/toy-vicuna is made (`make train-toy`).
+The loop is written plainly: AdamW, linear warm-up then cosine decay, gradient clipping, and the loss only on the
+answer tokens (labels -100 on the visual placeholders, the question and the padding).
+
+    python -m minivb.train full --out weights/toy-vicuna
+    python -m minivb.train instructblip --init weights/vicuna-tiny --out /tmp/bridge --steps 200
+    python -m minivb.train eval --model weights/toy-vicuna --clips 200
+
+Shapes: B batch, T frames (4), Q queries per frame, L prompt + answer length, V vocabulary.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+
+from . import toy
+from .checkpoint import save_checkpoint
+from .config import InstructBlipVideoConfig, LlamaConfig, QFormerConfig, VisionConfig
+from .model import InstructBlipVideo, load_model
+from .processor import load_processor
+
+# The toy architecture: the official one, shrunk. Vocabularies stay official (the real tokenizers), and they are
+# most of the weights: the 32k x D embedding and lm_head tables. 112 px frames and 14 px patches give an 8 x 8 grid.
+TOY_IMAGE_SIZE = 112
+TOY_VISION = VisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                          image_size=TOY_IMAGE_SIZE, patch_size=14)
+TOY_QFORMER = QFormerConfig(hidden_size=48, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                            max_position_embeddings=64, cross_attention_frequency=1, encoder_hidden_size=64)
+# Official Vicuna ids: </s> (2) is bos and eos, [PAD] 32000, <video> 32002; 32064 rows like vicuna-tiny.
+TOY_TEXT = LlamaConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                       vocab_size=32064, max_position_embeddings=256, bos_token_id=2, eos_token_id=2,
+                       pad_token_id=32000)
+TOY_NUM_QUERY_TOKENS = 2  # 2 per frame, 8 visual tokens for 4 frames: the language model's sequence stays short
+VIDEO_TOKEN = 32002
+DEMO_CLIP = 11  # held-out clip 11: a red circle moving down, shipped as example.gif
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "qformer_tokenizer")
+# The pixel statistics of every official checkpoint (OpenAI CLIP); kept so the toy reads frames like the real ones.
+# How often each question type is asked in training. Colour is learned within a few hundred steps; shape and
+# direction need the vision encoder to find edges and positions first, so they get most of the steps.
+QUESTION_MIX = {"color": 0.1, "shape": 0.3, "direction": 0.35, "describe": 0.25}
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+# ----------------------------------------------------------------------------- the model and its folder
+
+
+def toy_config() -> InstructBlipVideoConfig:
+    return InstructBlipVideoConfig(vision=TOY_VISION, qformer=TOY_QFORMER, text=TOY_TEXT,
+                                   num_query_tokens=TOY_NUM_QUERY_TOKENS, video_token_index=VIDEO_TOKEN)
+
+
+def init_weights(model: InstructBlipVideo, seed: int) -> None:
+    """Random weights for training from scratch: every matrix N(0, 1/fan_in), embeddings N(0, 0.02^2), norms at 1,
+    biases at 0.
+
+    Why not BERT's and LLaMA's std 0.02 everywhere: that is right for 768 to 4096 channels, but at 48 to 64 channels
+    each layer would shrink its signal about four times, and what the Q-Former reads from the frames would reach the
+    language model too faint to learn shapes and motion in minutes. 1/fan_in keeps every layer's output at the
+    scale of its input. The query tokens must differ from each other: left at zero they would stay identical.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    embeddings = (model.query_tokens, model.vision.class_token, model.vision.position_embedding)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Embedding):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.02)
+            elif isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                fan_in = module.weight[0].numel()  # inputs per output: in_features, or 3 * patch * patch
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * fan_in**-0.5)
+                if module.bias is not None:
+                    module.bias.zero_()
+        for name, param in model.named_parameters():
+            if param.dim() == 1 and not name.endswith("bias"):
+                param.fill_(1.0)  # LayerNorm / RMSNorm gains
+            elif name.endswith("bias") and param.dim() == 1:
+                param.zero_()
+        for param in embeddings:
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+        # Where a patch lies is what "which direction?" is about: start the patch positions from a 2D sine-cosine
+        # code (as MAE does) rather than noise, so they are readable from the first step; they still learn.
+        grid = model.config.vision.image_size // model.config.vision.patch_size
+        model.vision.position_embedding[0, 1:] = sincos_2d(grid, model.config.vision.hidden_size)
+
+
+def sincos_2d(grid: int, channels: int) -> torch.Tensor:
+    """(grid*grid, channels): a quarter of the channels sin(x f), a quarter cos(x f), then the same for y."""
+    if channels % 4:
+        raise ValueError(f"the vision hidden size must be a multiple of 4 for a 2D sine-cosine code, got {channels}")
+    frequencies = 1.0 / 10000 ** (torch.arange(channels // 4) / (channels // 4))  # (C/4,)
+    y, x = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")  # (grid, grid) each, row-major
+    angles_x = x.reshape(-1, 1) * frequencies  # (grid*grid, C/4)
+    angles_y = y.reshape(-1, 1) * frequencies
+    return torch.cat([angles_x.sin(), angles_x.cos(), angles_y.sin(), angles_y.cos()], dim=1)  # (grid*grid, C)
+
+
+def prepare_folder(out: str, tokenizer_from: str, config: InstructBlipVideoConfig) -> None:
+    """Write the processor side of the checkpoint first (tokenizers, image size, queries), so that training reads
+    its clips through exactly the processor the checkpoint will ship with."""
+    os.makedirs(out, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        source, target = os.path.join(tokenizer_from, name), os.path.join(out, name)
+        if os.path.isdir(source):
+            shutil.copytree(source, target, dirs_exist_ok=True)
+        elif os.path.isfile(source):
+            shutil.copyfile(source, target)
+    size = config.vision.image_size
+    preprocessor = {"do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+                    "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "image_processor_type": "BlipImageProcessor",
+                    "processor_class": "InstructBlipProcessor", "resample": 3, "rescale_factor": 1 / 255,
+                    "size": {"height": size, "width": size}}
+    processor = {"num_query_tokens": config.num_query_tokens, "processor_class": "InstructBlipVideoProcessor"}
+    for name, values in (("preprocessor_config.json", preprocessor), ("processor_config.json", processor)):
+        with open(os.path.join(out, name), "w", encoding="utf-8") as f:
+            json.dump(values, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def make_batch(processor, examples: list[toy.Example], is_encoder_decoder: bool) -> dict[str, torch.Tensor]:
+    """The processor's batch for (question, clip) pairs, plus labels that score only the answer and its eos."""
+    videos = [example.clip.frames for example in examples]  # B x (T, S, S, 3) uint8
+    eos = processor.eos_token_id
+    if is_encoder_decoder:
+        # T5: the question goes to the encoder, the answer (the tokenizer appends </s>) is the decoder's target.
+        batch = processor(text=[e.question for e in examples], videos=videos)
+        answers = [processor.tokenizer.encode(e.answer).ids for e in examples]
+        labels = torch.full((len(examples), max(map(len, answers))), -100)  # (B, La), -100 = not scored
+        for i, ids in enumerate(answers):
+            labels[i, :len(ids)] = torch.tensor(ids)
+        batch["labels"] = labels
+        return batch
+
+    # Vicuna: [<video> x T*Q][</s> question answer </s>][pads]. The processor's batch of the questions alone gives
+    # the pixels and the Q-Former's input: the Q-Former attends both ways, so an answer in its input would flow into
+    # the visual tokens, the loss would drop to zero by copying, and nothing would be learned about the clips.
+    batch = processor(text=[e.question for e in examples], videos=videos)
+    placeholders = batch["input_ids"][:, :toy.NUM_FRAMES * processor.num_query_tokens]  # (B, T*Q)
+    rows, scored = [], []
+    for example in examples:
+        question = processor.tokenizer.encode(example.question).ids  # starts with </s>, as the processor's
+        full = processor.tokenizer.encode(f"{example.question} {example.answer}").ids
+        if full[:len(question)] != question:
+            raise ValueError(f"the answer {example.answer!r} changes how {example.question!r} is tokenized")
+        rows.append(full + [eos])
+        scored.append(len(full) - len(question) + 1)  # the answer tokens and the eos
+    # Right padding, unlike the processor's left padding for generation: the forward numbers positions 0..L-1, so
+    # with the pads at the end every real token sits at the position generation gives it (the count of real
+    # tokens before it); left pads would shift each row's text by a different amount.
+    length = max(map(len, rows))
+    text_ids = torch.full((len(rows), length), processor.pad_token_id)  # (B, L)
+    text_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    labels = torch.full((len(rows), length), -100)  # (B, L), -100 = not scored
+    for i, (row, k) in enumerate(zip(rows, scored)):
+        text_ids[i, :len(row)] = torch.tensor(row)
+        text_mask[i, :len(row)] = 1
+        labels[i, len(row) - k:len(row)] = text_ids[i, len(row) - k:len(row)]
+    batch["input_ids"] = torch.cat([placeholders, text_ids], dim=1)  # (B, T*Q + L)
+    batch["attention_mask"] = torch.cat([torch.ones_like(placeholders), text_mask], dim=1)
+    batch["labels"] = torch.cat([torch.full_like(placeholders, -100), labels], dim=1)  # (B, T*Q + L)
+    return batch
+
+
+# ----------------------------------------------------------------------------- answering and evaluation
+
+
+@torch.no_grad()
+def answer(model, processor, questions: list[str], videos: list, max_new_tokens: int = 10) -> list[str]:
+    """Greedy answers, one per (question, video)."""
+    device = model.query_tokens.device
+    batch = {name: tensor.to(device) for name, tensor in processor(text=questions, videos=videos).items()}
+    ids = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=1,
+                         eos_token_id=processor.eos_token_id, pad_token_id=processor.pad_token_id)
+    return [text.strip() for text in processor.batch_decode(ids, skip_special_tokens=True)]
+
+
+def is_correct(prediction: str, expected: str) -> bool:
+    """Exact answer: the same words, ignoring case and a final full stop."""
+    return prediction.strip().rstrip(".").lower() == expected.lower()
+
+
+def evaluate(model, processor, num_clips: int = 200, batch_size: int = 100,
+             question_types=toy.QUESTION_TYPES) -> dict[str, float]:
+    """Held-out accuracy per question type: every type asked about each of `num_clips` clips training never saw."""
+    was_training = model.training
+    model.eval()
+    size = processor.image_size[0]
+    examples = toy.heldout_examples(num_clips, size, question_types)
+    right = {kind: 0 for kind in question_types}
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        predictions = answer(model, processor, [e.question for e in chunk], [e.clip.frames for e in chunk])
+        for example, prediction in zip(chunk, predictions):
+            right[example.question_type] += is_correct(prediction, example.answer)
+    model.train(was_training)
+    return {kind: right[kind] / num_clips for kind in question_types}
+
+
+def format_accuracy(accuracy: dict[str, float]) -> str:
+    return "  ".join(f"{kind} {value:6.1%}" for kind, value in accuracy.items())
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
+    """Linear warm-up to `peak`, then a cosine down to 10 % of it: large steps early, fine ones at the end."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def select_trainable(model: InstructBlipVideo, recipe: str) -> list[torch.nn.Parameter]:
+    if recipe == "full":
+        return list(model.parameters())
+    # InstructBLIP: the pretrained ViT and LLM stay as they are; only the bridge between them learns.
+    for param in model.parameters():
+        param.requires_grad_(False)
+    bridge = [model.query_tokens, *model.qformer.parameters(), *model.projection.parameters()]
+    for param in bridge:
+        param.requires_grad_(True)
+    return bridge
+
+
+def progress(step: int, steps: int, loss: float, lr: float, started: float) -> None:
+    """A one-line text progress bar on stderr."""
+    done = step / steps
+    elapsed = time.time() - started
+    eta = elapsed / done - elapsed if done > 0 else 0.0
+    bar = "#" * int(30 * done) + "." * (30 - int(30 * done))
+    print(f"[{bar}] step {step}/{steps}  loss {loss:.4f}  lr {lr:.2e}  {elapsed:5.0f}s elapsed, ~{eta:4.0f}s left",
+          file=sys.stderr, flush=True)
+
+
+def train(model, processor, recipe: str, steps: int, batch_size: int, lr: float, weight_decay: float = 0.05,
+          warmup: int | None = None, clip_norm: float = 1.0, seed: int = 0, log_every: int = 25,
+          eval_every: int = 0, eval_clips: int = 50) -> None:
+    """Train in place on fresh training clips, `batch_size` a step (training clip k is drawn from seed k)."""
+    torch.manual_seed(seed)
+    params = select_trainable(model, recipe)
+    # No weight decay on gains, biases and the query tokens: they are not weights that should shrink to zero.
+    decay = [p for p in params if p.dim() >= 2 and p is not model.query_tokens]
+    no_decay = [p for p in params if not (p.dim() >= 2 and p is not model.query_tokens)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    warmup = warmup if warmup is not None else max(1, steps // 20)
+    size = processor.image_size[0]
+    device = model.query_tokens.device
+    mix = np.random.default_rng(seed)
+    model.train()
+    started, smoothed = time.time(), None
+    for step in range(steps):
+        seeds = [toy.split_seed("train", step * batch_size + i) for i in range(batch_size)]
+        kinds = mix.choice(list(QUESTION_MIX), size=batch_size, p=list(QUESTION_MIX.values()))
+        examples = [toy.make_example(seed, size, question_type=str(kind)) for seed, kind in zip(seeds, kinds)]
+        batch = make_batch(processor, examples, model.config.is_encoder_decoder)
+        loss = model(**{name: tensor.to(device) for name, tensor in batch.items()}).loss
+
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, lr, warmup)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # Clipping keeps one unlucky batch from undoing what the warm-up built.
+        torch.nn.utils.clip_grad_norm_(params, clip_norm)
+        optimizer.step()
+
+        smoothed = loss.item() if smoothed is None else 0.9 * smoothed + 0.1 * loss.item()
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            progress(step + 1, steps, smoothed, optimizer.param_groups[0]["lr"], started)
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            print(f"  held-out ({eval_clips} clips): {format_accuracy(evaluate(model, processor, eval_clips))}",
+                  file=sys.stderr, flush=True)
+    model.eval()
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m minivb.train", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("full", "train the toy architecture from scratch"),
+                       ("instructblip", "train the Q-Former, queries and projection of a checkpoint (--init)")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--out", required=True, help="checkpoint folder to write")
+        command.add_argument("--steps", type=int, default=3000)
+        command.add_argument("--batch-size", type=int, default=16)
+        command.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+        command.add_argument("--seed", type=int, default=0)
+        command.add_argument("--eval-every", type=int, default=500, help="steps between held-out checks (0: none)")
+        command.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+        if name == "full":
+            command.add_argument("--tokenizer-from", default="weights/vicuna-tiny",
+                                 help="checkpoint folder whose Vicuna tokenizer files are copied")
+        else:
+            command.add_argument("--init", required=True, help="checkpoint folder to start from")
+    evaluation = commands.add_parser("eval", help="held-out accuracy per question type")
+    evaluation.add_argument("--model", required=True)
+    evaluation.add_argument("--clips", type=int, default=200)
+    evaluation.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    for name in ("steps", "batch_size", "clips"):
+        if getattr(args, name, 1) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if args.command == "eval":
+        model, processor = load_model(args.model), load_processor(args.model)
+        accuracy = evaluate(model, processor, args.clips)
+        print(f"held-out accuracy on {args.clips} clips per question type (exact answer, greedy):")
+        for kind, value in accuracy.items():
+            print(f"  {kind:10s} {value:6.1%}")
+        return
+
+    started = time.time()
+    if args.command == "full":
+        config = toy_config()
+        prepare_folder(args.out, args.tokenizer_from, config)
+        torch.manual_seed(args.seed)
+        model = InstructBlipVideo(config)
+        init_weights(model, args.seed)
+        processor_from = None  # prepare_folder wrote the processor files already
+        # A held-out clip to ask about: `make demo` reads it back through video.py like any user's GIF.
+        toy.make_clip(toy.split_seed("heldout", DEMO_CLIP), TOY_IMAGE_SIZE).to_gif(os.path.join(args.out, "example.gif"))
+    else:
+        model, processor_from = load_model(args.init), args.init
+    processor = load_processor(processor_from or args.out)
+    train(model, processor, args.command, args.steps, args.batch_size, args.lr, seed=args.seed,
+          eval_every=args.eval_every)
+    # bf16 storage halves the files; the answers are checked after the round trip below.
+    save_checkpoint(model, args.out, processor_from=processor_from, dtype=torch.bfloat16)
+    print(f"wrote {args.out} in {time.time() - started:.0f}s", file=sys.stderr)
+    reloaded, reloaded_processor = load_model(args.out), load_processor(args.out)
+    print(f"held-out accuracy (200 clips, as saved): {format_accuracy(evaluate(reloaded, reloaded_processor))}")
+
+
+if __name__ == "__main__":
+    main()
