@@ -210,14 +210,20 @@ def checkpoint_dir(path) -> str:
 def load_config(path) -> InstructBlipVideoConfig:
     """Read `config.json` from a checkpoint directory."""
     path = checkpoint_dir(path)
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"no config.json in checkpoint directory {path}")
+    return config_from_dict(read_json(os.path.join(path, "config.json")))
+
+
+def read_json(file: str, required: bool = True) -> dict:
+    """A JSON object from a checkpoint's file; a missing optional file reads as {}."""
+    if not os.path.isfile(file):
+        if required:
+            raise FileNotFoundError(f"no {os.path.basename(file)} in checkpoint directory {os.path.dirname(file)}")
+        return {}
     try:
-        with open(config_path, encoding="utf-8") as f:
+        with open(file, encoding="utf-8") as f:
             values = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
     if not isinstance(values, dict):
-        raise ValueError(f"{config_path} must hold a JSON object")
-    return config_from_dict(values)
+        raise ValueError(f"{file} must hold a JSON object")
+    return values

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
-from .config import checkpoint_dir, load_config
+from .config import checkpoint_dir, load_config, read_json
 from .video import read_image, read_video
 
 
@@ -261,7 +261,7 @@ def load_processor(path) -> Processor:
 
 def _image_settings(path: str) -> dict:
     """preprocessor_config.json, checked: minivb implements the steps every official checkpoint sets."""
-    image = _read_json(os.path.join(path, "preprocessor_config.json"))
+    image = read_json(os.path.join(path, "preprocessor_config.json"))
     for flag in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
         if image.get(flag, True) is not True:
             raise ValueError(f"preprocessor_config.json: {flag} = {image[flag]!r} is not supported; minivb always "
@@ -279,7 +279,7 @@ def _image_settings(path: str) -> dict:
 
 def _num_query_tokens(path: str, config) -> int:
     """Q from processor_config.json, else from config.json; the two must agree."""
-    num_query_tokens = _read_json(os.path.join(path, "processor_config.json"), required=False).get("num_query_tokens")
+    num_query_tokens = read_json(os.path.join(path, "processor_config.json"), required=False).get("num_query_tokens")
     if num_query_tokens is None and config is not None:
         num_query_tokens = config.num_query_tokens
     if isinstance(num_query_tokens, bool) or not isinstance(num_query_tokens, int) or num_query_tokens < 1:
@@ -289,21 +289,6 @@ def _num_query_tokens(path: str, config) -> int:
         raise ValueError(f"{path}: processor_config.json says num_query_tokens = {num_query_tokens} but "
                          f"config.json says {config.num_query_tokens}")
     return num_query_tokens
-
-
-def _read_json(file: str, required: bool = True) -> dict:
-    if not os.path.isfile(file):
-        if required:
-            raise FileNotFoundError(f"missing {os.path.basename(file)} in {os.path.dirname(file)}")
-        return {}
-    try:
-        with open(file, encoding="utf-8") as f:
-            values = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"{file} must hold a JSON object")
-    return values
 
 
 def _read_tokenizer(folder: str) -> Tokenizer:
@@ -318,8 +303,8 @@ def _read_tokenizer(folder: str) -> Tokenizer:
 
 def _tokenizer_config(folder: str) -> dict:
     """tokenizer_config.json, over special_tokens_map.json (older checkpoints keep special tokens there)."""
-    values = _read_json(os.path.join(folder, "special_tokens_map.json"), required=False)
-    values.update(_read_json(os.path.join(folder, "tokenizer_config.json"), required=False))
+    values = read_json(os.path.join(folder, "special_tokens_map.json"), required=False)
+    values.update(read_json(os.path.join(folder, "tokenizer_config.json"), required=False))
     return values
 
 

@@ -403,7 +403,7 @@ def test_load_errors(tmp_path):
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(ValueError, match="expected a checkpoint directory, got a file"):
         load_processor(tmp_path / "file.txt")
-    with pytest.raises(FileNotFoundError, match="missing preprocessor_config.json"):
+    with pytest.raises(FileNotFoundError, match="no preprocessor_config.json in checkpoint directory"):
         load_processor(tmp_path)
 
     folder = copy_without_config("vicuna-tiny", tmp_path / "vicuna")
