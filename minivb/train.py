@@ -53,10 +53,10 @@ VIDEO_TOKEN = 32002
 DEMO_CLIP = 11  # held-out clip 11: a red circle moving down, shipped as example.gif
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "qformer_tokenizer")
-# The pixel statistics of every official checkpoint (OpenAI CLIP); kept so the toy reads frames like the real ones.
 # How often each question type is asked in training. Colour is learned within a few hundred steps; shape and
 # direction need the vision encoder to find edges and positions first, so they get most of the steps.
 QUESTION_MIX = {"color": 0.1, "shape": 0.3, "direction": 0.35, "describe": 0.25}
+# The pixel statistics of every official checkpoint (OpenAI CLIP); kept so the toy reads frames like the real ones.
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
