@@ -101,20 +101,25 @@ def _compile(pattern: str) -> re.Pattern:
 
 
 _COMPILED = [(_compile(official), ours) for official, ours in KEY_TABLE]
+_REVERSED = [(_compile(ours), official) for official, ours in KEY_TABLE]
+
+
+def _translate(name: str, table) -> str | None:
+    """Match `name` against one side of the table and fill the other side's placeholders from it."""
+    for regex, target in table:
+        match = regex.match(name)
+        if match:
+            groups = match.groupdict()
+            for key in ("i", "stack", "proj", "ffn"):
+                if groups.get(key) is not None:
+                    target = target.replace("{" + key + "}", groups[key])
+            return target + (groups["suffix"] or "")
+    return None
 
 
 def map_key(official_name: str) -> str | None:
     """The minivb parameter name for an official checkpoint key, or None if the table has no such pattern."""
-    for regex, ours in _COMPILED:
-        match = regex.match(official_name)
-        if match:
-            groups = match.groupdict()
-            name = ours
-            for key in ("i", "stack", "proj", "ffn"):
-                if groups.get(key) is not None:
-                    name = name.replace("{" + key + "}", groups[key])
-            return name + (groups["suffix"] or "")
-    return None
+    return _translate(official_name, _COMPILED)
 
 
 # ----------------------------------------------------------------------------- reading safetensors files
@@ -215,22 +220,16 @@ def load_state(model: torch.nn.Module, path: str, dtype: torch.dtype | None = No
 
 # ----------------------------------------------------------------------------- writing: the table read backwards
 
-_REVERSED = [(_compile(ours), official) for official, ours in KEY_TABLE]
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "preprocessor_config.json", "processor_config.json", "qformer_tokenizer")
 
 
 def official_key(name: str) -> str:
     """The official checkpoint key of a minivb parameter name: `map_key` read backwards."""
-    for regex, official in _REVERSED:
-        match = regex.match(name)
-        if match:
-            groups = match.groupdict()
-            for key in ("i", "stack", "proj", "ffn"):
-                if groups.get(key) is not None:
-                    official = official.replace("{" + key + "}", groups[key])
-            return official + (groups["suffix"] or "")
-    raise ValueError(f"minivb parameter {name!r} has no entry in the key table")
+    official = _translate(name, _REVERSED)
+    if official is None:
+        raise ValueError(f"minivb parameter {name!r} has no entry in the key table")
+    return official
 
 
 def _config_dict(config) -> dict:
