@@ -256,8 +256,6 @@ def _config_dict(config) -> dict:
 def save_checkpoint(model, path, processor_from=None, dtype: torch.dtype | None = None) -> None:
     """Write `model` as an official checkpoint directory: config.json and model.safetensors with the official key
     names, plus the tokenizer and preprocessor files copied from `processor_from` (a checkpoint directory)."""
-    import shutil
-
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
@@ -270,10 +268,16 @@ def save_checkpoint(model, path, processor_from=None, dtype: torch.dtype | None 
         json.dump(_config_dict(model.config), f, indent=2, sort_keys=True)
         f.write("\n")
     if processor_from is not None:
-        for name in PROCESSOR_FILES:
-            source = os.path.join(processor_from, name)
-            target = os.path.join(path, name)
-            if os.path.isdir(source):
-                shutil.copytree(source, target, dirs_exist_ok=True)
-            elif os.path.isfile(source):
-                shutil.copyfile(source, target)
+        copy_processor_files(processor_from, path)
+
+
+def copy_processor_files(source_dir, target_dir, names=PROCESSOR_FILES) -> None:
+    """Copy the tokenizer and preprocessor files (and qformer_tokenizer/) that `source_dir` has."""
+    import shutil
+
+    for name in names:
+        source, target = os.path.join(source_dir, name), os.path.join(target_dir, name)
+        if os.path.isdir(source):
+            shutil.copytree(source, target, dirs_exist_ok=True)
+        elif os.path.isfile(source):
+            shutil.copyfile(source, target)

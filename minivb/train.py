@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 
 from . import toy
-from .checkpoint import save_checkpoint
+from .checkpoint import copy_processor_files, save_checkpoint
 from .config import InstructBlipVideoConfig, LlamaConfig, QFormerConfig, VisionConfig
 from .model import InstructBlipVideo, load_model
 from .processor import load_processor
@@ -117,12 +116,7 @@ def prepare_folder(out: str, tokenizer_from: str, config: InstructBlipVideoConfi
     """Write the processor side of the checkpoint first (tokenizers, image size, queries), so that training reads
     its clips through exactly the processor the checkpoint will ship with."""
     os.makedirs(out, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        source, target = os.path.join(tokenizer_from, name), os.path.join(out, name)
-        if os.path.isdir(source):
-            shutil.copytree(source, target, dirs_exist_ok=True)
-        elif os.path.isfile(source):
-            shutil.copyfile(source, target)
+    copy_processor_files(tokenizer_from, out, TOKENIZER_FILES)
     size = config.vision.image_size
     preprocessor = {"do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
                     "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "image_processor_type": "BlipImageProcessor",
