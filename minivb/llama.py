@@ -241,8 +241,10 @@ class Llama(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         only_last_logits: bool = False,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
-        """inputs_embeds (B, L, D) -> logits (B, L, V), or (B, 1, V) for the last position only.
+        """inputs_embeds (B, L, D) -> logits (B, L, V), or (B, 1, V) for the last position only, or with
+        return_hidden the final-normed hidden states (B, L, D) that lm_head would read (training scores a few).
 
         attention_mask (B, S): 1 = real token, 0 = pad, covering the cached tokens and the new ones.
         With a cache, the new tokens' keys and values are appended to it and cache.length grows by L.
@@ -276,4 +278,6 @@ class Llama(nn.Module):
             cache.advance(L)
         if only_last_logits:
             h = h[:, -1:]  # (B, 1, D): prefill only needs the next token's logits
+        if return_hidden:
+            return self.norm(h)  # (B, L, D)
         return self.lm_head(self.norm(h))  # (B, L, V)

@@ -112,7 +112,10 @@ class InstructBlipVideo(nn.Module):
 
     def forward(self, pixel_values, qformer_input_ids, qformer_attention_mask=None, input_ids=None,
                 attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None, labels=None,
-                interpolate_pos_encoding=False) -> Output:
+                interpolate_pos_encoding=False, loss_only=False) -> Output:
+        """The logits of every position (and the loss, given labels). loss_only=True (Vicuna, with labels) leaves
+        logits None and runs lm_head only where a label is scored: the same loss, and with a 32k vocabulary half of
+        a small model's training step saved. T5 ignores it: its decoder reads the answer only, scored everywhere."""
         if input_ids is None:
             raise ValueError("input_ids is required: the prompt for the language model (see minivb.load_processor)")
         out = self.encode_video(pixel_values, qformer_input_ids, qformer_attention_mask, interpolate_pos_encoding)
@@ -132,6 +135,13 @@ class InstructBlipVideo(nn.Module):
         else:
             # Forward uses positions 0..L-1 on every row, left-padded or not, as transformers' forward does;
             # generation uses cumsum(attention_mask) - 1 instead (see generate.py).
+            if loss_only and labels is not None:
+                hidden = self.language_model(inputs_embeds, attention_mask, return_hidden=True)  # (B, L, D)
+                targets = labels[:, 1:]  # (B, L-1): position t predicts token t+1
+                scored = targets != -100
+                logits = self.language_model.lm_head(hidden[:, :-1][scored])  # (N scored, V)
+                out.loss = F.cross_entropy(logits.float(), targets[scored])
+                return out
             out.logits = self.language_model(inputs_embeds, attention_mask)
             if labels is not None:
                 # Causal LM loss: position t predicts token t+1; -100 (placeholders, prompt, padding) is ignored.

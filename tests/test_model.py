@@ -49,6 +49,18 @@ def test_video_model_matches_transformers(tmp_path, text, num_frames):
     compare(hf_model, model, tiny.batch(hf_model, num_frames=num_frames))
 
 
+def test_loss_only_gives_transformers_loss_without_the_full_logits(tmp_path):
+    """Training's shortcut: lm_head only where a label is scored, the same loss as over every position."""
+    hf_model = tiny.build("llama", video=True)
+    model = minivb.load_model(tiny.save(hf_model, tmp_path))
+    batch = tiny.batch(hf_model)
+    assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()
+    loss = reference(hf_model, batch)[-1]
+    out = model(**batch, loss_only=True)
+    assert out.logits is None
+    assert abs(out.loss.item() - loss.item()) <= TOL
+
+
 @pytest.mark.parametrize("text", ["llama", "t5"])
 def test_image_model_matches_transformers(tmp_path, text):
     hf_model = tiny.build(text, video=False)
