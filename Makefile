@@ -20,7 +20,7 @@ test: setup
 	$(PY) -m pytest tests -q --durations=20
 
 demo: setup
-	$(PY) -m minivb ask --model weights/toy-vicuna --video weights/toy-vicuna/example.gif "What color is the shape?"
+	$(PY) -m minivb ask --model weights/toy-vicuna --video weights/toy-vicuna/example.gif "Describe the video."
 
 bench: setup
 	$(PY) tests/bench_generate.py

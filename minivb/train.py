@@ -55,6 +55,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # How often each question type is asked in training. Colour is learned within a few hundred steps; shape and
 # direction need the vision encoder to find edges and positions first, so they get most of the steps.
 QUESTION_MIX = {"color": 0.1, "shape": 0.3, "direction": 0.35, "describe": 0.25}
+# The peak learning rate. Direction is the hard skill: the ViT and the Q-Former must carry where the shape is in
+# each frame, and the language model must learn to tell frame 1's tokens from frame 4's by their position alone.
+# At 1e-3 colour and shape are learned within a few hundred steps and direction never is (17-30 % after 3000 steps
+# in every run we tried, chance is 25 %); at 3e-4 all three are (direction 99 % of 100 held-out clips at 3000).
+PEAK_LR = 3e-4
 # The pixel statistics of every official checkpoint (OpenAI CLIP); kept so the toy reads frames like the real ones.
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -96,9 +101,12 @@ def init_weights(model: InstructBlipVideo, seed: int) -> None:
         for param in embeddings:
             param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
         # Where a patch lies is what "which direction?" is about: start the patch positions from a 2D sine-cosine
-        # code (as MAE does) rather than noise, so they are readable from the first step; they still learn.
+        # code (as MAE does) rather than noise, so they are readable from the first step; they still learn. Scaled
+        # by 3, the code is as strong as what the patches show: at scale 1 it drowns in the colour and edge
+        # features, and a linear probe trained with the vision side for 800 steps tells in which ninth of the frame
+        # the shape starts for 21 % of held-out clips (chance 19 %); at scale 3 for 91 %.
         grid = model.config.vision.image_size // model.config.vision.patch_size
-        model.vision.position_embedding[0, 1:] = sincos_2d(grid, model.config.vision.hidden_size)
+        model.vision.position_embedding[0, 1:] = 3 * sincos_2d(grid, model.config.vision.hidden_size)
 
 
 def sincos_2d(grid: int, channels: int) -> torch.Tensor:
@@ -270,7 +278,7 @@ def train(model, processor, recipe: str, steps: int, batch_size: int, lr: float,
         kinds = mix.choice(list(QUESTION_MIX), size=batch_size, p=list(QUESTION_MIX.values()))
         examples = [toy.make_example(seed, size, question_type=str(kind)) for seed, kind in zip(seeds, kinds)]
         batch = make_batch(processor, examples, model.config.is_encoder_decoder)
-        loss = model(**{name: tensor.to(device) for name, tensor in batch.items()}).loss
+        loss = model(**{name: tensor.to(device) for name, tensor in batch.items()}, loss_only=True).loss
 
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr, warmup)
@@ -299,9 +307,9 @@ def main(argv=None) -> None:
                        ("instructblip", "train the Q-Former, queries and projection of a checkpoint (--init)")):
         command = commands.add_parser(name, help=text)
         command.add_argument("--out", required=True, help="checkpoint folder to write")
-        command.add_argument("--steps", type=int, default=3000)
+        command.add_argument("--steps", type=int, default=4000)
         command.add_argument("--batch-size", type=int, default=16)
-        command.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+        command.add_argument("--lr", type=float, default=PEAK_LR, help="peak learning rate")
         command.add_argument("--seed", type=int, default=0)
         command.add_argument("--eval-every", type=int, default=500, help="steps between held-out checks (0: none)")
         command.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")

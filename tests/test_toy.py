@@ -83,13 +83,7 @@ def heldout_accuracy(toy_model):
     return accuracy
 
 
-# Direction is not learned yet (issue 6 stays open): the shipped toy answers it at chance, and a linear probe on
-# its visual tokens finds no direction either (the position of the shape is lost on the vision side). strict: the
-# day a retrained toy passes, this marker must go.
-NOT_LEARNED_YET = pytest.mark.xfail(strict=True, reason="toy model does not learn the direction of motion yet")
-
-
-@pytest.mark.parametrize("kind", ["color", "shape", pytest.param("direction", marks=NOT_LEARNED_YET)])
+@pytest.mark.parametrize("kind", ["color", "shape", "direction"])
 def test_toy_checkpoint_answers_heldout_clips(heldout_accuracy, kind):
     assert heldout_accuracy[kind] >= 0.95, heldout_accuracy
 
