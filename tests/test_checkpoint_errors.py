@@ -69,6 +69,15 @@ def test_unsupported_text_model(checkpoint, tmp_path):
         minivb.load_model(path)
 
 
+def test_query_heads_not_a_multiple_of_key_value_heads(checkpoint, tmp_path):
+    path = copy(checkpoint, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["text_config"].update(num_attention_heads=2, num_key_value_heads=4)
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"num_attention_heads \(2\) must be a multiple of num_key_value_heads \(4\)"):
+        minivb.load_model(path)
+
+
 def test_pickled_weights_are_refused_with_a_hint(checkpoint, tmp_path):
     path = copy(checkpoint, tmp_path)
     (path / "model.safetensors").rename(path / "pytorch_model.bin")
