@@ -22,6 +22,15 @@ def copy(checkpoint, tmp_path):
     return target
 
 
+def with_config(checkpoint, tmp_path, change):
+    """A copy of the checkpoint whose config.json went through `change` (a function editing the dict in place)."""
+    path = copy(checkpoint, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    change(config)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
 def rewrite(path, change):
     tensors = load_file(path / "model.safetensors")
     change(tensors)
@@ -52,28 +61,20 @@ def test_config_not_json(checkpoint, tmp_path):
 
 
 def test_unsupported_model_type(checkpoint, tmp_path):
-    path = copy(checkpoint, tmp_path)
-    config = json.loads((path / "config.json").read_text())
-    config["model_type"] = "blip-2"
-    (path / "config.json").write_text(json.dumps(config))
+    path = with_config(checkpoint, tmp_path, lambda config: config.update(model_type="blip-2"))
     with pytest.raises(ValueError, match=r"model_type 'blip-2' is not supported.*instructblipvideo.*instructblip"):
         minivb.load_model(path)
 
 
 def test_unsupported_text_model(checkpoint, tmp_path):
-    path = copy(checkpoint, tmp_path)
-    config = json.loads((path / "config.json").read_text())
-    config["text_config"]["model_type"] = "opt"
-    (path / "config.json").write_text(json.dumps(config))
+    path = with_config(checkpoint, tmp_path, lambda config: config["text_config"].update(model_type="opt"))
     with pytest.raises(ValueError, match=r"text model 'opt' is not supported.*llama.*t5"):
         minivb.load_model(path)
 
 
 def test_query_heads_not_a_multiple_of_key_value_heads(checkpoint, tmp_path):
-    path = copy(checkpoint, tmp_path)
-    config = json.loads((path / "config.json").read_text())
-    config["text_config"].update(num_attention_heads=2, num_key_value_heads=4)
-    (path / "config.json").write_text(json.dumps(config))
+    heads = {"num_attention_heads": 2, "num_key_value_heads": 4}
+    path = with_config(checkpoint, tmp_path, lambda config: config["text_config"].update(heads))
     with pytest.raises(ValueError, match=r"num_attention_heads \(2\) must be a multiple of num_key_value_heads \(4\)"):
         minivb.load_model(path)
 
