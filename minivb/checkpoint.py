@@ -213,7 +213,8 @@ def load_state(model: torch.nn.Module, path: str, dtype: torch.dtype | None = No
             unexpected.append(alias)
     if unexpected:
         raise ValueError(f"checkpoint {path} has tensors minivb does not expect: {_format_list(unexpected)}")
-    missing = [name for name in params if name not in filled]
+    # Named by their official keys, the names a user can grep in the checkpoint's index or in KEY_TABLE.
+    missing = [official_key(name) for name in params if name not in filled]
     if missing:
         raise ValueError(f"checkpoint {path} lacks tensors the model needs: {_format_list(missing)}")
 

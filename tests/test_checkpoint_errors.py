@@ -112,8 +112,18 @@ def test_missing_shard_is_named(tmp_path):
 def test_missing_tensors_are_listed(checkpoint, tmp_path):
     path = copy(checkpoint, tmp_path)
     rewrite(path, lambda t: t.pop("language_model.model.norm.weight"))
-    with pytest.raises(ValueError, match=r"lacks tensors.*language_model\.norm\.weight"):
+    with pytest.raises(ValueError, match=r"lacks tensors.*language_model\.model\.norm\.weight"):
         minivb.load_model(path)
+
+
+def test_missing_tensors_are_named_by_their_official_key(checkpoint, tmp_path):
+    # The user greps the checkpoint's own names, not minivb's (qformer.layers.0.cross_attn.query.weight).
+    path = copy(checkpoint, tmp_path)
+    key = "qformer.encoder.layer.0.crossattention.attention.query.weight"
+    rewrite(path, lambda t: t.pop(key))
+    with pytest.raises(ValueError) as error:
+        minivb.load_model(path)
+    assert key in str(error.value) and "cross_attn" not in str(error.value)
 
 
 def test_unexpected_tensors_are_listed(checkpoint, tmp_path):
