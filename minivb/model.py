@@ -199,11 +199,15 @@ def _check_mask(name, mask, ids):
         raise ValueError(f"{name} must have the shape of its ids {tuple(ids.shape)}, got {shape}")
 
 
-def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", progress=None) -> InstructBlipVideo:
+def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", progress=None,
+               check_memory: bool = True) -> InstructBlipVideo:
     """Build minivb from an official checkpoint directory (config.json + safetensors) and load its weights.
 
     `progress(done, total, file)` is called before each safetensors file is read (the CLI prints it).
+    `check_memory`: before allocating anything, refuse with memory.NotEnoughMemory (a ValueError naming what would
+    fit) when the model would need more than the machine has available (see memory.py); False skips the check.
     """
+    from . import memory
     from .checkpoint import load_state
 
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -217,8 +221,18 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", progress=
     config = load_config(path)
     # Build on the meta device (no memory, no random init), then allocate once in the target dtype: with the
     # loader casting each tensor as it reads it, peak memory stays near one copy of the weights.
-    with torch.device("meta"):
-        model = InstructBlipVideo(config)
-    model = model.to(dtype=dtype).to_empty(device=device)
+    model = build_on_meta(config, dtype)
+    if check_memory:
+        others = {f"dtype={other}": memory.estimate(build_on_meta(config, other))
+                  for other in (torch.bfloat16,) if other != dtype}
+        memory.check_fits(memory.estimate(model), str(path), dtype, None, device, others)
+    model = model.to_empty(device=device)
     load_state(model, str(path), dtype=dtype, progress=progress)
     return model.eval()
+
+
+def build_on_meta(config: InstructBlipVideoConfig, dtype: torch.dtype) -> InstructBlipVideo:
+    """The model with its parameters on the meta device, in `dtype`: shapes and dtypes, no memory."""
+    with torch.device("meta"):
+        model = InstructBlipVideo(config)
+    return model.to(dtype=dtype)

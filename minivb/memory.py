@@ -1,0 +1,144 @@
+"""How much memory a model will need, known before anything is allocated; a refusal instead of the OS's kill.
+
+A 7B checkpoint is 15.8 GB in bf16 and 31.6 GB in fp32; vicuna-13b is 27.9 GB in bf16. On a 24 GB machine the last
+two do not fit, and a process that asks for more than the machine has is killed by the OS's out-of-memory killer
+with no message at all, minutes into loading. So `load_model` first adds up what the model will need:
+
+    weights      every parameter and buffer of the model built on the meta device (no memory yet), in the dtype
+                 and the quantization asked for: exact, not a guess from the file sizes;
+    loading      the loader holds one tensor in flight, as read from the file and as cast: the largest tensor twice;
+    activations  one generation of the default workload (WORKLOAD): the vision encoder on all its frames, the
+                 language model's prompt, and the KV cache of every beam;
+
+and compares the sum with what the OS says is available (`MemAvailable` in /proc/meminfo: free memory plus the
+page cache it can drop; the checkpoint file itself is read through that page cache and does not count). If it does
+not fit, NotEnoughMemory says how much is needed, how much is available, and which dtype or quantization would fit.
+`load_model(..., check_memory=False)` skips the check for users who know better (e.g. with swap).
+
+Letters in comments: F frames through the vision encoder (B*T), N patches + class token, C vision width,
+R rows of the language model (B * beams), L prompt length, D language-model width.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+GB = 1e9
+
+
+@dataclass
+class Workload:
+    """What one call of generate asks of memory: the default is the CLI's `ask` (one video, 4 frames, 5 beams)."""
+
+    batch_size: int = 1
+    num_frames: int = 4
+    num_beams: int = 5
+    prompt_tokens: int = 64  # the question and the prompt around it, besides the visual tokens
+    max_new_tokens: int = 30
+
+
+WORKLOAD = Workload()
+
+
+@dataclass
+class Estimate:
+    weights: int  # bytes
+    loading: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.loading + self.activations
+
+
+class NotEnoughMemory(ValueError):
+    """The model would need more memory than the machine has available."""
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer, as they will be allocated (works on a meta-device model)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def loading_bytes(model: torch.nn.Module, file_element_size: int = 4) -> int:
+    """The loader's tensor in flight: the largest tensor as read (at most fp32 in the file) and as cast."""
+    largest = max(([*model.parameters(), *model.buffers()]), key=lambda t: t.numel())
+    return largest.numel() * (file_element_size + largest.element_size())
+
+
+def activation_bytes(config, element_size: int, workload: Workload = WORKLOAD) -> int:
+    """The largest working set of one generation: the vision side, or the language model with its KV cache.
+
+    Only the big tensors are counted, each as the layer that holds most of them at once; small ones (norms,
+    the Q-Former's 32 queries) are left out.
+    """
+    e, w = element_size, workload
+    v = config.vision
+    F = w.batch_size * w.num_frames
+    N = (v.image_size // v.patch_size) ** 2 + 1
+    # A ViT block holds its input, the normed input, q/k/v and the MLP's hidden layer twice (fc1 out, GELU out);
+    # scaled_dot_product_attention's CPU kernel works in blocks and never holds the (N, N) scores whole.
+    vision = F * N * (2 * v.hidden_size + 3 * v.hidden_size + 2 * v.intermediate_size) * e
+    vision += F * N * v.hidden_size * e  # the frame features, kept for the Q-Former's cross-attention
+
+    t = config.text
+    R = w.batch_size * w.num_beams
+    L = w.num_frames * config.num_query_tokens + w.prompt_tokens
+    if config.is_encoder_decoder:
+        D, I, H, Dh = t.d_model, t.d_ff, t.num_heads, t.d_kv
+        # Decoder caches: self-attention over the new tokens, cross-attention over the whole prompt, every beam.
+        cache = t.num_decoder_layers * 2 * R * H * (w.max_new_tokens + L) * Dh * e
+        encoder = w.batch_size * L * (4 * D + 3 * I) * e + w.batch_size * H * L * L * 4  # scores in fp32
+        language = cache + R * L * D * e + encoder
+    else:
+        D, I = t.hidden_size, t.intermediate_size
+        cache = t.num_hidden_layers * 2 * R * t.num_key_value_heads * (L + w.max_new_tokens) * t.head_dim * e
+        # Prefill: the residual stream and the normed copy, q/k/v, and the MLP's gate, up and their product.
+        prefill = R * L * (5 * D + 3 * I) * e
+        language = cache + prefill
+    logits = R * t.vocab_size * 4 * 2  # the last position's logits in fp32, and their log-softmax
+    return max(vision, language) + logits
+
+
+def estimate(model: torch.nn.Module, workload: Workload = WORKLOAD) -> Estimate:
+    """What `model` (on the meta device, already in its dtype and quantization) will need once loaded."""
+    element_size = model.projection.weight.element_size()  # the dtype activations run in
+    return Estimate(weight_bytes(model), loading_bytes(model), activation_bytes(model.config, element_size, workload))
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory the OS can give this process now: MemAvailable on Linux, free memory on a CUDA device."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # macOS and other Unix systems
+    except (ValueError, OSError, AttributeError):
+        return -1  # unknown: the check is skipped
+
+
+def check_fits(need: Estimate, path: str, dtype: torch.dtype, quantize: str | None, device: torch.device,
+               alternatives: dict[str, Estimate]) -> None:
+    """Raise NotEnoughMemory, naming what would fit among `alternatives` ({"dtype=torch.bfloat16": estimate})."""
+    available = available_bytes(device)
+    if available < 0 or need.total <= available:
+        return
+    asked = f"dtype={dtype}" + (f", quantize={quantize!r}" if quantize else "")
+    fitting = [f"{option} (about {other.total / GB:.1f} GB)" for option, other in alternatives.items()
+               if other.total <= available]
+    advice = ("load it with " + " or ".join(fitting)) if fitting else "no dtype or quantization of minivb fits"
+    raise NotEnoughMemory(
+        f"{path} with {asked} needs about {need.total / GB:.1f} GB ({need.weights / GB:.1f} GB of weights, "
+        f"{(need.loading + need.activations) / GB:.1f} GB to load it and answer about {WORKLOAD.num_frames} frames "
+        f"with {WORKLOAD.num_beams} beams), but only {available / GB:.1f} GB is available on {device.type}: "
+        f"{advice}; or pass check_memory=False (CLI: --no-memory-check) to try anyway, at the risk of the OS "
+        f"killing the process")
