@@ -6,7 +6,7 @@ of the patterns in KEY_TABLE below; grep any checkpoint key there to see where i
 
 The loader is strict, in the spirit of nanoGPT's `from_pretrained`: every tensor of the checkpoint is used once,
 every parameter of minivb is filled, every shape is checked. Tensors are read lazily, one at a time, shard by
-shard, and cast to the requested dtype as they are read, so peak memory stays near one copy of the weights.
+shard, and cast to the requested dtype as they are copied in, so peak memory stays at one copy of the weights.
 safetensors only: minivb never unpickles (`pytorch_model.bin` can run code when loaded).
 """
 
@@ -170,8 +170,9 @@ def _format_list(names) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
 
 
-def load_state(model: torch.nn.Module, path: str, dtype: torch.dtype | None = None, progress=None) -> None:
-    """Fill every parameter of `model` from the checkpoint in `path`, strictly, one tensor at a time.
+def load_state(model: torch.nn.Module, path: str, progress=None) -> None:
+    """Fill every parameter of `model` from the checkpoint in `path`, strictly, one tensor at a time, each cast to
+    its parameter's dtype as it is copied in.
 
     `progress(done, total, file)`, if given, is called before each safetensors file is read.
     """
@@ -200,7 +201,9 @@ def load_state(model: torch.nn.Module, path: str, dtype: torch.dtype | None = No
                         f"shape mismatch for {key!r}: checkpoint has {tuple(tensor.shape)}, the model built from "
                         f"config.json expects {tuple(param.shape)}")
                 with torch.no_grad():
-                    param.copy_(tensor.to(dtype or param.dtype))  # cast as read: one tensor in flight at a time
+                    # copy_ casts element by element as it writes: no cast copy of the tensor is ever made, and
+                    # get_tensor's tensor is pages of the memory-mapped file (page cache, not this process's own).
+                    param.copy_(tensor)
                 filled.add(ours)
                 has_lm_head |= key == "language_model.lm_head.weight"
     # transformers 5 writes T5 with lm_head tied to `shared` and leaves lm_head.weight out of the file.

@@ -5,8 +5,8 @@ two do not fit, and a process that asks for more than the machine has is killed 
 with no message at all, minutes into loading. So `load_model` first adds up what the model will need:
 
     weights      every parameter and buffer of the model built on the meta device (no memory yet), in the dtype
-                 and the quantization asked for: exact, not a guess from the file sizes;
-    loading      the loader holds one tensor in flight, as read from the file and as cast: the largest tensor twice;
+                 and the quantization asked for: exact, not a guess from the file sizes. Loading adds nothing: the
+                 loader reads each tensor from the memory-mapped file and casts it as it copies it in (checkpoint.py);
     activations  one generation of the default workload (WORKLOAD): the vision encoder on all its frames, the
                  language model's prompt, and the KV cache of every beam;
 
@@ -43,12 +43,11 @@ WORKLOAD = Workload()
 @dataclass
 class Estimate:
     weights: int  # bytes
-    loading: int
     activations: int
 
     @property
     def total(self) -> int:
-        return self.weights + self.loading + self.activations
+        return self.weights + self.activations
 
 
 class NotEnoughMemory(ValueError):
@@ -59,12 +58,6 @@ def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of every parameter and buffer, as they will be allocated (works on a meta-device model)."""
     tensors = [*model.parameters(), *model.buffers()]
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def loading_bytes(model: torch.nn.Module, file_element_size: int = 4) -> int:
-    """The loader's tensor in flight: the largest tensor as read (at most fp32 in the file) and as cast."""
-    largest = max(([*model.parameters(), *model.buffers()]), key=lambda t: t.numel())
-    return largest.numel() * (file_element_size + largest.element_size())
 
 
 def activation_bytes(config, element_size: int, workload: Workload = WORKLOAD) -> int:
@@ -104,7 +97,7 @@ def activation_bytes(config, element_size: int, workload: Workload = WORKLOAD) -
 def estimate(model: torch.nn.Module, workload: Workload = WORKLOAD) -> Estimate:
     """What `model` (on the meta device, already in its dtype and quantization) will need once loaded."""
     element_size = model.projection.weight.element_size()  # the dtype activations run in
-    return Estimate(weight_bytes(model), loading_bytes(model), activation_bytes(model.config, element_size, workload))
+    return Estimate(weight_bytes(model), activation_bytes(model.config, element_size, workload))
 
 
 def available_bytes(device: torch.device) -> int:
@@ -138,7 +131,7 @@ def check_fits(need: Estimate, path: str, dtype: torch.dtype, quantize: str | No
     advice = ("load it with " + " or ".join(fitting)) if fitting else "no dtype or quantization of minivb fits"
     raise NotEnoughMemory(
         f"{path} with {asked} needs about {need.total / GB:.1f} GB ({need.weights / GB:.1f} GB of weights, "
-        f"{(need.loading + need.activations) / GB:.1f} GB to load it and answer about {WORKLOAD.num_frames} frames "
+        f"{need.activations / GB:.1f} GB to answer about {WORKLOAD.num_frames} frames "
         f"with {WORKLOAD.num_beams} beams), but only {available / GB:.1f} GB is available on {device.type}: "
         f"{advice}; or pass check_memory=False (CLI: --no-memory-check) to try anyway, at the risk of the OS "
         f"killing the process")

@@ -227,7 +227,7 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", progress=
                   for other in (torch.bfloat16,) if other != dtype}
         memory.check_fits(memory.estimate(model), str(path), dtype, None, device, others)
     model = model.to_empty(device=device)
-    load_state(model, str(path), dtype=dtype, progress=progress)
+    load_state(model, str(path), progress=progress)
     return model.eval()
 
 
