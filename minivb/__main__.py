@@ -31,7 +31,10 @@ def main(argv=None) -> int:
     ask.add_argument("--max-new-tokens", type=int, default=30)
     ask.add_argument("--repetition-penalty", type=float, default=1.5)
     ask.add_argument("--length-penalty", type=float, default=1.0)
-    ask.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    ask.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+                     help="auto (default): bfloat16, half the bytes of float32 to read per token, if it fits in memory")
+    ask.add_argument("--no-memory-check", action="store_true",
+                     help="load even when minivb estimates that the model does not fit in the available memory")
     ask.add_argument("--device", default="cpu")
 
     info = commands.add_parser("info", help="architecture and parameter counts of a checkpoint")
@@ -64,8 +67,11 @@ def run_ask(args) -> str:
         raise ValueError(f"--frames must be at least 1, got {args.frames}")
     processor = minivb.load_processor(args.model)  # checks the folder before the (slower) weights
     large = os.path.isdir(args.model) and _checkpoint_bytes(args.model) > LARGE_CHECKPOINT
-    model = minivb.load_model(args.model, dtype=DTYPES[args.dtype], device=args.device,
-                              progress=_print_progress if large else None)
+    # bfloat16 is what the official checkpoints were trained in, and decoding, which reads every weight once per
+    # token, goes at the speed of memory: half the bytes of float32, close to twice the tokens per second.
+    dtype = torch.bfloat16 if args.dtype == "auto" else DTYPES[args.dtype]
+    model = minivb.load_model(args.model, dtype=dtype, device=args.device, progress=_print_progress if large else None,
+                              check_memory=not args.no_memory_check)
     if args.video is not None:
         batch = processor(text=args.question, videos=[args.video], num_frames=args.frames)
     else:

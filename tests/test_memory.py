@@ -1,0 +1,132 @@
+"""The memory estimate and the refusal: load_model says up front when a model cannot fit, instead of the OS killing it.
+
+The estimate is held against the real allocation of a model large enough for the weights and the activations to
+stand out of the interpreter's own noise (about 260 MB of bf16 weights), measured in a separate process as the peak
+of its anonymous memory (RssAnon: not the page cache the checkpoint is read through).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import minivb
+from minivb import memory
+from minivb.config import InstructBlipVideoConfig, LlamaConfig, QFormerConfig, VisionConfig, load_config
+from minivb.model import InstructBlipVideo, build_on_meta
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "weights" / "vicuna-tiny"
+
+MEASURE = r"""
+import json, sys, threading, time
+import numpy as np, torch, minivb
+
+def rss_anon():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+path, dtype = sys.argv[1], getattr(torch, sys.argv[2])
+processor = minivb.load_processor(path)
+frames = np.random.default_rng(0).integers(0, 256, (4, 224, 224, 3), dtype=np.uint8)
+batch = processor(text="What is happening in the video? Describe it.", videos=[frames])
+# The first nn.Embedding a process builds, even on the meta device, costs about 70 MB of torch's own (a lazy
+# import); load_model builds the model on the meta device before its memory check, so the check sees it as used.
+minivb.model.build_on_meta(minivb.load_config(path), dtype)
+base, peak, done = rss_anon(), [0], [False]
+
+def sample():
+    while not done[0]:
+        peak[0] = max(peak[0], rss_anon())
+        time.sleep(0.002)
+
+sampler = threading.Thread(target=sample)
+sampler.start()
+model = minivb.load_model(path, dtype=dtype)
+model.generate(**batch, max_new_tokens=30, min_new_tokens=30, num_beams=5)
+done[0] = True
+sampler.join()
+print(json.dumps({"peak": peak[0] - base}))
+"""
+
+
+@pytest.fixture(scope="module")
+def medium(tmp_path_factory):
+    """The official vision and Q-Former widths (2 layers each), a LLaMA of width 768 with the Vicuna vocabulary."""
+    config = InstructBlipVideoConfig(
+        vision=VisionConfig(num_hidden_layers=2), qformer=QFormerConfig(num_hidden_layers=2),
+        text=LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=12,
+                         vocab_size=32064, bos_token_id=2, eos_token_id=2, pad_token_id=32000),
+        num_query_tokens=32, video_token_index=32002)
+    torch.manual_seed(0)
+    model = InstructBlipVideo(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.02)
+    path = tmp_path_factory.mktemp("medium")
+    minivb.save_checkpoint(model, path, processor_from=TINY, dtype=torch.bfloat16)
+    return path
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_estimate_is_within_10_percent_of_the_real_peak(medium, dtype):
+    need = memory.estimate(build_on_meta(load_config(medium), getattr(torch, dtype)))
+    result = subprocess.run([sys.executable, "-c", MEASURE, str(medium), dtype], capture_output=True, text=True,
+                            timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    peak = json.loads(result.stdout.strip().splitlines()[-1])["peak"]
+    assert need.weights > 0.8 * need.total  # the weights dominate, as at real scale
+    assert abs(need.total - peak) <= 0.1 * peak, (need, peak)
+
+
+def test_weights_are_counted_exactly():
+    model = minivb.load_model(TINY, dtype=torch.bfloat16)
+    counted = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert memory.weight_bytes(build_on_meta(load_config(TINY), torch.bfloat16)) == counted
+
+
+def test_official_sizes():
+    # The weights of the official checkpoints, in the units a user reads on the hub: 7.91 B parameters.
+    vicuna = memory.estimate(build_on_meta(load_config(ROOT / "tests/data/official/vicuna-7b"), torch.bfloat16))
+    assert 15.8e9 < vicuna.weights < 15.9e9
+    assert vicuna.activations < 0.05 * vicuna.weights
+    fp32 = memory.estimate(build_on_meta(load_config(ROOT / "tests/data/official/vicuna-7b"), torch.float32))
+    assert fp32.weights == 2 * vicuna.weights
+
+
+def test_refusal_names_need_available_and_what_fits(monkeypatch):
+    tiny_fp32 = memory.estimate(build_on_meta(load_config(TINY), torch.float32)).total
+    tiny_bf16 = memory.estimate(build_on_meta(load_config(TINY), torch.bfloat16)).total
+    available = (tiny_fp32 + tiny_bf16) // 2  # bf16 fits, fp32 does not
+    monkeypatch.setattr(memory, "available_bytes", lambda device: available)
+    with pytest.raises(memory.NotEnoughMemory) as error:
+        minivb.load_model(TINY, dtype=torch.float32)
+    message = str(error.value)
+    assert isinstance(error.value, ValueError)
+    assert str(TINY) in message and "torch.float32" in message
+    assert f"{tiny_fp32 / 1e9:.1f} GB" in message and f"only {available / 1e9:.1f} GB is available" in message
+    assert "dtype=torch.bfloat16" in message and "check_memory=False" in message
+    minivb.load_model(TINY, dtype=torch.bfloat16)  # fits
+    minivb.load_model(TINY, dtype=torch.float32, check_memory=False)  # the override
+
+
+def test_refusal_when_nothing_fits(monkeypatch):
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1000)
+    with pytest.raises(memory.NotEnoughMemory, match="no dtype or quantization of minivb fits"):
+        minivb.load_model(TINY, dtype=torch.bfloat16)
+
+
+def test_cli_refuses_in_one_line(monkeypatch, capsys):
+    from minivb.__main__ import main
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1000)
+    clip = ROOT / "tests" / "data" / "clock_cc0_1bpp.gif"
+    assert main(["ask", "--model", str(TINY), "--video", str(clip), "--dtype", "float32", "Q?"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs about" in err and "--no-memory-check" in err
+    assert main(["ask", "--model", str(TINY), "--video", str(clip), "--dtype", "float32", "--no-memory-check",
+                 "--num-beams", "1", "--max-new-tokens", "2", "Q?"]) == 0
