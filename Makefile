@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench weights notebooks train-toy eval-toy
+.PHONY: setup test demo bench bench-full weights notebooks train-toy eval-toy
 
 setup: $(STAMP)
 
@@ -24,6 +24,12 @@ demo: setup
 
 bench: setup
 	$(PY) tests/bench_generate.py
+
+# Real size: vicuna-7b against transformers, then vicuna-13b and flan-t5-xxl in int8, on a 24 GB machine. Random
+# weights in the official layout, written once to $TMPDIR/minivb-fullsize and reused (16 + 28 + 25 GB of disk; pass
+# --delete to drop each after its runs). A quick run at real widths: tests/bench_full.py --models vicuna-7b --layers 4 4
+bench-full: setup
+	$(PY) tests/bench_full.py
 
 weights: setup
 	$(PY) weights/build.py

@@ -1,0 +1,387 @@
+"""`make bench-full`: minivb against transformers at real size, each figure beside the floor the machine allows.
+
+The checkpoints are the official layouts at full size with random weights (minivb.fullsize), written once to
+$TMPDIR/minivb-fullsize/<model> and reused while complete. Each run is a separate process, so its memory is its own;
+runs alternate (transformers, minivb, minivb int8, again) and each figure is the best of --repeat runs.
+
+    load           seconds to a model ready to generate, and the peak anonymous memory meanwhile (RssAnon from
+                   /proc/self/status every 20 ms: the process's own pages, not the page cache the checkpoint is
+                   read through), beside the bf16 weights
+    first token    generate(max_new_tokens=1) on one video of 4 frames: vision, Q-Former, prefill. Its floor: the
+                   FLOPs of that call (counted by torch.utils.flop_counter on a first, untimed call) over the best
+                   matrix-product rate this machine reaches, bf16 or fp32, measured in the same process
+    decode         seconds per new token, greedy and 5 beams: the median time between consecutive steps of one
+                   generate call of 1 + K tokens (EOS forbidden, so every run decodes them all). Its floor: the
+                   language model's bytes one step reads (every weight but the embedding table) over the memory
+                   read rate measured right before (a 1 GB sum)
+    logits         cosine of the first token's logits to transformers bf16 (int8: also to minivb bf16)
+
+vicuna-13b and flan-t5-xxl do not fit a 24 GB machine in bf16: minivb runs them in int8, after asking for bf16 to
+show the refusal. transformers is run on vicuna-7b only.
+
+    python tests/bench_full.py [--models vicuna-7b,vicuna-13b,flan-t5-xxl] [--layers V L] [--repeat 2] [--tokens 8]
+                               [--delete]
+"""
+
+import argparse
+import inspect
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+VIDEO = ROOT / "tests" / "data" / "clock_cc0_1bpp.gif"
+QUESTION = "What is happening in the video?"
+NUM_FRAMES = 4
+GB = 1e9
+
+
+# ----------------------------------------------------------------------------- measuring, inside each run
+
+
+class Memory:
+    """Peaks of the process's resident memory, sampled by a thread every 20 ms (torch releases the GIL in its
+    kernels): `anon`, RssAnon, its own pages; `mapped`, RssAnon + RssFile, adding the pages of files it maps.
+
+    The second matters for transformers: it maps the safetensors files (copy-on-write) and uses the mapped pages as
+    its weights, so they count as file pages, read from disk when first touched, not as anonymous memory.
+    """
+
+    def __init__(self, interval=0.02):
+        self.anon = self.mapped = 0
+        threading.Thread(target=self._sample, args=(interval,), daemon=True).start()
+
+    @staticmethod
+    def now() -> tuple[int, int]:
+        values = {}
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(("RssAnon:", "RssFile:")):
+                    values[line.split(":")[0]] = int(line.split()[1]) * 1024
+        return values["RssAnon"], values["RssAnon"] + values["RssFile"]
+
+    def _sample(self, interval):
+        while True:
+            anon, mapped = self.now()
+            self.anon, self.mapped = max(self.anon, anon), max(self.mapped, mapped)
+            time.sleep(interval)
+
+    def reset(self) -> None:
+        self.anon, self.mapped = self.now()
+
+
+def best_seconds(run, repeats=3):
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_rates(rows, width, inner):
+    """FLOP/s of a prefill-sized product (rows x width) @ (width x inner), in bf16 and in fp32."""
+    rates = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        a, b = torch.randn(rows, width, dtype=dtype), torch.randn(width, inner, dtype=dtype)
+        a @ b
+        rates[str(dtype)] = 2 * rows * width * inner / best_seconds(lambda: a @ b)
+    return rates
+
+
+def read_rate(nbytes=10**9):
+    """Bytes/s the machine streams from memory: the sum of a tensor far larger than the caches."""
+    big = torch.ones(nbytes // 4)
+    big.sum()
+    return nbytes / best_seconds(big.sum)
+
+
+def seconds_per_step(model, run, new_tokens) -> float:
+    """The median time between two consecutive next-token logits in one generate call: a decode step, prefill
+    excluded. The steps are seen by a hook on lm_head, which both libraries call once a step."""
+    stamps = []
+    handle = model.language_model.lm_head.register_forward_hook(lambda *_: stamps.append(time.perf_counter()))
+    try:
+        run()
+    finally:
+        handle.remove()
+    if len(stamps) != new_tokens:
+        raise RuntimeError(f"lm_head ran {len(stamps)} times for {new_tokens} new tokens: no per-step times")
+    steps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
+    return steps[len(steps) // 2]
+
+
+def decode_bytes(model) -> int:
+    """Bytes of the language model one decode step reads: every weight but the embedding table (one row of it is
+    read) and, for T5, the encoder (it ran once, in the first token). Works for minivb and for transformers."""
+    seen, total = set(), 0
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        skip = "embed_tokens" in name or name.endswith("shared.weight") or ".encoder." in name
+        if not name.startswith("language_model.") or skip or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def worker(args) -> None:
+    """One run: load, first token, decode; the figures go to args.result (JSON) and args.result + '.pt' (logits)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    memory = Memory()
+    result = {"impl": args.impl, "quantize": args.quantize, "baseline_anon": Memory.now()[0]}
+    batch = torch.load(args.batch)
+    memory.reset()
+    start = time.perf_counter()
+    if args.impl == "transformers":
+        import transformers
+
+        model = transformers.InstructBlipVideoForConditionalGeneration.from_pretrained(args.path, dtype=torch.bfloat16)
+        model.eval()
+
+        def generate(new_tokens, beams=1, **extra):
+            return model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=beams,
+                                  do_sample=False, **extra)
+
+        def first_logits():
+            out = generate(1, output_logits=True, return_dict_in_generate=True)
+            return out.logits[0][0]
+    else:
+        import minivb
+
+        options = {"quantize": args.quantize} if args.quantize else {}
+        try:
+            model = minivb.load_model(args.path, dtype=torch.bfloat16, **options)
+        except ValueError as e:  # the memory check refuses before allocating
+            result.update(refused=str(e), load_s=time.perf_counter() - start)
+            Path(args.result).write_text(json.dumps(result))
+            return
+
+        def generate(new_tokens, beams=1):
+            return model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=beams)
+
+        def first_logits():
+            _, trace = model.generate(**batch, max_new_tokens=1, return_trace=True)
+            return trace.scores[0][0]  # greedy with no rule set: the raw logits, in fp32
+    result["load_s"] = time.perf_counter() - start
+    result["load_peak_anon"], result["load_peak_mapped"] = memory.anon, memory.mapped
+    # FlopCounterMode's module tracker asserts on inputs that require grad but have no grad function, which is what
+    # a view of a parameter taken under no_grad is (minivb's query_tokens.expand): inference needs no grad anyway.
+    model.requires_grad_(False)
+    result["decode_bytes"] = decode_bytes(model)
+    text = json.loads((Path(args.path) / "config.json").read_text())["text_config"]
+    width, inner = text.get("hidden_size") or text["d_model"], text.get("intermediate_size") or text["d_ff"]
+    rows = batch["input_ids"].shape[1]
+    result["matmul_rates"] = matmul_rates(rows, width, inner)
+
+    with torch.no_grad():
+        counter = FlopCounterMode(display=False)
+        start = time.perf_counter()
+        with counter:  # the first call: counted, and the warm-up of everything lazy
+            logits = first_logits()
+        result["cold_first_token_s"] = time.perf_counter() - start
+        result["first_token_flops"] = counter.get_total_flops()
+        torch.save(logits.float(), args.result + ".pt")
+        result["first_token_s"] = best_seconds(lambda: generate(1), repeats=2)
+        K = args.tokens
+        result["read_rate_greedy"] = read_rate()
+        result["greedy_s"] = seconds_per_step(model, lambda: generate(1 + K), 1 + K)
+        result["read_rate_beam"] = read_rate()
+        result["beam_s"] = seconds_per_step(model, lambda: generate(1 + K, beams=5), 1 + K)
+    result["peak_anon"], result["peak_mapped"] = memory.anon, memory.mapped
+    result["loadavg"] = os.getloadavg()
+    Path(args.result).write_text(json.dumps(result))
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def machine() -> str:
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in lscpu.splitlines() if line.startswith("Flags")), [])
+    total = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal"))
+    bf16 = "yes" if {"avx512_bf16", "amx_bf16"} & set(flags) else "no"
+    import transformers
+
+    return (f"{model}, {os.cpu_count()} cores, native bf16 (avx512_bf16/amx_bf16): {bf16}, "
+            f"{total / 2**30:.1f} GiB memory; torch {torch.__version__}, transformers {transformers.__version__}")
+
+
+def checkpoint(name, layers, folder: Path) -> Path:
+    """The checkpoint folder, written unless a complete one (its index present, the same config) is there."""
+    from minivb import fullsize, memory
+    from minivb.model import build_on_meta
+    from minivb.config import config_from_dict
+
+    path = folder / (name + (f"-{layers[0]}-{layers[1]}" if layers else ""))
+    config = fullsize.official_config(name, layers)
+    index = path / "model.safetensors.index.json"
+    if index.is_file() and json.loads((path / "config.json").read_text()) == config:
+        print(f"reusing {path}")
+        return path
+    need = memory.weight_bytes(build_on_meta(config_from_dict(config), torch.bfloat16))
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < need * 1.1 + GB:
+        raise SystemExit(f"{name} needs {need / GB:.1f} GB of disk in {folder}; {free / GB:.1f} GB is free")
+    print(f"writing {path} ({need / GB:.1f} GB)")
+    start = time.perf_counter()
+    fullsize.build(name, path, layers, progress=lambda line: print("  " + line))
+    print(f"  written in {time.perf_counter() - start:.0f} s")
+    return path
+
+
+def run(path, impl, quantize, batch_file, tokens, workdir) -> dict:
+    result = os.path.join(workdir, f"{impl}-{quantize or 'bf16'}-{time.monotonic_ns()}.json")
+    command = [sys.executable, __file__, "--worker", impl, "--path", str(path), "--batch", batch_file,
+               "--tokens", str(tokens), "--result", result] + (["--quantize", quantize] if quantize else [])
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0 or not os.path.isfile(result):
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        return {"impl": impl, "quantize": quantize, "failed": f"exit {done.returncode}: " + " | ".join(tail)}
+    values = json.loads(Path(result).read_text())
+    if os.path.isfile(result + ".pt"):
+        values["logits"] = torch.load(result + ".pt")
+    return values
+
+
+def best(runs: list[dict]) -> dict:
+    """The best of the repeats, figure by figure (times and memory: the least)."""
+    ok = [r for r in runs if "failed" not in r and "refused" not in r]
+    if not ok:
+        return runs[-1]
+    merged = dict(ok[0])
+    for key in ("load_s", "load_peak_anon", "load_peak_mapped", "cold_first_token_s", "first_token_s", "greedy_s",
+                "beam_s", "peak_anon", "peak_mapped"):
+        merged[key] = min(r[key] for r in ok)
+    for key in ("read_rate_greedy", "read_rate_beam"):
+        merged[key] = max(r[key] for r in ok)
+    merged["matmul_rate"] = max(max(r["matmul_rates"].values()) for r in ok)
+    merged["loadavg"] = [round(max(r["loadavg"][0] for r in ok), 2)]
+    return merged
+
+
+def cosine(a, b) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+
+def table(title, columns: dict[str, dict], weights_bf16: int) -> str:
+    """The markdown table. Floors use the best rates measured in any run of the table, so that every column is held
+    to the same machine (another helper's load on a shared machine only ever lowers a measured rate)."""
+    names = list(columns)
+    measured = [r for r in columns.values() if "matmul_rate" in r]
+    best_rates = {key: max(r[key] for r in measured) for key in ("matmul_rate", "read_rate_greedy", "read_rate_beam")}
+    for r in measured:
+        r.update(best_rates)
+    lines = [f"| {title} | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+
+    def row(label, cell):
+        cells = []
+        for name in names:
+            r = columns[name]
+            if "failed" in r:
+                cells.append("failed: " + r["failed"][-120:])
+            elif "refused" in r:
+                cells.append(f"refused up front in {r['load_s']:.1f} s" if label == "load" else "—")
+            else:
+                cells.append(cell(r))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    row("load", lambda r: f"{r['load_s']:.1f} s")
+    row("peak anonymous memory, load", lambda r: f"{r['load_peak_anon'] / GB:.2f} GB "
+                                                  f"({r['load_peak_anon'] / weights_bf16:.2f}× the bf16 weights)")
+    row("peak resident memory with mapped files, load", lambda r: f"{r['load_peak_mapped'] / GB:.2f} GB")
+    row("load, then a first token from cold", lambda r: f"{r['load_s'] + r['cold_first_token_s']:.1f} s")
+    row("first token (4 frames)", lambda r: f"{r['first_token_s']:.2f} s = "
+        f"{100 * r['first_token_flops'] / r['matmul_rate'] / r['first_token_s']:.0f} % of the "
+        f"{r['first_token_flops'] / r['matmul_rate']:.2f} s floor ({r['first_token_flops'] / 1e12:.2f} TFLOP "
+        f"at {r['matmul_rate'] / 1e9:.0f} GFLOP/s)")
+    for label, key, rate in (("decode, greedy", "greedy_s", "read_rate_greedy"), ("decode, 5 beams", "beam_s",
+                                                                                     "read_rate_beam")):
+        row(label, lambda r, key=key, rate=rate: f"{1000 * r[key]:.0f} ms/token = "
+            f"{100 * r['decode_bytes'] / r[rate] / r[key]:.0f} % of the {1000 * r['decode_bytes'] / r[rate]:.0f} ms "
+            f"floor ({r['decode_bytes'] / GB:.2f} GB at {r[rate] / GB:.1f} GB/s)")
+    row("peak anonymous memory, whole run", lambda r: f"{r['peak_anon'] / GB:.2f} GB "
+                                                       f"({r['peak_mapped'] / GB:.2f} GB with mapped files)")
+    reference = columns.get("transformers bf16", {}).get("logits")
+    bf16 = columns.get("minivb bf16", {}).get("logits")
+    row("last-token logits", lambda r: "; ".join(
+        [f"cosine {cosine(r['logits'], reference):.4f} to transformers bf16"] * (reference is not None)
+        + [f"{cosine(r['logits'], bf16):.4f} to minivb bf16"] * (bf16 is not None and r.get("quantize") is not None)
+    ) or "—")
+    row("load average", lambda r: f"{r['loadavg'][0]:.2f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="vicuna-7b,vicuna-13b,flan-t5-xxl")
+    parser.add_argument("--layers", type=int, nargs=2, metavar=("V", "L"), help="cut depths for a quick run")
+    parser.add_argument("--repeat", type=int, default=2, help="runs of each, alternating; the best is kept")
+    parser.add_argument("--tokens", type=int, default=8, help="new tokens decoded for the per-token figures")
+    parser.add_argument("--folder", default=os.path.join(tempfile.gettempdir(), "minivb-fullsize"))
+    parser.add_argument("--delete", action="store_true", help="delete each checkpoint after its runs")
+    parser.add_argument("--worker", choices=["minivb", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--path", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--quantize", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        args.impl = args.worker
+        return worker(args)
+
+    import minivb
+    from minivb.config import load_config
+    from minivb.memory import weight_bytes
+    from minivb.model import build_on_meta
+
+    print(machine())
+    has_int8 = "quantize" in inspect.signature(minivb.load_model).parameters
+    if not has_int8:
+        print("minivb.load_model has no quantize= yet: int8 runs skipped")
+    for name in args.models.split(","):
+        path = checkpoint(name, args.layers, Path(args.folder))
+        weights = weight_bytes(build_on_meta(load_config(path), torch.bfloat16))
+        with tempfile.TemporaryDirectory(prefix="minivb-bench-full-") as workdir:
+            batch_file = os.path.join(workdir, "batch.pt")
+            torch.save(minivb.load_processor(path)([QUESTION], videos=[VIDEO], num_frames=NUM_FRAMES), batch_file)
+            columns = {}
+            if name == "vicuna-7b":
+                plan = [("transformers", None), ("minivb", None)] + [("minivb", "int8")] * has_int8
+            else:  # transformers cannot hold them in 24 GB; minivb is asked for bf16 once, to show the refusal
+                plan = [("minivb", "int8")] * has_int8
+                columns["minivb bf16"] = run(path, "minivb", None, batch_file, args.tokens, workdir)
+            runs = {}
+            for _ in range(args.repeat):
+                for impl, quantize in plan:
+                    label = f"{impl} {quantize or 'bf16'}"
+                    runs.setdefault(label, []).append(run(path, impl, quantize, batch_file, args.tokens, workdir))
+                    print(f"  {label}: {_summary(runs[label][-1])}", flush=True)
+            columns.update({label: best(r) for label, r in runs.items()})
+            depth = f" ({args.layers[0]} + {args.layers[1]} layers, all widths)" if args.layers else " (full size)"
+            print(f"\n{table(name + depth, columns, weights)}\n\nbf16 weights {weights / GB:.2f} GB; best of "
+                  f"{args.repeat} runs each, alternating; {args.tokens} new tokens per decode figure.\n", flush=True)
+        if args.delete:
+            shutil.rmtree(path)
+
+
+def _summary(r: dict) -> str:
+    if "failed" in r or "refused" in r:
+        return r.get("failed") or "refused: " + r["refused"]
+    return (f"load {r['load_s']:.1f} s, peak {r['load_peak_anon'] / GB:.2f} GB, first token {r['first_token_s']:.2f} s"
+            f", greedy {1000 * r['greedy_s']:.0f} ms, beams {1000 * r['beam_s']:.0f} ms, load avg {r['loadavg'][0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
