@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LlamaConfig
+from . import fast
+from .fast import Linear  # nn.Linear; a decode step's few rows take the faster products of fast.py
 
 
 class RMSNorm(nn.Module):
@@ -53,43 +55,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (B, H, L, Dh)
     return x * cos + rotated * sin
-
-
-def _matrix_vector_is_slow() -> bool:
-    """True where MKL's matrix-vector kernel streams a large matrix slowly: on AMD processors, where MKL runs a
-    generic code path for it (about 18 GB/s on this project's 2-core machines, against 48 GB/s for its
-    matrix-matrix kernel). Intel processors keep the ordinary kernel."""
-    if not torch.backends.mkl.is_available():
-        return False
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return "AuthenticAMD" in f.read(4096)
-    except OSError:
-        return False
-
-
-STREAM_AS_MATRIX = _matrix_vector_is_slow()
-
-
-class Linear(nn.Linear):
-    """nn.Linear with a faster route for the few rows of a decoding step, where MKL's matrix-vector kernel is slow.
-
-    Decoding reads every weight once per token: its speed is the speed at which the matrices stream from memory.
-    For 1-8 rows, `x @ weight.T` takes MKL's matrix-vector path; `weight @ x.T` takes its matrix-matrix path,
-    which wants at least 2 columns, so a single row is doubled. Same product, up to float rounding order; on the
-    medium checkpoint of `make bench` (AMD EPYC, 2 threads) it halves the time of a greedy token.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if not STREAM_AS_MATRIX or rows > 8 or x.device.type != "cpu":
-            return super().forward(x)  # prefill, GPUs and Intel CPUs: the ordinary kernel is the fast one
-        flat = x.reshape(rows, x.shape[-1])  # (rows, in)
-        columns = flat.repeat(2, 1) if rows == 1 else flat  # (2 or rows, in), contiguous: MKL's fast path
-        out = (self.weight @ columns.T).T[:rows]  # (rows, out)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 class KVCache:
@@ -269,15 +234,19 @@ class Llama(nn.Module):
         elif position_ids.shape[-1] != L:
             raise ValueError(f"position_ids must have shape ({B}, {L}), got {tuple(position_ids.shape)}")
 
-        cos, sin = self.rope(position_ids, inputs_embeds.dtype)  # (B or 1, 1, L, Dh)
         mask = attention_keep_mask(attention_mask, past, L, inputs_embeds.device)
-        h = inputs_embeds
-        for layer in self.layers:
-            h = layer(h, cos, sin, mask, cache)  # (B, L, D)
-        if cache is not None:
-            cache.advance(L)
-        if only_last_logits:
-            h = h[:, -1:]  # (B, 1, D): prefill only needs the next token's logits
-        if return_hidden:
-            return self.norm(h)  # (B, L, D)
-        return self.lm_head(self.norm(h))  # (B, L, V)
+        # The compute dtype: the weights' own, except a prompt with bf16 weights on a CPU without native bf16,
+        # which computes in fp32 (fast.py). Decode steps (one token a row) stay in the weights' dtype.
+        weight_dtype = self.lm_head.weight.dtype
+        with fast.phase("decode" if L == 1 else "prefill", self.lm_head.weight) as compute:
+            cos, sin = self.rope(position_ids, compute)  # (B or 1, 1, L, Dh)
+            h = inputs_embeds.to(compute)
+            for layer in self.layers:
+                h = layer(h, cos, sin, mask, cache)  # (B, L, D)
+            if cache is not None:
+                cache.advance(L)
+            if only_last_logits:
+                h = h[:, -1:]  # (B, 1, D): prefill only needs the next token's logits
+            if return_hidden:
+                return self.norm(h).to(weight_dtype)  # (B, L, D)
+            return self.lm_head(self.norm(h)).to(weight_dtype)  # (B, L, V)

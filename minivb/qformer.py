@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fast
 from .config import QFormerConfig
 
 
@@ -188,26 +189,30 @@ class QFormer(nn.Module):
         num_images, text_length = input_ids.shape
         num_queries = query_tokens.shape[1]
 
-        # The text positions count from 0, as if the queries were not there: queries get no position embedding.
-        positions = torch.arange(text_length, device=input_ids.device)  # (L,)
-        text = self.word_embeddings(input_ids) + self.position_embeddings(positions)  # (N, L, Hq)
-        # One LayerNorm over the concatenation, queries included.
-        hidden = self.embed_norm(torch.cat([query_tokens.to(text.dtype), text], dim=1))  # (N, Q+L, Hq)
-
         # Which keys each position may read: all Q queries, then the unpadded text tokens.
         query_visible = attention_mask.new_ones(num_images, num_queries)  # (N, Q)
         key_mask = torch.cat([query_visible, attention_mask], dim=1).bool()  # (N, Q+L)
         key_mask = key_mask[:, None, None, :]  # (N, 1, 1, Q+L): the same for every head and every asking position
 
-        self_attentions, cross_attentions = [], []
-        for layer in self.layers:
-            hidden, self_weights, cross_weights = layer(
-                hidden, num_queries, key_mask, frame_features, return_attentions
-            )
-            self_attentions.append(self_weights)
-            if cross_weights is not None:
-                cross_attentions.append(cross_weights)
-        query_output = hidden[:, :num_queries]  # (N, Q, Hq)
+        # The compute dtype: the weights' own, except bf16 weights on a CPU without native bf16, which compute in
+        # fp32 (fast.py).
+        weight_dtype = self.word_embeddings.weight.dtype
+        with fast.phase("vision", self.word_embeddings.weight) as compute:
+            # The text positions count from 0, as if the queries were not there: queries get no position embedding.
+            positions = torch.arange(text_length, device=input_ids.device)  # (L,)
+            text = self.word_embeddings(input_ids) + self.position_embeddings(positions)  # (N, L, Hq)
+            # One LayerNorm over the concatenation, queries included.
+            hidden = self.embed_norm(torch.cat([query_tokens.to(compute), text], dim=1))  # (N, Q+L, Hq)
+
+            self_attentions, cross_attentions = [], []
+            for layer in self.layers:
+                hidden, self_weights, cross_weights = layer(
+                    hidden, num_queries, key_mask, frame_features, return_attentions
+                )
+                self_attentions.append(self_weights)
+                if cross_weights is not None:
+                    cross_attentions.append(cross_weights)
+        query_output = hidden[:, :num_queries].to(weight_dtype)  # (N, Q, Hq)
         if return_attentions:
             return query_output, {"self": self_attentions, "cross": cross_attentions}
         return query_output

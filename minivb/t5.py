@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fast
 from .config import T5Config
+from .fast import Linear  # nn.Linear; a decode step's few rows take the faster products of fast.py
 from .llama import KVCache  # the decoder's self-attention cache is LLaMA's
 
 
@@ -108,10 +110,10 @@ class T5Attention(nn.Module):
         super().__init__()
         self.num_heads, self.d_kv = config.num_heads, config.d_kv
         inner = config.num_heads * config.d_kv
-        self.q = nn.Linear(config.d_model, inner, bias=False)
-        self.k = nn.Linear(config.d_model, inner, bias=False)
-        self.v = nn.Linear(config.d_model, inner, bias=False)
-        self.o = nn.Linear(inner, config.d_model, bias=False)
+        self.q = Linear(config.d_model, inner, bias=False)
+        self.k = Linear(config.d_model, inner, bias=False)
+        self.v = Linear(config.d_model, inner, bias=False)
+        self.o = Linear(inner, config.d_model, bias=False)
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], x.shape[1], self.num_heads, self.d_kv).transpose(1, 2)  # (B, H, length, Dk)
@@ -136,11 +138,11 @@ class T5FeedForward(nn.Module):
         self.gated = config.is_gated_act
         D, Fd = config.d_model, config.d_ff
         if self.gated:
-            self.wi_0 = nn.Linear(D, Fd, bias=False)  # through the activation: the gate
-            self.wi_1 = nn.Linear(D, Fd, bias=False)  # linear: what the gate lets through
+            self.wi_0 = Linear(D, Fd, bias=False)  # through the activation: the gate
+            self.wi_1 = Linear(D, Fd, bias=False)  # linear: what the gate lets through
         else:
-            self.wi = nn.Linear(D, Fd, bias=False)
-        self.wo = nn.Linear(Fd, D, bias=False)
+            self.wi = Linear(D, Fd, bias=False)
+        self.wo = Linear(Fd, D, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
@@ -240,7 +242,7 @@ class T5(nn.Module):
         self.shared = nn.Embedding(config.vocab_size, config.d_model)  # the encoder's and decoder's token embeddings
         self.encoder = T5Stack(config, is_decoder=False)
         self.decoder = T5Stack(config, is_decoder=True)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
 
     def tie_lm_head(self) -> None:
         """Share lm_head's weight with `shared`: transformers 5 writes T5 that way and leaves lm_head out of the file."""
@@ -258,7 +260,9 @@ class T5(nn.Module):
             raise ValueError(f"inputs_embeds must have shape (batch, length, {self.config.d_model}), "
                              f"got {tuple(inputs_embeds.shape)}")
         _check_mask("attention_mask", attention_mask, *inputs_embeds.shape[:2])
-        return self.encoder(inputs_embeds, attention_mask)
+        # bf16 weights on a CPU without native bf16 compute the prompt in fp32 (fast.py).
+        with fast.phase("prefill", self.lm_head.weight) as compute:
+            return self.encoder(inputs_embeds.to(compute), attention_mask).to(self.lm_head.weight.dtype)
 
     def decode(self, decoder_input_ids, encoder_hidden, encoder_attention_mask=None, decoder_attention_mask=None,
                cache: T5Cache | None = None, only_last_logits: bool = False) -> torch.Tensor:
@@ -279,14 +283,17 @@ class T5(nn.Module):
         if cache is not None:
             if cache.batch_size != B:
                 raise ValueError(f"cache holds batch size {cache.batch_size}, decoder_input_ids has {B}")
-        h = self.shared(decoder_input_ids)  # (B, L, D)
-        h = self.decoder(h, decoder_attention_mask, encoder_hidden, encoder_attention_mask, cache)
-        if only_last_logits:
-            h = h[:, -1:]  # (B, 1, D): generation only needs the next token's logits
-        if self.config.scale_decoder_outputs:
-            # The original (tied) T5 rescales before the shared output embedding; Flan-T5 (untied) does not.
-            h = h * self.config.d_model**-0.5
-        return self.lm_head(h)  # (B, L, V)
+        # A decode step (one token a row) computes in the weights' dtype; several tokens at once (teacher forcing)
+        # in fp32 where bf16 is slow (fast.py).
+        with fast.phase("decode" if L == 1 else "prefill", self.lm_head.weight) as compute:
+            h = self.shared(decoder_input_ids).to(compute)  # (B, L, D)
+            h = self.decoder(h, decoder_attention_mask, encoder_hidden, encoder_attention_mask, cache)
+            if only_last_logits:
+                h = h[:, -1:]  # (B, 1, D): generation only needs the next token's logits
+            if self.config.scale_decoder_outputs:
+                # The original (tied) T5 rescales before the shared output embedding; Flan-T5 (untied) does not.
+                h = h * self.config.d_model**-0.5
+            return self.lm_head(h).to(self.lm_head.weight.dtype)  # (B, L, V)
 
     def forward(self, inputs_embeds, attention_mask, decoder_input_ids, decoder_attention_mask=None) -> torch.Tensor:
         """Encode, then decode all of decoder_input_ids at once (teacher forcing): logits (B, L, V)."""

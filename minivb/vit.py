@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fast
 from .config import VisionConfig
 
 
@@ -155,17 +156,20 @@ class VisionTransformer(nn.Module):
         """
         self._check_pixel_values(pixel_values, interpolate_pos_encoding)
         num_images, _, height, width = pixel_values.shape
-        # Frames usually arrive in float32 while the weights may be half precision.
-        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (N, C, H/p, W/p)
-        patches = patches.flatten(2).transpose(1, 2)  # (N, P, C), patches in row-major order
-        class_tokens = self.class_token.expand(num_images, -1, -1)  # (N, 1, C)
-        hidden = torch.cat([class_tokens, patches], dim=1)  # (N, 1+P, C)
-        hidden = hidden + self.position_embeddings(height, width)  # (N, 1+P, C)
+        # The compute dtype: the weights' own, except bf16 weights on a CPU without native bf16, which compute in
+        # fp32 (fast.py). Frames usually arrive in float32 while the weights may be half precision.
+        weight_dtype = self.patch_embedding.weight.dtype
+        with fast.phase("vision", self.patch_embedding.weight) as compute:
+            patches = self.patch_embedding(pixel_values.to(compute))  # (N, C, H/p, W/p)
+            patches = patches.flatten(2).transpose(1, 2)  # (N, P, C), patches in row-major order
+            class_tokens = self.class_token.expand(num_images, -1, -1).to(compute)  # (N, 1, C)
+            hidden = torch.cat([class_tokens, patches], dim=1)  # (N, 1+P, C)
+            hidden = hidden + self.position_embeddings(height, width)  # (N, 1+P, C)
 
-        attentions = []
-        for block in self.blocks:
-            hidden, weights = block(hidden, return_attentions)
-            attentions.append(weights)
-        # The final LayerNorm covers all 1+P tokens, not only the class token: the Q-Former reads them all.
-        features = self.post_norm(hidden)  # (N, 1+P, C)
+            attentions = []
+            for block in self.blocks:
+                hidden, weights = block(hidden, return_attentions)
+                attentions.append(weights)
+            # The final LayerNorm covers all 1+P tokens, not only the class token: the Q-Former reads them all.
+            features = self.post_norm(hidden).to(weight_dtype)  # (N, 1+P, C)
         return (features, attentions) if return_attentions else features

@@ -119,7 +119,8 @@ def test_reorder_selects_cache_rows():
 
 
 @torch.no_grad()
-def test_bf16_runs_and_follows_transformers():
+def test_bf16_runs_and_follows_transformers(monkeypatch):
+    monkeypatch.setenv("MINIVB_NATIVE_BF16", "1")  # bf16 arithmetic, as transformers does it (see fast.py)
     ref, ours = build(2)
     embeds, mask = left_padded_batch([7, 4], total=7)
     fp32 = ours(embeds, mask)

@@ -192,7 +192,8 @@ def test_reorder_matches_full_recomputation():
 
 
 @torch.no_grad()
-def test_bf16_matches_transformers():
+def test_bf16_matches_transformers(monkeypatch):
+    monkeypatch.setenv("MINIVB_NATIVE_BF16", "1")  # bf16 arithmetic, as transformers does it (see fast.py)
     # Against transformers' default (sdpa) attention, which runs the same kernel: on CPU the bf16 logits agree bit
     # for bit (norm rounding, gelu_new formula and masking all as transformers), far below bf16's own error.
     ref, ours = build("t5-v1.1", attn_implementation="sdpa")

@@ -1,0 +1,208 @@
+"""Speed paths, all in one place: what runs faster than the plain code, on which machine, and the number measured.
+
+The model files compute plainly: every product in the dtype the weights are stored in, through F.linear. Two
+things about CPUs make that slow, and this file answers both without touching the model files' arithmetic:
+
+1. The compute dtype. bf16 weights halve memory and the bytes each decoded token reads, but only CPUs with
+   native bf16 instructions (x86 `avx512_bf16` or `amx_bf16`, Arm `bf16`) multiply bf16 matrices fast. Prefill-sized
+   products (150 x 4096 x 11008), 2 cores, PyTorch 2.13:
+       native-bf16 machine (AMD EPYC, AVX-512 + avx512_bf16)   bf16 ~408 GFLOP/s   fp32 ~129 GFLOP/s
+       AVX2 machine without native bf16 (from issue 12)         bf16  ~16 GFLOP/s   fp32  ~69 GFLOP/s
+   So without native bf16 the matrix-heavy phases (vision, Q-Former, prefill) compute in fp32 while the weights
+   stay bf16 in memory: `computing_in(torch.float32)` upcasts each weight at the call that uses it (one layer at a
+   time, never the whole model). Decoding reads every weight once per token for one row: it is bound by memory
+   bandwidth, not arithmetic, and stays in bf16 on both kinds of machine (an upcast would read the bf16 weight,
+   write and read an fp32 copy: more bytes, not fewer). `compute_dtype` is that rule.
+
+2. One-row products. A greedy decode step multiplies each weight matrix by one row. PyTorch's bf16 F.linear
+   streams such a matrix at about half the rate the machine can read memory; a fused multiply-and-sum compiled
+   by torch.compile (inductor's C++ backend) streams it near that rate. `Linear` takes that kernel for one row
+   of a large matrix and the plain F.linear for everything else (prefill, beams, small matrices, no compiler).
+
+MINIVB_NATIVE_BF16=0 or 1 overrides the detection (to test, or to force a choice the flags get wrong).
+"""
+
+import contextlib
+import functools
+import os
+import shutil
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+# ----------------------------------------------------------------------------- 1. the compute dtype
+
+PHASES = ("vision", "prefill", "decode")  # vision: ViT + Q-Former; prefill: the language model over the prompt
+
+
+def has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (MINIVB_NATIVE_BF16=0/1 overrides the detection)."""
+    override = os.environ.get("MINIVB_NATIVE_BF16")
+    if override is not None:
+        if override not in ("0", "1"):
+            raise ValueError(f"MINIVB_NATIVE_BF16 must be 0 or 1, got {override!r}")
+        return override == "1"
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})  # "bf16": Arm's Features line
+
+
+@functools.cache
+def _cpu_flags() -> frozenset:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return frozenset(f.read().split())
+    except OSError:
+        return frozenset()  # unknown: fp32 compute is never slow, where bf16 compute may be 4x slow
+
+
+def compute_dtype(weight_dtype: torch.dtype, phase: str, device, native_bf16: bool | None = None) -> torch.dtype:
+    """The dtype the matrices of `phase` are multiplied in, for weights stored in `weight_dtype` on `device`.
+
+    fp32 weights and GPUs: the weights' own dtype (so parity with transformers is untouched). bf16 weights on a
+    CPU: bf16 where the CPU has native bf16 or the phase is decode (bandwidth-bound), fp32 otherwise.
+    native_bf16 defaults to `has_native_bf16()`.
+    """
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    if torch.device(device).type != "cpu" or weight_dtype != torch.bfloat16 or phase == "decode":
+        return weight_dtype
+    native = has_native_bf16() if native_bf16 is None else native_bf16
+    return weight_dtype if native else torch.float32
+
+
+class computing_in(TorchFunctionMode):
+    """Inside `with computing_in(dtype):`, the weight-bearing functions compute in `dtype`.
+
+    Their floating arguments (activations, weights, biases, attention masks) are cast to `dtype` at the call, so a
+    bf16 weight is upcast only while its layer runs and freed right after. Embedding lookups cast the rows they
+    return, not the table. Every other operation keeps PyTorch's type promotion (fp32 activation * bf16 norm
+    weight = fp32).
+    Measured, native-bf16 machine, 150 x 4096 x 11008: fp32 with bf16 weights upcast at each call 87 GFLOP/s,
+    against 129 with fp32 weights: the upcast costs a third at 150 rows, less with more rows (the ViT's 1028 for
+    4 frames); on the AVX2 machine it still wins ~3-4x over its 16 GFLOP/s bf16.
+    """
+
+    UPCAST = {F.linear, F.conv2d, F.layer_norm, F.scaled_dot_product_attention}
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def __enter__(self) -> torch.dtype:
+        super().__enter__()
+        return self.dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.embedding:
+            return func(*args, **kwargs).to(self.dtype)
+        if func in self.UPCAST:
+            args = tuple(self._cast(a) for a in args)
+            kwargs = {k: self._cast(v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+    def _cast(self, value):
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != self.dtype:
+            return value.to(self.dtype)
+        return value
+
+
+def phase(name: str, weight: torch.Tensor):
+    """`with phase("vision" | "prefill" | "decode", a_weight) as dtype:` computes that phase in `compute_dtype`.
+
+    `dtype` is the compute dtype; when it is the weights' own, nothing is intercepted (the plain path).
+    """
+    dtype = compute_dtype(weight.dtype, name, weight.device)
+    return contextlib.nullcontext(weight.dtype) if dtype == weight.dtype else computing_in(dtype)
+
+
+# ----------------------------------------------------------------------------- 2. few-row products while decoding
+
+# Measured on the native-bf16 machine (AMD EPYC, 2 cores; a 128 MB sum reads ~34 GB/s), one row times a bf16
+# 11008 x 4096 matrix: F.linear 4.8 ms (19 GB/s), weight @ row.repeat(2, 1).T 8.2 ms, torch.mv 8.2 ms, the fused
+# kernel below 2.3-2.8 ms (32-39 GB/s). Below FUSED_MIN_WEIGHTS elements (2048 x 1024) a matrix sits in cache,
+# F.linear is as fast, and the tiny test models never compile anything.
+FUSED_MIN_WEIGHTS = 2048 * 1024
+# inductor sums reductions longer than 4096 through a slower, more precise "cascade" helper; cutting each row
+# into equal chunks of at most this many keeps the plain vectorized sum (11008-long rows: 7.2 ms, not 10.2).
+FUSED_CHUNK = 4096
+
+
+def _row_times_matrix(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """row (1, n, c) x weight (out, n, c) -> (1, out), accumulated in fp32. Written as one multiply-and-sum so
+    that inductor fuses it into a single vectorized pass over the weight, split over the cores."""
+    return (weight[None].float() * row[:, None].float()).sum(-1).sum(-1).to(row.dtype)
+
+
+@functools.cache
+def _fused_kernel():
+    """The compiled kernel, or None (with a one-line notice) where inductor cannot build C++ on this machine."""
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None and shutil.which("clang++") is None:
+        print(f"minivb: no C++ compiler ({compiler} or clang++) found: one-row products use plain F.linear "
+              "(decoding about 1.5x slower at 7B sizes)", file=sys.stderr)
+        return None
+    # dynamic=True: one kernel for every matrix shape (two with the size-1 specialisation), not one per shape.
+    return torch.compile(_row_times_matrix, dynamic=True)
+
+
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for one row (..., in) through the compiled kernel (plain F.linear where there is none)."""
+    kernel = _fused_kernel()
+    if kernel is None:
+        return F.linear(x, weight, bias)
+    out_features, in_features = weight.shape
+    chunks = next(n for n in range(1, in_features + 1) if in_features % n == 0 and in_features // n <= FUSED_CHUNK)
+    out = kernel(x.reshape(1, chunks, -1), weight.view(out_features, chunks, -1))  # (1, out)
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], out_features)
+
+
+@functools.cache
+def _mkl_on_amd() -> bool:
+    """MKL takes a generic, slow code path for fp32 matrix-vector products on AMD processors."""
+    if not torch.backends.mkl.is_available():
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return "AuthenticAMD" in f.read(4096)
+    except OSError:
+        return False
+
+
+def decode_route(x: torch.Tensor, weight: torch.Tensor) -> str:
+    """Which product `Linear` uses: "fused", "matrix" (weight @ x.T) or "plain" (F.linear).
+
+    fused   one row (greedy decoding) of a large CPU matrix, outside autograd, both dtypes: measured above.
+    matrix  2-8 rows (beams) of a large fp32 matrix with MKL on AMD: F.linear takes MKL's slow path there, and
+            `weight @ x.T` its matrix-matrix kernel. 5 rows x fp32 32002 x 768 (a lm_head), 2 cores:
+            F.linear 16 ms, weight @ x.T 4.8 ms. In bf16, F.linear is the faster one (5 rows x 11008 x 4096:
+            4.8 ms against 7.9 ms), which is why this route is fp32 only.
+    plain   everything else: prefill, training, GPUs, small matrices.
+    """
+    rows = x.numel() // x.shape[-1]
+    if (rows > 8 or weight.numel() < FUSED_MIN_WEIGHTS or weight.device.type != "cpu" or x.dtype != weight.dtype
+            or torch.is_grad_enabled()):
+        return "plain"
+    if rows == 1:
+        return "fused"
+    return "matrix" if weight.dtype == torch.float32 and _mkl_on_amd() else "plain"
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose few-row products take the faster route of `decode_route`; the same product otherwise."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        route = decode_route(x, self.weight)
+        if route == "fused":
+            return fused_linear(x, self.weight, self.bias)
+        if route == "matrix":
+            rows = x.reshape(-1, x.shape[-1])  # (rows, in)
+            out = (self.weight @ rows.T).T  # (rows, out)
+            if self.bias is not None:
+                out = out + self.bias
+            return out.reshape(*x.shape[:-1], out.shape[-1])
+        return F.linear(x, self.weight, self.bias)

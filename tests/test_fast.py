@@ -1,0 +1,154 @@
+"""minivb/fast.py: the compute-dtype rule, the fp32 compute of bf16 weights, and the decode products.
+
+Both kinds of machine are tested on whichever one runs the tests: MINIVB_NATIVE_BF16=0/1 overrides the detection.
+The compiled kernel is tested on tiny matrices by lowering the size threshold that keeps it out of the other tests.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import minivb
+from minivb import fast
+from tests import tiny
+
+
+@pytest.fixture
+def fresh_kernel():
+    """Forget the cached kernel (or its absence) before and after a test that changes how it is built."""
+    fast._fused_kernel.cache_clear()
+    yield
+    fast._fused_kernel.cache_clear()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_compute_dtype_rule(native):
+    bf16, fp32 = torch.bfloat16, torch.float32
+    for phase in ("vision", "prefill"):
+        assert fast.compute_dtype(bf16, phase, "cpu", native) == (bf16 if native else fp32)
+    assert fast.compute_dtype(bf16, "decode", "cpu", native) == bf16  # bandwidth-bound: bf16 reads half the bytes
+    for phase in fast.PHASES:
+        assert fast.compute_dtype(fp32, phase, "cpu", native) == fp32  # fp32 weights: untouched
+        assert fast.compute_dtype(bf16, phase, "cuda", native) == bf16  # GPUs multiply bf16 natively
+    with pytest.raises(ValueError, match="phase"):
+        fast.compute_dtype(bf16, "encode", "cpu", native)
+
+
+def test_override_and_phase(monkeypatch):
+    weight = torch.zeros(2, 2, dtype=torch.bfloat16)
+    monkeypatch.setenv("MINIVB_NATIVE_BF16", "0")
+    assert not fast.has_native_bf16()
+    with fast.phase("prefill", weight) as dtype:
+        assert dtype == torch.float32
+        assert F.linear(torch.ones(1, 2), weight).dtype == torch.float32  # the bf16 weight upcast at the call
+    with fast.phase("decode", weight) as dtype:
+        assert dtype == torch.bfloat16
+    monkeypatch.setenv("MINIVB_NATIVE_BF16", "1")
+    assert fast.has_native_bf16()
+    with fast.phase("prefill", weight) as dtype:
+        assert dtype == torch.bfloat16
+    monkeypatch.setenv("MINIVB_NATIVE_BF16", "yes")
+    with pytest.raises(ValueError, match="MINIVB_NATIVE_BF16"):
+        fast.has_native_bf16()
+
+
+@pytest.fixture(scope="module")
+def bf16_model(tmp_path_factory):
+    path = tiny.save(tiny.build(), tmp_path_factory.mktemp("tiny"))
+    model = minivb.load_model(path).to(torch.bfloat16)
+    return model, tiny.batch(tiny.build())
+
+
+@torch.no_grad()
+def test_fp32_compute_equals_an_fp32_model_with_the_same_weights(bf16_model, monkeypatch):
+    """Without native bf16, each tower computes in fp32 from its bf16 weights: exactly what an fp32 copy of the
+    rounded weights computes, rounded to bf16 once at the tower's output."""
+    model, batch = bf16_model
+    reference = copy.deepcopy(model).float()
+    frames = batch["pixel_values"].flatten(0, 1)  # (N, 3, H, W)
+    ids, mask = batch["qformer_input_ids"].repeat_interleave(4, 0), batch["qformer_attention_mask"].repeat_interleave(4, 0)
+    queries = model.query_tokens.expand(frames.shape[0], -1, -1)
+    embeds = torch.randn(2, 9, model.config.text.hidden_size, generator=torch.Generator().manual_seed(0))
+    text_mask = torch.tensor([[1] * 9, [0, 0] + [1] * 7])
+
+    def towers():
+        features = model.vision(frames)
+        return dict(vision=features,
+                    qformer=model.qformer(queries, ids, mask, features),
+                    llama=model.language_model(embeds.bfloat16(), text_mask))
+
+    monkeypatch.setenv("MINIVB_NATIVE_BF16", "0")
+    upcast = towers()
+    monkeypatch.setenv("MINIVB_NATIVE_BF16", "1")
+    in_bf16 = towers()
+    expected = dict(vision=reference.vision(frames))
+    expected["qformer"] = reference.qformer(queries.float(), ids, mask, upcast["vision"].float())
+    expected["llama"] = reference.language_model(embeds.bfloat16().float(), text_mask)
+    for name, want in expected.items():
+        got = upcast[name]
+        assert got.dtype == torch.bfloat16  # storage dtype in, storage dtype out
+        assert torch.equal(got, want.bfloat16()), name
+        # and that is more than bf16 arithmetic gives: its error against the fp32 reference is larger
+        assert (in_bf16[name].float() - want).abs().max() > (got.float() - want).abs().max(), name
+
+
+def test_decode_routes(monkeypatch):
+    big = torch.zeros(fast.FUSED_MIN_WEIGHTS // 512, 512)
+    small = torch.zeros(64, 64)
+    row, rows = torch.zeros(1, 1, 512), torch.zeros(5, 1, 512)
+    with torch.no_grad():
+        assert fast.decode_route(row, big) == "fused"
+        assert fast.decode_route(row, big.bfloat16()) == "plain"  # an fp32 row for a bf16 weight: not a decode step
+        assert fast.decode_route(row.bfloat16(), big.bfloat16()) == "fused"
+        assert fast.decode_route(row, small) == "plain"
+        assert fast.decode_route(torch.zeros(9, 512), big) == "plain"  # prefill
+        assert fast.decode_route(rows, big) == ("matrix" if fast._mkl_on_amd() else "plain")
+        assert fast.decode_route(rows.bfloat16(), big.bfloat16()) == "plain"  # bf16 F.linear is the faster there
+    assert fast.decode_route(row, big) == "plain"  # autograd: training never compiles
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fast_products_equal_plain(monkeypatch, dtype, tol):
+    monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(fast, "FUSED_CHUNK", 64)  # 192 inputs: three chunks, as a 7B down_proj has
+    g = torch.Generator().manual_seed(0)
+    layer = fast.Linear(192, 96).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(96, 192, generator=g))
+        for x in (torch.randn(1, 1, 192, generator=g), torch.randn(5, 1, 192, generator=g)):
+            x = x.to(dtype)
+            expected = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+            got = layer(x)
+            assert got.shape == expected.shape and got.dtype == dtype
+            # relative to the outputs' size (~14): bf16 rounds each output once, at ~0.4 % of it
+            assert (got.float() - expected).abs().max() <= tol * expected.abs().max()
+
+
+@torch.no_grad()
+def test_fast_decode_generates_the_plain_tokens(bf16_model, monkeypatch):
+    model, batch = bf16_model
+    batch = {k: v[:1] for k, v in batch.items() if k != "labels"}  # one row: greedy decoding's one-row products
+    monkeypatch.setenv("MINIVB_NATIVE_BF16", "1")  # the prompt in bf16 too, so its last row's lm_head counts below
+    plain_routes, plain_fused = fast.decode_route, fast.fused_linear
+    monkeypatch.setattr(fast, "decode_route", lambda x, w: "plain")
+    plain, plain_trace = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, return_trace=True)
+    monkeypatch.setattr(fast, "decode_route", plain_routes)
+    monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)  # every one-row product of the tiny model compiled
+    calls = []
+    monkeypatch.setattr(fast, "fused_linear", lambda *args: calls.append(1) or plain_fused(*args))
+    fused, fused_trace = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, return_trace=True)
+    assert len(calls) == 5 * 15 + 1  # 5 decode steps x (2 layers x 7 products + lm_head), the prompt's lm_head
+    assert torch.equal(fused, plain)
+    for got, want in zip(fused_trace.scores, plain_trace.scores):
+        finite = want.isfinite()  # EOS is -inf until min_new_tokens
+        assert torch.equal(finite, got.isfinite())
+        assert (got[finite] - want[finite]).abs().max() <= 0.05 * want[finite].abs().max()
+
+
+def test_no_compiler_falls_back_with_a_notice(monkeypatch, capsys, fresh_kernel):
+    monkeypatch.setattr(fast.shutil, "which", lambda name: None)
+    x, w = torch.randn(1, 64), torch.randn(32, 64)
+    assert torch.equal(fast.fused_linear(x, w), F.linear(x, w))
+    assert "no C++ compiler" in capsys.readouterr().err
