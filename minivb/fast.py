@@ -136,26 +136,42 @@ def _row_times_matrix(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (weight[None].float() * row[:, None].float()).sum(-1).sum(-1).to(row.dtype)
 
 
+_fused_failed = False  # set when compiling failed on this machine: the plain path from then on
+
+
+def _plain_instead(reason: str) -> None:
+    print(f"minivb: {reason}: one-row products use plain F.linear (decoding about 1.5-2x slower at 7B sizes)",
+          file=sys.stderr)
+
+
 @functools.cache
 def _fused_kernel():
     """The compiled kernel, or None (with a one-line notice) where inductor cannot build C++ on this machine."""
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None and shutil.which("clang++") is None:
-        print(f"minivb: no C++ compiler ({compiler} or clang++) found: one-row products use plain F.linear "
-              "(decoding about 1.5x slower at 7B sizes)", file=sys.stderr)
+        _plain_instead(f"no C++ compiler ({compiler} or clang++) found")
         return None
     # dynamic=True: one kernel for every matrix shape (two with the size-1 specialisation), not one per shape.
+    # Compiling takes 1-3 s at the first decode step of a process (inductor caches the kernel on disk).
     return torch.compile(_row_times_matrix, dynamic=True)
 
 
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear for one row (..., in) through the compiled kernel (plain F.linear where there is none)."""
-    kernel = _fused_kernel()
+    global _fused_failed
+    kernel = None if _fused_failed else _fused_kernel()
     if kernel is None:
         return F.linear(x, weight, bias)
     out_features, in_features = weight.shape
     chunks = next(n for n in range(1, in_features + 1) if in_features % n == 0 and in_features // n <= FUSED_CHUNK)
-    out = kernel(x.reshape(1, chunks, -1), weight.view(out_features, chunks, -1))  # (1, out)
+    if in_features // chunks < 256:
+        chunks = 1  # an awkward (prime-like) width: one long row and the cascade sum, rather than tiny chunks
+    try:
+        out = kernel(x.reshape(1, chunks, -1), weight.reshape(out_features, chunks, -1))  # (1, out)
+    except Exception as error:  # a compiler inductor cannot use: say so once, then stay on the plain path
+        _plain_instead(f"torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0][:100]})")
+        _fused_failed = True
+        return F.linear(x, weight, bias)
     if bias is not None:
         out = out + bias
     return out.reshape(*x.shape[:-1], out_features)

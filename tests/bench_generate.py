@@ -1,24 +1,27 @@
-"""`make bench`: decode speed of minivb against transformers on one medium checkpoint, and how close to the floor.
+"""`make bench`: decode speed of minivb against transformers, per step, beside the bandwidth floor.
 
-The checkpoint is written by transformers itself (random weights, fp32): vision 4 layers x 384 at 112 px, Q-Former
-4 x 384, LLaMA 8 layers x 768 with 12 heads and intermediate size 2048, vocabulary 32002, 32 queries, 4 frames.
-One video, one prompt of 12 tokens after its 128 placeholders.
+Medium model (default). The checkpoint is written by transformers itself (random weights): vision 4 layers x 384 at
+112 px, Q-Former 4 x 384, LLaMA 8 layers x 768 with 12 heads and intermediate size 2048, vocabulary 32002,
+32 queries, 4 frames. One video, one prompt of 12 tokens after its 128 placeholders. Both sides run it in fp32 and
+in bf16, greedy and with 5 beams.
 
-Per-token decode time is the slope of total time against the number of new tokens (two lengths, the best of a few
+Per-step decode time is the slope of total time against the number of new tokens (two lengths, the best of a few
 runs each), so the vision encoder, the Q-Former and the prefill cancel out. EOS is forbidden until the last step
 (min_new_tokens = max_new_tokens), so every run decodes exactly as many tokens as asked.
 
-Two floors for one greedy token, measured in the same run:
-  physical   bytes of language-model weights a token reads / the bandwidth of one large matrix-vector product
-  practical  the time to stream those same weight matrices, in order, through torch.mv
-Decoding one token must read every weight once; at batch 1 that is all it does, so it cannot beat these.
+The floor of one greedy token: the bytes of language-model weights it reads / the memory read rate (a sum over
+a tensor larger than the caches, measured in the same run). Decoding one token must read every weight once.
 
-    python tests/bench_generate.py [--device cuda] [--threads N]
+--full-width N: the language model alone at LLaMA-7B widths (hidden 4096, intermediate 11008, 32 heads,
+vocabulary 32000), N layers, random bf16 weights shared by both sides; greedy ms per token against the floor
+measured right before, minivb and transformers alternating, best of --repeats rounds.
+
+    python tests/bench_generate.py [--device cuda] [--threads N] [--dtypes float32 bfloat16] [--full-width 2]
 """
 
 import argparse
+import math
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -28,6 +31,9 @@ import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import minivb  # noqa: E402
+from minivb.checkpoint import map_key  # noqa: E402
+from minivb.config import LlamaConfig  # noqa: E402
+from minivb.llama import Llama  # noqa: E402
 from tests import tiny  # noqa: E402
 
 VISION = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=6, image_size=112,
@@ -85,37 +91,18 @@ def per_token(generate, device, short, long, repeats):
     return (t_long - t_short) / (long - short), out
 
 
-def weight_matrices(model):
-    """The language-model weights one decode step reads, in the order it reads them (embedding rows aside)."""
-    lm = model.language_model
-    matrices = []
-    for layer in lm.layers:
-        attn, mlp = layer.attn, layer.mlp
-        matrices += [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight,
-                     mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
-    return matrices + [lm.lm_head.weight]
+def read_rate(device, megabytes=384, repeats=5):
+    """Bytes per second the device reads: the best sum over a bf16 tensor larger than the caches."""
+    big = torch.ones(megabytes * 2**20 // 2, dtype=torch.bfloat16, device=device)
+    t, _ = best_time(big.sum, device, repeats + 1)
+    return big.numel() * 2 / t
 
 
-def floors(model, device, repeats=10):
-    """(bytes per token, bandwidth of one large mv in bytes/s, physical floor s, practical floor s)."""
-    matrices = weight_matrices(model)
-    vectors = [torch.randn(w.shape[1], device=device) for w in matrices]
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.language_model.parameters())
-    weight_bytes -= model.language_model.embed_tokens.weight.numel() * 4  # a token reads one row of it, not all
-    big = torch.randn(weight_bytes // 4 // 8192, 8192, device=device)  # as many bytes as the weights: no cache helps
-    x = torch.randn(8192, device=device)
-    torch.mv(big, x)
-    t_big, _ = best_time(lambda: torch.mv(big, x), device, repeats)
-    bandwidth = big.numel() * 4 / t_big
-    del big
-
-    def stream():
-        for w, v in zip(matrices, vectors):
-            torch.mv(w, v)
-
-    stream()
-    t_stream, _ = best_time(stream, device, repeats)
-    return weight_bytes, bandwidth, weight_bytes / bandwidth, t_stream
+def bytes_per_token(language_model):
+    """Weight bytes one greedy token reads: every language-model matrix once, one row of the token embeddings."""
+    total = sum(p.numel() * p.element_size() for p in language_model.parameters())
+    table = language_model.embed_tokens.weight
+    return total - table.numel() * table.element_size()
 
 
 def processor_name(device):
@@ -128,57 +115,137 @@ def processor_name(device):
         return "unknown CPU"
 
 
+def medium(args, device):
+    with tempfile.TemporaryDirectory() as path, torch.no_grad():
+        medium_checkpoint(path)
+        batch = medium_batch(device)
+        prompt_length = batch["input_ids"].shape[1]
+        print(f"\n{'medium model':<26}{'transformers':>14}{'minivb':>10}{'speed-up':>10}{'target':>8}  same tokens  load")
+        for dtype in args.dtypes:
+            dtype = getattr(torch, dtype)
+            hf_model = transformers.InstructBlipVideoForConditionalGeneration.from_pretrained(path, dtype=dtype)
+            hf_model = hf_model.to(device).eval()
+            model = minivb.load_model(path, dtype=dtype, device=device)
+
+            def ours(num_beams):
+                return lambda n: model.generate(**batch, max_new_tokens=n, min_new_tokens=n, num_beams=num_beams,
+                                                eos_token_id=EOS, pad_token_id=PAD)
+
+            def theirs(num_beams):
+                return lambda n: hf_model.generate(**batch, max_new_tokens=n, min_new_tokens=n, num_beams=num_beams,
+                                                   do_sample=False, eos_token_id=EOS,
+                                                   pad_token_id=PAD)[:, prompt_length:]
+
+            name = str(dtype).removeprefix("torch.")
+            for label, num_beams, short, long, target in (("greedy, per token", 1, 4, 24, 1.25),
+                                                          ("5 beams, per step", 5, 4, 16, 1.5)):
+                t_ours, ids_ours = per_token(ours(num_beams), device, short, long, args.repeats)
+                t_theirs, ids_theirs = per_token(theirs(num_beams), device, short, long, args.repeats)
+                same = ids_ours.shape == ids_theirs.shape and bool((ids_ours == ids_theirs).all())
+                speedup = t_theirs / t_ours
+                print(f"{name + ' ' + label:<26}{t_theirs * 1e3:>11.1f} ms{t_ours * 1e3:>7.1f} ms{speedup:>9.2f}x"
+                      f"{target:>7.2f}x  {'yes' if same else 'NO':<11}  {os.getloadavg()[0]:.1f}"
+                      f"{'' if speedup >= target else '  (below target)'}")
+                if num_beams == 1:
+                    floor = bytes_per_token(model.language_model) / read_rate(device)
+                    print(f"{'  floor (bytes / read rate)':<26}{'':>14}{floor * 1e3:>7.1f} ms  minivb at "
+                          f"{floor / t_ours:.0%} of it")
+            del hf_model, model
+
+
+FULL_WIDTH = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                  vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-6)
+
+
+def full_width_models(num_layers):
+    """transformers' LlamaForCausalLM at 7B widths with random bf16 weights, and minivb's Llama on the same tensors."""
+    config = transformers.LlamaConfig(num_hidden_layers=num_layers, tie_word_embeddings=False, **FULL_WIDTH)
+    with torch.device("meta"):  # no fp32 random init: allocate once, in bf16
+        reference = transformers.LlamaForCausalLM(config)
+    reference = reference.to_empty(device="cpu").to(torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            scale = 1.0 if "embed" in name else 1 / math.sqrt(p.shape[-1])
+            p.copy_(1.0 if "norm" in name else torch.randn(p.shape, generator=g, dtype=torch.bfloat16) * scale)
+    rope = reference.model.rotary_emb  # a buffer that to_empty left uninitialised
+    rope.inv_freq = rope.original_inv_freq = rope.compute_default_rope_parameters(reference.config)[0]
+    with torch.device("meta"):
+        ours = Llama(LlamaConfig(num_hidden_layers=num_layers, **FULL_WIDTH))
+    state = {map_key(f"language_model.{k}").removeprefix("language_model."): v
+             for k, v in reference.state_dict().items()}
+    ours.load_state_dict(state, strict=True, assign=True)  # the same tensors: no second copy in memory
+    return reference, ours.eval()
+
+
+@torch.no_grad()
+def greedy_step_times(step, first_logits, steps):
+    times, logits = [], first_logits
+    for _ in range(steps):
+        token = logits[:, -1].argmax(-1)[:, None]  # (1, 1)
+        start = time.perf_counter()
+        logits = step(token)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def full_width(args):
+    reference, ours = full_width_models(args.full_width)
+    prompt = torch.randn(1, 150, FULL_WIDTH["hidden_size"], generator=torch.Generator().manual_seed(1)).bfloat16()
+    token_bytes = bytes_per_token(ours)
+    print(f"\nLLaMA at 7B widths, {args.full_width} layers, bf16, prompt 150 tokens: a token reads "
+          f"{token_bytes / 1e9:.2f} GB")
+
+    def ours_run(steps):
+        cache = ours.new_cache(1, prompt.shape[1] + steps + 1)
+        return greedy_step_times(lambda t: ours(ours.embed_tokens(t), cache=cache),
+                                 ours(prompt, cache=cache, only_last_logits=True), steps)
+
+    def theirs_run(steps):
+        out = reference(inputs_embeds=prompt, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        return greedy_step_times(lambda t: reference(input_ids=t, past_key_values=cache, use_cache=True).logits,
+                                 out.logits, steps)
+
+    with torch.no_grad():
+        a, b = ours(prompt)[0, -1].float(), reference(inputs_embeds=prompt).logits[0, -1].float()
+    print(f"last-token logits cosine to transformers: {torch.nn.functional.cosine_similarity(a, b, dim=0):.5f}")
+    ours_run(3), theirs_run(3)  # warm-up: the fused kernel compiles here
+    best = {}
+    for _ in range(args.repeats):
+        floor = token_bytes / read_rate(torch.device("cpu"))
+        t_ours, t_theirs = min(ours_run(8)), min(theirs_run(8))
+        print(f"  round: floor {floor * 1e3:.1f} ms, minivb {t_ours * 1e3:.1f} ms, transformers {t_theirs * 1e3:.1f} ms, "
+              f"load {os.getloadavg()[0]:.1f}")
+        for key, value in (("floor", floor), ("ours", t_ours), ("theirs", t_theirs)):
+            best[key] = min(best.get(key, math.inf), value)
+    print(f"greedy decode, best rounds: floor {best['floor'] * 1e3:.1f} ms | minivb {best['ours'] * 1e3:.1f} ms "
+          f"({best['floor'] / best['ours']:.0%} of the floor) | transformers {best['theirs'] * 1e3:.1f} ms "
+          f"({best['floor'] / best['theirs']:.0%}) | speed-up {best['theirs'] / best['ours']:.2f}x")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--full-width", type=int, default=0, metavar="LAYERS",
+                        help="time the language model alone at 7B widths with this many layers, instead")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     transformers.logging.set_verbosity_error()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {device} "
-          f"({processor_name(device)}), {torch.get_num_threads()} threads")
+          f"({processor_name(device)}), {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
     if device.type == "cpu" and os.getloadavg()[0] > 0.5:
-        print(f"warning: load average {os.getloadavg()[0]:.1f} before starting: other processes share the cores, "
-              "and threads that wait on each other can make the numbers meaningless")
-
-    with tempfile.TemporaryDirectory() as path, torch.no_grad():
-        hf_model = medium_checkpoint(path).to(device)
-        model = minivb.load_model(path, device=device)
-        batch = medium_batch(device)
-        prompt_length = batch["input_ids"].shape[1]
-
-        def ours(num_beams):
-            return lambda n: model.generate(**batch, max_new_tokens=n, min_new_tokens=n, num_beams=num_beams,
-                                            eos_token_id=EOS, pad_token_id=PAD)
-
-        def theirs(num_beams):
-            return lambda n: hf_model.generate(**batch, max_new_tokens=n, min_new_tokens=n, num_beams=num_beams,
-                                               do_sample=False, eos_token_id=EOS, pad_token_id=PAD)[:, prompt_length:]
-
-        rows = []
-        for name, num_beams, short, long in (("greedy, per token", 1, 4, 24), ("5 beams, per step", 5, 4, 16)):
-            t_ours, ids_ours = per_token(ours(num_beams), device, short, long, args.repeats)
-            t_theirs, ids_theirs = per_token(theirs(num_beams), device, short, long, args.repeats)
-            same = ids_ours.shape == ids_theirs.shape and bool((ids_ours == ids_theirs).all())
-            rows.append((name, t_theirs, t_ours, same))
-        weight_bytes, bandwidth, physical, practical = floors(model, device)
-
-    t_greedy = rows[0][2]
-    print(f"\nlanguage-model weights read per token: {weight_bytes / 1e6:.1f} MB; one large mv streams "
-          f"{bandwidth / 1e9:.1f} GB/s\n")
-    print(f"{'decode time':<22}{'transformers':>14}{'minivb':>10}{'speed-up':>10}{'target':>8}  same tokens")
-    for (name, t_theirs, t_ours, same), target in zip(rows, (1.25, 1.5)):
-        speedup = t_theirs / t_ours
-        print(f"{name:<22}{t_theirs * 1e3:>11.1f} ms{t_ours * 1e3:>7.1f} ms{speedup:>9.2f}x{target:>7.2f}x  "
-              f"{'yes' if same else 'NO'}{'' if speedup >= target else '  (below target)'}")
-    print(f"\n{'greedy floors':<22}{'per token':>14}{'minivb at':>20}")
-    for name, floor in (("physical", physical), ("practical (torch.mv)", practical)):
-        print(f"{name:<22}{floor * 1e3:>11.1f} ms{floor / t_greedy:>19.0%}")
-    print(f"\ntarget: minivb at >= 50% of the physical floor; "
-          f"{'reached' if physical / t_greedy >= 0.5 else 'NOT reached'}")
+        print("warning: other processes share the cores; threads that wait on each other can make the numbers "
+              "meaningless (the load average is printed beside each row)")
+    if args.full_width:
+        full_width(args)
+    else:
+        medium(args, device)
 
 
 if __name__ == "__main__":
