@@ -282,7 +282,8 @@ def table(title, columns: dict[str, dict], weights_bf16: int) -> str:
     to the same machine (another helper's load on a shared machine only ever lowers a measured rate)."""
     names = list(columns)
     measured = [r for r in columns.values() if "matmul_rate" in r]
-    best_rates = {key: max(r[key] for r in measured) for key in ("matmul_rate", "read_rate_greedy", "read_rate_beam")}
+    best_rates = {key: max((r[key] for r in measured), default=None)
+                  for key in ("matmul_rate", "read_rate_greedy", "read_rate_beam")}
     for r in measured:
         r.update(best_rates)
     lines = [f"| {title} | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
@@ -317,10 +318,15 @@ def table(title, columns: dict[str, dict], weights_bf16: int) -> str:
                                                        f"({r['peak_mapped'] / GB:.2f} GB with mapped files)")
     reference = columns.get("transformers bf16", {}).get("logits")
     bf16 = columns.get("minivb bf16", {}).get("logits")
-    row("last-token logits", lambda r: "; ".join(
-        [f"cosine {cosine(r['logits'], reference):.4f} to transformers bf16"] * (reference is not None)
-        + [f"{cosine(r['logits'], bf16):.4f} to minivb bf16"] * (bf16 is not None and r.get("quantize") is not None)
-    ) or "—")
+    def agreement(r):
+        parts = []
+        if reference is not None:
+            parts.append(f"cosine {cosine(r['logits'], reference):.4f} to transformers bf16")
+        if bf16 is not None and r.get("quantize"):
+            parts.append(f"cosine {cosine(r['logits'], bf16):.4f} to minivb bf16")
+        return "; ".join(parts) or "—"
+
+    row("last-token logits", agreement)
     row("load average", lambda r: f"{r['loadavg'][0]:.2f}")
     return "\n".join(lines)
 
@@ -363,7 +369,8 @@ def main() -> None:
                 plan = [("transformers", None), ("minivb", None)] + [("minivb", "int8")] * has_int8
             else:  # transformers cannot hold them in 24 GB; minivb is asked for bf16 once, to show the refusal
                 plan = [("minivb", "int8")] * has_int8
-                columns["minivb bf16"] = run(path, "minivb", None, batch_file, args.tokens, workdir)
+                columns["minivb bf16"] = best([run(path, "minivb", None, batch_file, args.tokens, workdir)])
+                print(f"  minivb bf16: {_summary(columns['minivb bf16'])}", flush=True)
             runs = {}
             for _ in range(args.repeat):
                 for impl, quantize in plan:
