@@ -152,3 +152,20 @@ def test_no_compiler_falls_back_with_a_notice(monkeypatch, capsys, fresh_kernel)
     x, w = torch.randn(1, 64), torch.randn(32, 64)
     assert torch.equal(fast.fused_linear(x, w), F.linear(x, w))
     assert "no C++ compiler" in capsys.readouterr().err
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("num_kv_heads", [4, 2])
+def test_decode_attention_equals_sdpa(num_kv_heads):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 4, 1, 16, generator=g).bfloat16()  # one query a row: the explicit fp32 softmax
+    k, v = (torch.randn(3, num_kv_heads, 9, 16, generator=g).bfloat16() for _ in range(2))
+    keep = torch.ones(3, 1, 1, 9, dtype=torch.bool)
+    keep[1, ..., :4] = False  # a left-padded row
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=keep,
+                                              enable_gqa=num_kv_heads != 4)
+    got = fast.attention(q, k, v, keep, enable_gqa=num_kv_heads != 4)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - expected).abs().max() <= 2**-8 * expected.abs().max()  # one bf16 rounding
+    fused = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=num_kv_heads != 4)
+    assert (got.float() - fused.float()).abs().max() <= 2**-7 * expected.abs().max()
