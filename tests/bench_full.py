@@ -339,6 +339,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8, help="new tokens decoded for the per-token figures")
     parser.add_argument("--folder", default=os.path.join(tempfile.gettempdir(), "minivb-fullsize"))
     parser.add_argument("--delete", action="store_true", help="delete each checkpoint after its runs")
+    parser.add_argument("--runs", default="transformers bf16,minivb bf16,minivb int8",
+                        help="which of vicuna-7b's runs (the larger models run minivb only)")
     parser.add_argument("--worker", choices=["minivb", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--batch", help=argparse.SUPPRESS)
@@ -367,6 +369,7 @@ def main() -> None:
             columns = {}
             if name == "vicuna-7b":
                 plan = [("transformers", None), ("minivb", None)] + [("minivb", "int8")] * has_int8
+                plan = [(impl, q) for impl, q in plan if f"{impl} {q or 'bf16'}" in args.runs.split(",")]
             else:  # transformers cannot hold them in 24 GB; minivb is asked for bf16 once, to show the refusal
                 plan = [("minivb", "int8")] * has_int8
                 columns["minivb bf16"] = best([run(path, "minivb", None, batch_file, args.tokens, workdir)])
