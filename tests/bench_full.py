@@ -319,12 +319,12 @@ def table(title, columns: dict[str, dict], weights_bf16: int) -> str:
     reference = columns.get("transformers bf16", {}).get("logits")
     bf16 = columns.get("minivb bf16", {}).get("logits")
     def agreement(r):
-        parts = []
+        parts = [f"std {float(r['logits'].std()):.2f}, finite: {bool(r['logits'].isfinite().all())}"]
         if reference is not None:
             parts.append(f"cosine {cosine(r['logits'], reference):.4f} to transformers bf16")
         if bf16 is not None and r.get("quantize"):
             parts.append(f"cosine {cosine(r['logits'], bf16):.4f} to minivb bf16")
-        return "; ".join(parts) or "—"
+        return "; ".join(parts)
 
     row("last-token logits", agreement)
     row("load average", lambda r: f"{r['loadavg'][0]:.2f}")
