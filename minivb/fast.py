@@ -122,9 +122,14 @@ def phase(name: str, weight: torch.Tensor):
 
 # Measured on the native-bf16 machine (AMD EPYC, 2 cores; a 128 MB sum reads ~34 GB/s), one row times a bf16
 # 11008 x 4096 matrix: F.linear 4.8 ms (19 GB/s), weight @ row.repeat(2, 1).T 8.2 ms, torch.mv 8.2 ms, the fused
-# kernel below 2.3-2.8 ms (32-39 GB/s). Below FUSED_MIN_WEIGHTS elements (2048 x 1024) a matrix sits in cache,
-# F.linear is as fast, and the tiny test models never compile anything.
-FUSED_MIN_WEIGHTS = 2048 * 1024
+# kernel below 2.3-2.8 ms (32-39 GB/s). Medium matrices streamed from memory one after the other, as a decode
+# step reads them (1 thread): bf16 2048 x 768 F.linear 418 us, fused 215 us; fp32 533 us, fused 331 us.
+# Below FUSED_MIN_WEIGHTS elements (a 1 MB bf16 matrix) the matrices of a model fit in cache and F.linear is as
+# fast; the tiny test models never compile anything.
+FUSED_MIN_WEIGHTS = 512 * 1024
+# 5 rows x fp32 matrices (1 thread): 2048 x 768 F.linear 419 us, weight @ x.T 531 us; 32002 x 768 (a lm_head)
+# F.linear 17.3 ms, weight @ x.T 10.1 ms. The matrix route pays only for large matrices.
+MATRIX_MIN_WEIGHTS = 4 * 1024 * 1024
 # inductor sums reductions longer than 4096 through a slower, more precise "cascade" helper; cutting each row
 # into equal chunks of at most this many keeps the plain vectorized sum (11008-long rows: 7.2 ms, not 10.2).
 FUSED_CHUNK = 4096
@@ -194,9 +199,8 @@ def decode_route(x: torch.Tensor, weight: torch.Tensor) -> str:
 
     fused   one row (greedy decoding) of a large CPU matrix, outside autograd, both dtypes: measured above.
     matrix  2-8 rows (beams) of a large fp32 matrix with MKL on AMD: F.linear takes MKL's slow path there, and
-            `weight @ x.T` its matrix-matrix kernel. 5 rows x fp32 32002 x 768 (a lm_head), 2 cores:
-            F.linear 16 ms, weight @ x.T 4.8 ms. In bf16, F.linear is the faster one (5 rows x 11008 x 4096:
-            4.8 ms against 7.9 ms), which is why this route is fp32 only.
+            `weight @ x.T` its matrix-matrix kernel (MATRIX_MIN_WEIGHTS). In bf16, F.linear is the faster one
+            (5 rows x 11008 x 4096: 4.8 ms against 7.9 ms), which is why this route is fp32 only.
     plain   everything else: prefill, training, GPUs, small matrices.
     """
     rows = x.numel() // x.shape[-1]
@@ -205,7 +209,9 @@ def decode_route(x: torch.Tensor, weight: torch.Tensor) -> str:
         return "plain"
     if rows == 1:
         return "fused"
-    return "matrix" if weight.dtype == torch.float32 and _mkl_on_amd() else "plain"
+    if weight.dtype == torch.float32 and weight.numel() >= MATRIX_MIN_WEIGHTS and _mkl_on_amd():
+        return "matrix"
+    return "plain"
 
 
 class Linear(nn.Linear):

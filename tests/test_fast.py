@@ -95,7 +95,7 @@ def test_fp32_compute_equals_an_fp32_model_with_the_same_weights(bf16_model, mon
 
 
 def test_decode_routes(monkeypatch):
-    big = torch.zeros(fast.FUSED_MIN_WEIGHTS // 512, 512)
+    big = torch.zeros(fast.MATRIX_MIN_WEIGHTS // 512, 512)
     small = torch.zeros(64, 64)
     row, rows = torch.zeros(1, 1, 512), torch.zeros(5, 1, 512)
     with torch.no_grad():
@@ -112,6 +112,7 @@ def test_decode_routes(monkeypatch):
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_fast_products_equal_plain(monkeypatch, dtype, tol):
     monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(fast, "MATRIX_MIN_WEIGHTS", 0)
     monkeypatch.setattr(fast, "FUSED_CHUNK", 64)  # 192 inputs: three chunks, as a 7B down_proj has
     g = torch.Generator().manual_seed(0)
     layer = fast.Linear(192, 96).to(dtype)
