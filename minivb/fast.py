@@ -1,7 +1,7 @@
 """Speed paths, all in one place: what runs faster than the plain code, on which machine, and the number measured.
 
-The model files compute plainly: every product in the dtype the weights are stored in, through F.linear. Two
-things about CPUs make that slow, and this file answers both without touching the model files' arithmetic:
+The model files compute plainly: every product in the dtype the weights are stored in, through F.linear. Three
+things about CPUs make that slow, and this file answers them without changing what the model files compute:
 
 1. The compute dtype. bf16 weights halve memory and the bytes each decoded token reads, but only CPUs with
    native bf16 instructions (x86 `avx512_bf16` or `amx_bf16`, Arm `bf16`) multiply bf16 matrices fast. Prefill-sized
@@ -11,13 +11,22 @@ things about CPUs make that slow, and this file answers both without touching th
    So without native bf16 the matrix-heavy phases (vision, Q-Former, prefill) compute in fp32 while the weights
    stay bf16 in memory: `computing_in(torch.float32)` upcasts each weight at the call that uses it (one layer at a
    time, never the whole model). Decoding reads every weight once per token for one row: it is bound by memory
-   bandwidth, not arithmetic, and stays in bf16 on both kinds of machine (an upcast would read the bf16 weight,
-   write and read an fp32 copy: more bytes, not fewer). `compute_dtype` is that rule.
+   bandwidth, not arithmetic, and stays in bf16 on both kinds of machine: an upcast reads the bf16 weight, writes
+   and reads an fp32 copy (one row x 11008 x 4096, native-bf16 machine: bf16 F.linear 5.1 ms, upcast then fp32
+   62 ms; the AVX2 machine was not measured here, its bf16 F.linear takes 6.0 ms per issue 12).
+   `compute_dtype` is that rule.
 
 2. One-row products. A greedy decode step multiplies each weight matrix by one row. PyTorch's bf16 F.linear
    streams such a matrix at about half the rate the machine can read memory; a fused multiply-and-sum compiled
    by torch.compile (inductor's C++ backend) streams it near that rate. `Linear` takes that kernel for one row
    of a large matrix and the plain F.linear for everything else (prefill, beams, small matrices, no compiler).
+
+3. The attention of a decode step. PyTorch's CPU flash-attention kernel is slow for one bf16 query a row:
+   `attention` computes that case as the explicit softmax in fp32.
+
+What was measured where: everything here on the native-bf16 machine (AMD EPYC, AVX-512 with avx512_bf16, 2 cores);
+the AVX2 numbers come from issue 12. The fp32 compute path runs on this machine too (MINIVB_NATIVE_BF16=0), which
+is how tests/test_fast.py checks it.
 
 MINIVB_NATIVE_BF16=0 or 1 overrides the detection (to test, or to force a choice the flags get wrong).
 """

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import LlamaConfig
 from . import fast
+from .config import LlamaConfig
 from .fast import Linear  # nn.Linear; a decode step's few rows take the faster products of fast.py
 
 
