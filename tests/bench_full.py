@@ -266,8 +266,7 @@ def best(runs: list[dict]) -> dict:
     for key in ("load_s", "load_peak_anon", "load_peak_mapped", "cold_first_token_s", "first_token_s", "greedy_s",
                 "beam_s", "peak_anon", "peak_mapped"):
         merged[key] = min(r[key] for r in ok)
-    for key in ("read_rate_greedy", "read_rate_beam"):
-        merged[key] = max(r[key] for r in ok)
+    merged["read_rates"] = [r[key] for r in ok for key in ("read_rate_greedy", "read_rate_beam")]
     merged["matmul_rate"] = max(max(r["matmul_rates"].values()) for r in ok)
     merged["loadavg"] = [round(max(r["loadavg"][0] for r in ok), 2)]
     return merged
@@ -278,14 +277,16 @@ def cosine(a, b) -> float:
 
 
 def table(title, columns: dict[str, dict], weights_bf16: int) -> str:
-    """The markdown table. Floors use the best rates measured in any run of the table, so that every column is held
-    to the same machine (another helper's load on a shared machine only ever lowers a measured rate)."""
+    """The markdown table. Every column is held to the same floors: the best matrix-product rate measured in any
+    run of the table (another helper's load on a shared machine only ever lowers it) and the median of the memory
+    read rates measured before each decode (one 1 GB sum now and then reads at an implausible 50+ GB/s where
+    the machine streams 33-35)."""
     names = list(columns)
     measured = [r for r in columns.values() if "matmul_rate" in r]
-    best_rates = {key: max((r[key] for r in measured), default=None)
-                  for key in ("matmul_rate", "read_rate_greedy", "read_rate_beam")}
+    reads = sorted(rate for r in measured for rate in r["read_rates"])
     for r in measured:
-        r.update(best_rates)
+        r["matmul_rate"] = max(m["matmul_rate"] for m in measured)
+        r["read_rate_greedy"] = r["read_rate_beam"] = reads[len(reads) // 2]
     lines = [f"| {title} | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
 
     def row(label, cell):
@@ -381,6 +382,9 @@ def main() -> None:
                     runs.setdefault(label, []).append(run(path, impl, quantize, batch_file, args.tokens, workdir))
                     print(f"  {label}: {_summary(runs[label][-1])}", flush=True)
             columns.update({label: best(r) for label, r in runs.items()})
+            raw = Path(args.folder) / f"results-{path.name}.json"  # every run's figures, to recompute the table
+            raw.write_text(json.dumps({label: [{k: v for k, v in r.items() if k != "logits"} for r in rs]
+                                       for label, rs in runs.items()}, indent=1))
             depth = f" ({args.layers[0]} + {args.layers[1]} layers, all widths)" if args.layers else " (full size)"
             print(f"\n{table(name + depth, columns, weights)}\n\nbf16 weights {weights / GB:.2f} GB; best of "
                   f"{args.repeat} runs each, alternating; {args.tokens} new tokens per decode figure.\n", flush=True)
@@ -392,7 +396,9 @@ def _summary(r: dict) -> str:
     if "failed" in r or "refused" in r:
         return r.get("failed") or "refused: " + r["refused"]
     return (f"load {r['load_s']:.1f} s, peak {r['load_peak_anon'] / GB:.2f} GB, first token {r['first_token_s']:.2f} s"
-            f", greedy {1000 * r['greedy_s']:.0f} ms, beams {1000 * r['beam_s']:.0f} ms, load avg {r['loadavg'][0]:.2f}")
+            f", greedy {1000 * r['greedy_s']:.0f} ms, beams {1000 * r['beam_s']:.0f} ms (read rates "
+            f"{r['read_rate_greedy'] / GB:.1f}, {r['read_rate_beam'] / GB:.1f} GB/s; matmul "
+            f"{max(r['matmul_rates'].values()) / 1e9:.0f} GFLOP/s), load avg {r['loadavg'][0]:.2f}")
 
 
 if __name__ == "__main__":
