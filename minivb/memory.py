@@ -94,9 +94,12 @@ def activation_bytes(config, element_size: int, workload: Workload = WORKLOAD) -
     return max(vision, language) + logits
 
 
-def estimate(model: torch.nn.Module, workload: Workload = WORKLOAD) -> Estimate:
-    """What `model` (on the meta device, already in its dtype and quantization) will need once loaded."""
-    element_size = model.projection.weight.element_size()  # the dtype activations run in
+def estimate(model: torch.nn.Module, workload: Workload = WORKLOAD, device="cpu") -> Estimate:
+    """What `model` (on the meta device, already in its dtype and quantization) will need once loaded on `device`."""
+    from .fast import compute_dtype
+
+    # Activations run in the compute dtype: fp32 for bf16 weights on a CPU without native bf16 (fast.py).
+    element_size = compute_dtype(model.projection.weight.dtype, "prefill", device).itemsize
     return Estimate(weight_bytes(model), activation_bytes(model.config, element_size, workload))
 
 

@@ -223,9 +223,9 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", progress=
     # loader casting each tensor as it reads it, peak memory stays near one copy of the weights.
     model = build_on_meta(config, dtype)
     if check_memory:
-        others = {f"dtype={other}": memory.estimate(build_on_meta(config, other))
+        others = {f"dtype={other}": memory.estimate(build_on_meta(config, other), device=device)
                   for other in (torch.bfloat16,) if other != dtype}
-        memory.check_fits(memory.estimate(model), str(path), dtype, None, device, others)
+        memory.check_fits(memory.estimate(model, device=device), str(path), dtype, None, device, others)
     model = model.to_empty(device=device)
     load_state(model, str(path), progress=progress)
     return model.eval()

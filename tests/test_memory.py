@@ -130,3 +130,14 @@ def test_cli_refuses_in_one_line(monkeypatch, capsys):
     assert err.count("\n") == 1 and "needs about" in err and "--no-memory-check" in err
     assert main(["ask", "--model", str(TINY), "--video", str(clip), "--dtype", "float32", "--no-memory-check",
                  "--num-beams", "1", "--max-new-tokens", "2", "Q?"]) == 0
+
+
+def test_activations_follow_the_compute_dtype(monkeypatch):
+    # bf16 weights on a CPU without native bf16 compute in fp32 (fast.py): their activations take fp32's bytes.
+    config = load_config(ROOT / "tests/data/official/vicuna-7b")
+    fp32 = memory.estimate(build_on_meta(config, torch.float32)).activations
+    monkeypatch.setenv("MINIVB_NATIVE_BF16", "0")
+    assert memory.estimate(build_on_meta(config, torch.bfloat16)).activations == fp32
+    monkeypatch.setenv("MINIVB_NATIVE_BF16", "1")
+    bf16 = memory.estimate(build_on_meta(config, torch.bfloat16)).activations
+    assert bf16 == memory.activation_bytes(config, 2) and bf16 < 0.6 * fp32
