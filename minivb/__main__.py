@@ -32,7 +32,10 @@ def main(argv=None) -> int:
     ask.add_argument("--repetition-penalty", type=float, default=1.5)
     ask.add_argument("--length-penalty", type=float, default=1.0)
     ask.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
-                     help="auto (default): bfloat16, half the bytes of float32 to read per token, if it fits in memory")
+                     help="auto (default): bfloat16, half the bytes of float32 to read per token, if it fits in "
+                          "memory; else bfloat16 with the language model in int8")
+    ask.add_argument("--quantize", choices=["int8"], default=None,
+                     help="int8: the language model's linear layers in int8 (half the memory of bfloat16)")
     ask.add_argument("--no-memory-check", action="store_true",
                      help="load even when minivb estimates that the model does not fit in the available memory")
     ask.add_argument("--device", default="cpu")
@@ -69,9 +72,19 @@ def run_ask(args) -> str:
     large = os.path.isdir(args.model) and _checkpoint_bytes(args.model) > LARGE_CHECKPOINT
     # bfloat16 is what the official checkpoints were trained in, and decoding, which reads every weight once per
     # token, goes at the speed of memory: half the bytes of float32, close to twice the tokens per second.
-    dtype = torch.bfloat16 if args.dtype == "auto" else DTYPES[args.dtype]
+    dtype, quantize = (torch.bfloat16 if args.dtype == "auto" else DTYPES[args.dtype]), args.quantize
+    if args.dtype == "auto" and quantize is None and not args.no_memory_check:
+        from . import memory
+        from .model import build_on_meta
+
+        # Where bfloat16 does not fit (vicuna-13b, flan-t5-xxl on 24 GB), int8 halves the language model.
+        config = minivb.load_config(args.model)
+        if not memory.fits(memory.estimate(build_on_meta(config, dtype), device=args.device), args.device):
+            quantize = "int8"
+            print("minivb: bfloat16 does not fit in the available memory: the language model is loaded in int8",
+                  file=sys.stderr)
     model = minivb.load_model(args.model, dtype=dtype, device=args.device, progress=_print_progress if large else None,
-                              check_memory=not args.no_memory_check)
+                              quantize=quantize, check_memory=not args.no_memory_check)
     if args.video is not None:
         batch = processor(text=args.question, videos=[args.video], num_frames=args.frames)
     else:

@@ -177,6 +177,9 @@ def load_state(model: torch.nn.Module, path: str, progress=None) -> None:
     `progress(done, total, file)`, if given, is called before each safetensors file is read.
     """
     params = dict(model.named_parameters())
+    # Modules that keep their weight in another form (quant.Int8Linear: int8 + scales) take it through load_weight.
+    takers = {f"{name}.weight": module for name, module in model.named_modules() if hasattr(module, "load_weight")}
+    targets = {**params, **{name: module.weight for name, module in takers.items()}}
     filled, unexpected, shared_values = set(), [], {}
     has_lm_head = False
     files = checkpoint_files(path)
@@ -189,21 +192,24 @@ def load_state(model: torch.nn.Module, path: str, progress=None) -> None:
                     shared_values.setdefault(key, (file, handle.get_slice(key).get_shape()))
                     continue
                 ours = map_key(key)
-                if ours is None or ours not in params:
+                if ours is None or ours not in targets:
                     unexpected.append(key)
                     continue
                 if ours in filled:
                     raise ValueError(f"checkpoint tensor {key!r} appears twice in {path}")
                 tensor = _read(handle, file, key)
-                param = params[ours]
+                param = targets[ours]
                 if tuple(tensor.shape) != tuple(param.shape):
                     raise ValueError(
                         f"shape mismatch for {key!r}: checkpoint has {tuple(tensor.shape)}, the model built from "
                         f"config.json expects {tuple(param.shape)}")
-                with torch.no_grad():
-                    # copy_ casts element by element as it writes: no cast copy of the tensor is ever made, and
-                    # get_tensor's tensor is pages of the memory-mapped file (page cache, not this process's own).
-                    param.copy_(tensor)
+                if ours in takers:
+                    takers[ours].load_weight(tensor)  # quantized as read: the float weight never stays in memory
+                else:
+                    with torch.no_grad():
+                        # copy_ casts element by element as it writes: no cast copy of the tensor is ever made, and
+                        # get_tensor's tensor is pages of the memory-mapped file (page cache, not this process's).
+                        param.copy_(tensor)
                 filled.add(ours)
                 has_lm_head |= key == "language_model.lm_head.weight"
     # transformers 5 writes T5 with lm_head tied to `shared` and leaves lm_head.weight out of the file.
@@ -217,7 +223,7 @@ def load_state(model: torch.nn.Module, path: str, progress=None) -> None:
     if unexpected:
         raise ValueError(f"checkpoint {path} has tensors minivb does not expect: {_format_list(unexpected)}")
     # Named by their official keys, the names a user can grep in the checkpoint's index or in KEY_TABLE.
-    missing = [official_key(name) for name in params if name not in filled]
+    missing = [official_key(name) for name in targets if name not in filled]
     if missing:
         raise ValueError(f"checkpoint {path} lacks tensors the model needs: {_format_list(missing)}")
 

@@ -122,12 +122,17 @@ def available_bytes(device: torch.device) -> int:
         return -1  # unknown: the check is skipped
 
 
+def fits(need: Estimate, device) -> bool:
+    available = available_bytes(torch.device(device))
+    return available < 0 or need.total <= available
+
+
 def check_fits(need: Estimate, path: str, dtype: torch.dtype, quantize: str | None, device: torch.device,
                alternatives: dict[str, Estimate]) -> None:
     """Raise NotEnoughMemory, naming what would fit among `alternatives` ({"dtype=torch.bfloat16": estimate})."""
-    available = available_bytes(device)
-    if available < 0 or need.total <= available:
+    if fits(need, device):
         return
+    available = available_bytes(device)
     asked = f"dtype={dtype}" + (f", quantize={quantize!r}" if quantize else "")
     fitting = [f"{option} (about {other.total / GB:.1f} GB)" for option, other in alternatives.items()
                if other.total <= available]

@@ -199,17 +199,21 @@ def _check_mask(name, mask, ids):
         raise ValueError(f"{name} must have the shape of its ids {tuple(ids.shape)}, got {shape}")
 
 
-def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", progress=None,
+def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", progress=None, quantize: str | None = None,
                check_memory: bool = True) -> InstructBlipVideo:
     """Build minivb from an official checkpoint directory (config.json + safetensors) and load its weights.
 
     `progress(done, total, file)` is called before each safetensors file is read (the CLI prints it).
+    `quantize="int8"`: the language model's linear layers in int8 with per-row scales, quantized as each shard is
+    read (quant.py); everything else in `dtype`.
     `check_memory`: before allocating anything, refuse with memory.NotEnoughMemory (a ValueError naming what would
     fit) when the model would need more than the machine has available (see memory.py); False skips the check.
     """
     from . import memory
     from .checkpoint import load_state
+    from .quant import check_quantize
 
+    check_quantize(quantize)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype such as torch.float32 or torch.bfloat16, got {dtype!r}")
     try:
@@ -221,18 +225,24 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", progress=
     config = load_config(path)
     # Build on the meta device (no memory, no random init), then allocate once in the target dtype: with the
     # loader casting each tensor as it reads it, peak memory stays near one copy of the weights.
-    model = build_on_meta(config, dtype)
+    model = build_on_meta(config, dtype, quantize)
     if check_memory:
-        others = {f"dtype={other}": memory.estimate(build_on_meta(config, other), device=device)
-                  for other in (torch.bfloat16,) if other != dtype}
-        memory.check_fits(memory.estimate(model, device=device), str(path), dtype, None, device, others)
+        options = {"dtype=torch.bfloat16": (torch.bfloat16, None),
+                   "dtype=torch.bfloat16, quantize='int8'": (torch.bfloat16, "int8")}
+        others = {name: memory.estimate(build_on_meta(config, *option), device=device)
+                  for name, option in options.items() if option != (dtype, quantize)}
+        memory.check_fits(memory.estimate(model, device=device), str(path), dtype, quantize, device, others)
     model = model.to_empty(device=device)
     load_state(model, str(path), progress=progress)
     return model.eval()
 
 
-def build_on_meta(config: InstructBlipVideoConfig, dtype: torch.dtype) -> InstructBlipVideo:
-    """The model with its parameters on the meta device, in `dtype`: shapes and dtypes, no memory."""
+def build_on_meta(config: InstructBlipVideoConfig, dtype: torch.dtype, quantize: str | None = None) -> InstructBlipVideo:
+    """The model with its parameters on the meta device, in `dtype` (and quantized): shapes and dtypes, no memory."""
+    from .quant import quantize_language_model
+
     with torch.device("meta"):
         model = InstructBlipVideo(config)
+        if quantize == "int8":
+            quantize_language_model(model)
     return model.to(dtype=dtype)
