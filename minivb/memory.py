@@ -1,6 +1,6 @@
 """How much memory a model will need, known before anything is allocated; a refusal instead of the OS's kill.
 
-A 7B checkpoint is 15.8 GB in bf16 and 31.6 GB in fp32; vicuna-13b is 27.9 GB in bf16. On a 24 GB machine the last
+A 7B checkpoint is 15.8 GB in bf16 and 31.6 GB in fp32; vicuna-13b is 28.4 GB in bf16. On a 24 GB machine the last
 two do not fit, and a process that asks for more than the machine has is killed by the OS's out-of-memory killer
 with no message at all, minutes into loading. So `load_model` first adds up what the model will need:
 

@@ -10,7 +10,7 @@ W ~ W_int8 * scale with an error of at most scale / 2 per weight. The product x 
 
 The quantization happens while each shard is read (checkpoint.load_state hands an Int8Linear its tensor through
 `load_weight`), so the bf16 model never exists in memory. Embeddings, norms, the vision encoder, the Q-Former and
-the projection stay in the model's dtype: they are a small part of the bytes (1.1 GB of a 7B's 15.8 GB in bf16).
+the projection stay in the model's dtype: 2.6 GB of a 7B's 15.8 GB in bf16 (the linears: 6.6 B of 7.9 B weights).
 """
 
 import torch
