@@ -228,6 +228,26 @@ def load_state(model: torch.nn.Module, path: str, progress=None) -> None:
         raise ValueError(f"checkpoint {path} lacks tensors the model needs: {_format_list(missing)}")
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def stored_dtypes(path: str) -> dict[str, torch.dtype]:
+    """{minivb parameter name: the dtype its tensor has in the checkpoint files}, read from the headers alone.
+
+    A model loaded in float32 from bfloat16 (or float16) files holds the exact values of the file: written back in
+    these dtypes, every tensor that was not changed is the same bytes again.
+    """
+    dtypes = {}
+    for file in checkpoint_files(path):
+        with _open(file) as handle:
+            for key in handle.keys():
+                ours = map_key(key)
+                stored = handle.get_slice(key).get_dtype()
+                if key not in ALIASES and ours is not None and stored in _SAFETENSORS_DTYPES:
+                    dtypes[ours] = _SAFETENSORS_DTYPES[stored]
+    return dtypes
+
+
 # ----------------------------------------------------------------------------- writing: the table read backwards
 
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -263,15 +283,21 @@ def _config_dict(config) -> dict:
     return values
 
 
-def save_checkpoint(model, path, processor_from=None, dtype: torch.dtype | None = None) -> None:
+def save_checkpoint(model, path, processor_from=None,
+                    dtype: torch.dtype | dict[str, torch.dtype] | None = None) -> None:
     """Write `model` as an official checkpoint directory: config.json and model.safetensors with the official key
-    names, plus the tokenizer and preprocessor files copied from `processor_from` (a checkpoint directory)."""
+    names, plus the tokenizer and preprocessor files copied from `processor_from` (a checkpoint directory).
+
+    dtype: one dtype for every tensor; or {minivb parameter name: dtype}, each tensor its own (a fine-tune writes
+    its frozen towers in the dtype they were read in, see `stored_dtypes`); None keeps each parameter's dtype.
+    """
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
     tensors = {}
     for name, param in model.named_parameters():  # a tied lm_head is the same Parameter as `shared`: listed once
-        tensor = param.detach().to(dtype or param.dtype, copy=True).contiguous()
+        target = dtype.get(name, param.dtype) if isinstance(dtype, dict) else dtype or param.dtype
+        tensor = param.detach().to(target, copy=True).contiguous()
         tensors[official_key(name)] = tensor.cpu()
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
