@@ -11,7 +11,9 @@ Two recipes:
   "full"          everything from scratch: a small architecture (TOY_* below) with the real Vicuna tokenizer. This
                   is how the shipped toy checkpoint weights/toy-vicuna is made (`make train-toy`).
 The loop is written plainly: AdamW, linear warm-up then cosine decay, gradient clipping, and the loss only on the
-answer tokens (labels -100 on the visual placeholders, the question and the padding).
+answer tokens (labels -100 on the visual placeholders, the question and the padding). It is the one loop of minivb:
+finetune.py runs the InstructBLIP recipe on an annotation file through the same `train_loop`, optimizer groups,
+schedule and `make_batch`.
 
     python -m minivb.train full --out weights/toy-vicuna
     python -m minivb.train instructblip --init weights/vicuna-tiny --out /tmp/bridge --steps 200
@@ -21,6 +23,7 @@ Shapes: B batch, T frames (4), Q queries per frame, L prompt + answer length, V 
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -29,6 +32,7 @@ import time
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from . import toy
 from .checkpoint import copy_processor_files, save_checkpoint
@@ -84,20 +88,8 @@ def init_weights(model: InstructBlipVideo, seed: int) -> None:
     """
     generator = torch.Generator().manual_seed(seed)
     embeddings = (model.query_tokens, model.vision.class_token, model.vision.position_embedding)
+    init_layers(model, generator)
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Embedding):
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.02)
-            elif isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-                fan_in = module.weight[0].numel()  # inputs per output: in_features, or 3 * patch * patch
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * fan_in**-0.5)
-                if module.bias is not None:
-                    module.bias.zero_()
-        for name, param in model.named_parameters():
-            if param.dim() == 1 and not name.endswith("bias"):
-                param.fill_(1.0)  # LayerNorm / RMSNorm gains
-            elif name.endswith("bias") and param.dim() == 1:
-                param.zero_()
         for param in embeddings:
             param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
         # Where a patch lies is what "which direction?" is about: start the patch positions from a 2D sine-cosine
@@ -107,6 +99,25 @@ def init_weights(model: InstructBlipVideo, seed: int) -> None:
         # the shape starts for 21 % of held-out clips (chance 19 %); at scale 3 for 91 %.
         grid = model.config.vision.image_size // model.config.vision.patch_size
         model.vision.position_embedding[0, 1:] = 3 * sincos_2d(grid, model.config.vision.hidden_size)
+
+
+@torch.no_grad()
+def init_layers(module: torch.nn.Module, generator: torch.Generator) -> None:
+    """init_weights' rule for every layer inside `module`: matrices N(0, 1/fan_in), embedding tables
+    N(0, 0.02^2), norm gains 1, biases 0 (finetune.py re-initialises the Q-Former and projection with it too)."""
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.Embedding):
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * 0.02)
+        elif isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+            fan_in = layer.weight[0].numel()  # inputs per output: in_features, or 3 * patch * patch
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * fan_in**-0.5)
+            if layer.bias is not None:
+                layer.bias.zero_()
+    for name, param in module.named_parameters():
+        if param.dim() == 1 and not name.endswith("bias"):
+            param.fill_(1.0)  # LayerNorm / RMSNorm gains
+        elif name.endswith("bias") and param.dim() == 1:
+            param.zero_()
 
 
 def sincos_2d(grid: int, channels: int) -> torch.Tensor:
@@ -140,16 +151,19 @@ def prepare_folder(out: str, tokenizer_from: str, config: InstructBlipVideoConfi
 # ----------------------------------------------------------------------------- batches
 
 
-def make_batch(processor, examples: list[toy.Example], is_encoder_decoder: bool) -> dict[str, torch.Tensor]:
-    """The processor's batch for (question, clip) pairs, plus labels that score only the answer and its eos."""
-    videos = [example.clip.frames for example in examples]  # B x (T, S, S, 3) uint8
+def make_batch(processor, prompts: list[str], videos: list, answers: list[str], is_encoder_decoder: bool,
+               num_frames: int = toy.NUM_FRAMES) -> dict[str, torch.Tensor]:
+    """The processor's batch for (prompt, video) pairs, plus labels that score only the answer and its eos.
+
+    videos: B videos in any form the processor reads (toy clips (T, S, S, 3) uint8, lists of PIL frames).
+    """
     eos = processor.eos_token_id
     if is_encoder_decoder:
-        # T5: the question goes to the encoder, the answer (the tokenizer appends </s>) is the decoder's target.
-        batch = processor(text=[e.question for e in examples], videos=videos)
-        answers = [processor.tokenizer.encode(e.answer).ids for e in examples]
-        labels = torch.full((len(examples), max(map(len, answers))), -100)  # (B, La), -100 = not scored
-        for i, ids in enumerate(answers):
+        # T5: the prompt goes to the encoder, the answer (the tokenizer appends </s>) is the decoder's target.
+        batch = processor(text=prompts, videos=videos, num_frames=num_frames)
+        targets = [processor.tokenizer.encode(answer).ids for answer in answers]
+        labels = torch.full((len(targets), max(map(len, targets))), -100)  # (B, La), -100 = not scored
+        for i, ids in enumerate(targets):
             labels[i, :len(ids)] = torch.tensor(ids)
         batch["labels"] = labels
         return batch
@@ -157,14 +171,14 @@ def make_batch(processor, examples: list[toy.Example], is_encoder_decoder: bool)
     # Vicuna: [<video> x T*Q][</s> question answer </s>][pads]. The processor's batch of the questions alone gives
     # the pixels and the Q-Former's input: the Q-Former attends both ways, so an answer in its input would flow into
     # the visual tokens, the loss would drop to zero by copying, and nothing would be learned about the clips.
-    batch = processor(text=[e.question for e in examples], videos=videos)
-    placeholders = batch["input_ids"][:, :toy.NUM_FRAMES * processor.num_query_tokens]  # (B, T*Q)
+    batch = processor(text=prompts, videos=videos, num_frames=num_frames)
+    placeholders = batch["input_ids"][:, :num_frames * processor.num_query_tokens]  # (B, T*Q)
     rows, scored = [], []
-    for example in examples:
-        question = processor.tokenizer.encode(example.question).ids  # starts with </s>, as the processor's
-        full = processor.tokenizer.encode(f"{example.question} {example.answer}").ids
+    for prompt, answer in zip(prompts, answers):
+        question = processor.tokenizer.encode(prompt).ids  # starts with </s>, as the processor's
+        full = processor.tokenizer.encode(f"{prompt} {answer}").ids
         if full[:len(question)] != question:
-            raise ValueError(f"the answer {example.answer!r} changes how {example.question!r} is tokenized")
+            raise ValueError(f"the answer {answer!r} changes how {prompt!r} is tokenized")
         rows.append(full + [eos])
         scored.append(len(full) - len(question) + 1)  # the answer tokens and the eos
     # Right padding, unlike the processor's left padding for generation: the forward numbers positions 0..L-1, so
@@ -226,12 +240,12 @@ def format_accuracy(accuracy: dict[str, float]) -> str:
 # ----------------------------------------------------------------------------- the loop
 
 
-def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
-    """Linear warm-up to `peak`, then a cosine down to 10 % of it: large steps early, fine ones at the end."""
+def learning_rate(step: int, steps: int, peak: float, warmup: int, floor: float = 0.1) -> float:
+    """Linear warm-up to `peak`, then a cosine down to `floor` times it: large steps early, fine ones at the end."""
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def select_trainable(model: InstructBlipVideo, recipe: str) -> list[torch.nn.Parameter]:
@@ -246,54 +260,84 @@ def select_trainable(model: InstructBlipVideo, recipe: str) -> list[torch.nn.Par
     return bridge
 
 
-def progress(step: int, steps: int, loss: float, lr: float, started: float) -> None:
-    """A one-line text progress bar on stderr."""
-    done = step / steps
-    elapsed = time.time() - started
-    eta = elapsed / done - elapsed if done > 0 else 0.0
-    bar = "#" * int(30 * done) + "." * (30 - int(30 * done))
-    print(f"[{bar}] step {step}/{steps}  loss {loss:.4f}  lr {lr:.2e}  {elapsed:5.0f}s elapsed, ~{eta:4.0f}s left",
-          file=sys.stderr, flush=True)
-
-
-def train(model, processor, recipe: str, steps: int, batch_size: int, lr: float, weight_decay: float = 0.05,
-          warmup: int | None = None, clip_norm: float = 1.0, seed: int = 0, log_every: int = 25,
-          eval_every: int = 0, eval_clips: int = 50) -> None:
-    """Train in place on fresh training clips, `batch_size` a step (training clip k is drawn from seed k)."""
-    torch.manual_seed(seed)
-    params = select_trainable(model, recipe)
+def make_optimizer(model: InstructBlipVideo, params: list[torch.nn.Parameter], lr: float, weight_decay: float,
+                   betas: tuple[float, float]) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices only."""
     # No weight decay on gains, biases and the query tokens: they are not weights that should shrink to zero.
+    # (LAVIS decays every tensor of 2 dimensions or more, the (1, Q, Hq) query tokens included; at the recipe's
+    # lr 1e-5 and decay 0.05 that is a shrink of 5e-7 a step.)
     decay = [p for p in params if p.dim() >= 2 and p is not model.query_tokens]
     no_decay = [p for p in params if not (p.dim() >= 2 and p is not model.query_tokens)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
-    warmup = warmup if warmup is not None else max(1, steps // 20)
-    size = processor.image_size[0]
-    device = model.query_tokens.device
-    mix = np.random.default_rng(seed)
-    model.train()
-    started, smoothed = time.time(), None
-    for step in range(steps):
-        seeds = [toy.split_seed("train", step * batch_size + i) for i in range(batch_size)]
-        kinds = mix.choice(list(QUESTION_MIX), size=batch_size, p=list(QUESTION_MIX.values()))
-        examples = [toy.make_example(seed, size, question_type=str(kind)) for seed, kind in zip(seeds, kinds)]
-        batch = make_batch(processor, examples, model.config.is_encoder_decoder)
-        loss = model(**{name: tensor.to(device) for name, tensor in batch.items()}, loss_only=True).loss
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas)
 
+
+def train_loop(loss_of, batches, optimizer, params: list[torch.nn.Parameter], schedule, steps: int,
+               batch_size: int, clip_norm: float = 1.0, start_step: int = 0, after_step=None,
+               show_progress: bool = True) -> None:
+    """The one training loop, for the toy (`train` below) and the fine-tune recipe (finetune.py).
+
+    loss_of(batch) -> (the loss to backpropagate, the loss to report as a float); batches yields the batches of
+    steps start_step, start_step + 1, ...; schedule(step) -> the learning rate of that step;
+    after_step(steps_done, loss, lr) logs, evaluates or saves. The tqdm bar shows loss, lr and examples/s.
+    """
+    bar = tqdm(total=steps, initial=start_step, desc="training", unit="step", disable=not show_progress,
+               dynamic_ncols=True)
+    started = time.perf_counter()
+    for step, batch in zip(range(start_step, steps), batches):
+        lr = schedule(step)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, lr, warmup)
+            group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
+        loss, reported = loss_of(batch)
         loss.backward()
         # Clipping keeps one unlucky batch from undoing what the warm-up built.
         torch.nn.utils.clip_grad_norm_(params, clip_norm)
         optimizer.step()
+        rate = batch_size * (step + 1 - start_step) / (time.perf_counter() - started)
+        bar.set_postfix_str(f"loss {reported:.4f}  lr {lr:.2e}  {rate:.1f} examples/s", refresh=False)
+        bar.update(1)
+        if after_step is not None:
+            after_step(step + 1, reported, lr)
+    bar.close()
 
-        smoothed = loss.item() if smoothed is None else 0.9 * smoothed + 0.1 * loss.item()
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            progress(step + 1, steps, smoothed, optimizer.param_groups[0]["lr"], started)
-        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
-            print(f"  held-out ({eval_clips} clips): {format_accuracy(evaluate(model, processor, eval_clips))}",
-                  file=sys.stderr, flush=True)
+
+def toy_batches(processor, batch_size: int, seed: int, is_encoder_decoder: bool):
+    """Fresh training clips forever: clip k of step s is drawn from seed s * batch_size + k, its question type
+    from QUESTION_MIX."""
+    size = processor.image_size[0]
+    mix = np.random.default_rng(seed)
+    for step in itertools.count():
+        seeds = [toy.split_seed("train", step * batch_size + i) for i in range(batch_size)]
+        kinds = mix.choice(list(QUESTION_MIX), size=batch_size, p=list(QUESTION_MIX.values()))
+        examples = [toy.make_example(seed, size, question_type=str(kind)) for seed, kind in zip(seeds, kinds)]
+        yield make_batch(processor, [e.question for e in examples], [e.clip.frames for e in examples],
+                         [e.answer for e in examples], is_encoder_decoder)
+
+
+def train(model, processor, recipe: str, steps: int, batch_size: int, lr: float, weight_decay: float = 0.05,
+          warmup: int | None = None, clip_norm: float = 1.0, seed: int = 0, eval_every: int = 0,
+          eval_clips: int = 50) -> None:
+    """Train in place on fresh training clips, `batch_size` a step (training clip k is drawn from seed k)."""
+    torch.manual_seed(seed)
+    params = select_trainable(model, recipe)
+    optimizer = make_optimizer(model, params, lr, weight_decay, betas=(0.9, 0.98))
+    warmup = warmup if warmup is not None else max(1, steps // 20)
+    device = model.query_tokens.device
+
+    def loss_of(batch):
+        loss = model(**{name: tensor.to(device) for name, tensor in batch.items()}, loss_only=True).loss
+        return loss, loss.item()
+
+    def after_step(done, loss, lr):
+        if eval_every and done % eval_every == 0 and done < steps:
+            tqdm.write(f"  step {done}: held-out ({eval_clips} clips): "
+                       f"{format_accuracy(evaluate(model, processor, eval_clips))}", file=sys.stderr)
+
+    model.train()
+    train_loop(loss_of, toy_batches(processor, batch_size, seed, model.config.is_encoder_decoder), optimizer, params,
+               lambda step: learning_rate(step, steps, lr, warmup), steps, batch_size, clip_norm,
+               after_step=after_step)
     model.eval()
 
 
