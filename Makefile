@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench bench-full weights notebooks train-toy eval-toy
+.PHONY: setup test demo bench bench-full bench-video weights notebooks train-toy eval-toy
 
 setup: $(STAMP)
 
@@ -30,6 +30,11 @@ bench: setup
 # --delete to drop each after its runs). A quick run at real widths: tests/bench_full.py --models vicuna-7b --layers 4 4
 bench-full: setup
 	$(PY) tests/bench_full.py
+
+# Video at real length: read_video (seek to each sampled frame) against decoding the whole stream, 4 and 16 frames of
+# a 20 s and a 200 s H.264 mp4 and a VP9 webm (640x360, 30 fps, a keyframe every 10 s), encoded in a temporary folder.
+bench-video: setup
+	$(PY) tests/bench_video.py
 
 weights: setup
 	$(PY) weights/build.py

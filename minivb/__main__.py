@@ -1,7 +1,9 @@
 """The command line: ask a checkpoint about a video or an image, or describe a checkpoint.
 
     python -m minivb ask --model DIR --video PATH "What is happening?"
+    python -m minivb ask --model DIR --video PATH --start 60 --end 90 "What happens in this half minute?"
     python -m minivb info DIR
+    python -m minivb info VIDEO        (duration, frame count, codec, and the frames that would be sampled)
 
 Errors print one line on stderr and exit with code 2, with no traceback.
 """
@@ -11,6 +13,8 @@ import os
 import sys
 
 import torch
+
+from .video import VIDEO_EXTENSIONS, read_video, video_info
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LARGE_CHECKPOINT = 200_000_000  # bytes; above this, loading prints its progress
@@ -27,6 +31,8 @@ def main(argv=None) -> int:
     source.add_argument("--video", help="a GIF / WebP / APNG, a folder of frames, or mp4 / webm / mkv / avi (PyAV)")
     source.add_argument("--image", help="an image file")
     ask.add_argument("--frames", type=int, default=4, help="frames sampled uniformly from the video (default 4)")
+    ask.add_argument("--start", type=float, help="sample from this time on (seconds; mp4 / webm / mkv / avi / mov)")
+    ask.add_argument("--end", type=float, help="sample before this time (seconds; mp4 / webm / mkv / avi / mov)")
     ask.add_argument("--num-beams", type=int, default=5)
     ask.add_argument("--max-new-tokens", type=int, default=30)
     ask.add_argument("--repetition-penalty", type=float, default=1.5)
@@ -40,13 +46,18 @@ def main(argv=None) -> int:
                      help="load even when minivb estimates that the model does not fit in the available memory")
     ask.add_argument("--device", default="cpu")
 
-    info = commands.add_parser("info", help="architecture and parameter counts of a checkpoint")
-    info.add_argument("model", help="checkpoint directory (official layout)")
+    info = commands.add_parser("info", help="architecture and parameter counts of a checkpoint, or what a video holds")
+    info.add_argument("model", help="checkpoint directory (official layout), or a video file (mp4 webm mkv avi mov)")
+    info.add_argument("--frames", type=int, default=4, help="for a video: frames that would be sampled (default 4)")
+    info.add_argument("--start", type=float, help="for a video: segment start (seconds)")
+    info.add_argument("--end", type=float, help="for a video: segment end (seconds)")
 
     args = parser.parse_args(argv)
     try:
         if args.command == "ask":
             print(run_ask(args))
+        elif os.path.isfile(args.model) and args.model.lower().endswith(VIDEO_EXTENSIONS):
+            print(run_video_info(args.model, args.frames, args.start, args.end))
         else:
             print(run_info(args.model))
     except (ValueError, FileNotFoundError) as e:
@@ -68,6 +79,8 @@ def run_ask(args) -> str:
 
     if args.frames < 1:
         raise ValueError(f"--frames must be at least 1, got {args.frames}")
+    if args.image is not None and (args.start is not None or args.end is not None):
+        raise ValueError("--start and --end cut a segment of a --video; an --image has none")
     processor = minivb.load_processor(args.model)  # checks the folder before the (slower) weights
     large = os.path.isdir(args.model) and _checkpoint_bytes(args.model) > LARGE_CHECKPOINT
     # bfloat16 is what the official checkpoints were trained in, and decoding, which reads every weight once per
@@ -86,7 +99,8 @@ def run_ask(args) -> str:
     model = minivb.load_model(args.model, dtype=dtype, device=args.device, progress=_print_progress if large else None,
                               quantize=quantize, check_memory=not args.no_memory_check)
     if args.video is not None:
-        batch = processor(text=args.question, videos=[args.video], num_frames=args.frames)
+        frames = read_video(args.video, args.frames, start=args.start, end=args.end)
+        batch = processor(text=args.question, videos=[frames], num_frames=args.frames)
     else:
         batch = processor(text=args.question, images=[args.image])
     batch = {name: tensor.to(args.device) for name, tensor in batch.items()}
@@ -129,6 +143,27 @@ def run_info(path) -> str:
     total += model.query_tokens.numel()
     lines.append(f"  {'query_tokens':<15} {model.query_tokens.numel():>15,}")
     lines.append(f"  {'total':<15} {total:>15,}")
+    return "\n".join(lines)
+
+
+COUNT_SOURCES = {"container": "from the container", "duration x rate": "duration x rate, rounded",
+                 "counted": "counted by decoding: the container gives neither a count nor a duration"}
+
+
+def run_video_info(path, num_frames, start, end) -> str:
+    """What a video file holds and which frames `ask --video` would give the model (same --frames/--start/--end)."""
+    info = video_info(path, num_frames, start=start, end=end)
+    rate = f"{float(info.rate):.3f}".rstrip("0").rstrip(".") + " fps" if info.rate else "unknown frame rate"
+    duration = f"{info.duration:.3f} s" if info.rate else "unknown (no frame rate)"
+    lines = [f"{path}",
+             f"  duration    {duration}",
+             f"  frames      {info.frame_count} ({COUNT_SOURCES[info.count_source]})",
+             f"  resolution  {info.width}x{info.height}",
+             f"  codec       {info.codec}, {rate}",
+             f"  keyframes   {info.keyframes} in the container's index (where a seek can land)",
+             f"  sampled     {len(info.indices)} frames: " + ", ".join(map(str, info.indices))]
+    if info.rate:
+        lines.append("  at          " + ", ".join(f"{t:.3f}" for t in info.timestamps) + " s")
     return "\n".join(lines)
 
 
