@@ -83,21 +83,12 @@ def run_ask(args) -> str:
         raise ValueError("--start and --end cut a segment of a --video; an --image has none")
     processor = minivb.load_processor(args.model)  # checks the folder before the (slower) weights
     large = os.path.isdir(args.model) and _checkpoint_bytes(args.model) > LARGE_CHECKPOINT
-    # bfloat16 is what the official checkpoints were trained in, and decoding, which reads every weight once per
-    # token, goes at the speed of memory: half the bytes of float32, close to twice the tokens per second.
-    dtype, quantize = (torch.bfloat16 if args.dtype == "auto" else DTYPES[args.dtype]), args.quantize
-    if args.dtype == "auto" and quantize is None and not args.no_memory_check:
-        from . import memory
-        from .model import build_on_meta
-
-        # Where bfloat16 does not fit (vicuna-13b, flan-t5-xxl on 24 GB), int8 halves the language model.
-        config = minivb.load_config(args.model)
-        if not memory.fits(memory.estimate(build_on_meta(config, dtype), device=args.device), args.device):
-            quantize = "int8"
-            print("minivb: bfloat16 does not fit in the available memory: the language model is loaded in int8",
-                  file=sys.stderr)
+    # auto: bfloat16, what the official checkpoints were trained in; decoding, which reads every weight once per
+    # token, goes at the speed of memory: half the bytes of float32, close to twice the tokens per second. Where it
+    # does not fit, load_model takes int8 for the language model and says so.
+    dtype = "auto" if args.dtype == "auto" else DTYPES[args.dtype]
     model = minivb.load_model(args.model, dtype=dtype, device=args.device, progress=_print_progress if large else None,
-                              quantize=quantize, check_memory=not args.no_memory_check)
+                              quantize=args.quantize, check_memory=not args.no_memory_check)
     if args.video is not None:
         frames = read_video(args.video, args.frames, start=args.start, end=args.end)
         batch = processor(text=args.question, videos=[frames], num_frames=args.frames)

@@ -13,7 +13,8 @@ with no message at all, minutes into loading. So `load_model` first adds up what
 and compares the sum with what the OS says is available (`MemAvailable` in /proc/meminfo: free memory plus the
 page cache it can drop; the checkpoint file itself is read through that page cache and does not count). If it does
 not fit, NotEnoughMemory says how much is needed, how much is available, and which dtype or quantization would fit.
-`load_model(..., check_memory=False)` skips the check for users who know better (e.g. with swap).
+`load_model(..., check_memory=False)` skips the check for users who know better (e.g. with swap);
+`load_model(..., dtype="auto")` (the CLI's default) takes the fastest that fits (`choose`).
 
 Letters in comments: F frames through the vision encoder (B*T), N patches + class token, C vision width,
 R rows of the language model (B * beams), L prompt length, D language-model width.
@@ -122,24 +123,47 @@ def available_bytes(device: torch.device) -> int:
         return -1  # unknown: the check is skipped
 
 
-def fits(need: Estimate, device) -> bool:
-    available = available_bytes(torch.device(device))
-    return available < 0 or need.total <= available
+# What dtype="auto" loads, fastest first: bf16 (half the bytes of fp32 to read per decoded token), then bf16 with
+# the language model in int8 where bf16 does not fit (vicuna-13b, flan-t5-xxl on 24 GB).
+AUTO = ((torch.bfloat16, None), (torch.bfloat16, "int8"))
 
 
-def check_fits(need: Estimate, path: str, dtype: torch.dtype, quantize: str | None, device: torch.device,
-               alternatives: dict[str, Estimate]) -> None:
-    """Raise NotEnoughMemory, naming what would fit among `alternatives` ({"dtype=torch.bfloat16": estimate})."""
-    if fits(need, device):
-        return
+def choose(config, dtype, quantize: str | None, device: torch.device, path: str) -> tuple[torch.dtype, str | None]:
+    """The dtype and quantization to load `config` in: the asked ones if they fit in the memory available now, the
+    first of AUTO that fits for dtype="auto" (with `quantize` given, bf16 with it); else NotEnoughMemory.
+
+    Each option is estimated once and MemAvailable read once, so the choice and the refusal see the same numbers.
+    """
+    from .model import build_on_meta
+
+    if dtype == "auto":
+        asked = [(torch.bfloat16, quantize)] if quantize else list(AUTO)
+    else:
+        asked = [(dtype, quantize)]
+    options = dict.fromkeys([*asked, *AUTO])  # the asked ones first, then the alternatives a refusal can name
+    estimates = {option: estimate(build_on_meta(config, *option), device=device) for option in options}
     available = available_bytes(device)
-    asked = f"dtype={dtype}" + (f", quantize={quantize!r}" if quantize else "")
+    for option in asked:
+        if available < 0 or estimates[option].total <= available:
+            return option
+    dtype, quantize = asked[-1]  # for auto, the refusal speaks of the smallest of its options
+    alternatives = {_option_text(*option): estimates[option] for option in options if option not in asked}
+    raise refusal(estimates[asked[-1]], available, path, dtype, quantize, device, alternatives)
+
+
+def _option_text(dtype, quantize) -> str:
+    return f"dtype={dtype}" + (f", quantize={quantize!r}" if quantize else "")
+
+
+def refusal(need: Estimate, available: int, path: str, dtype: torch.dtype, quantize: str | None,
+            device: torch.device, alternatives: dict[str, Estimate]) -> NotEnoughMemory:
+    """The error that says what is needed, what is available, and which of `alternatives` would fit."""
     fitting = [f"{option} (about {other.total / GB:.1f} GB)" for option, other in alternatives.items()
                if other.total <= available]
     advice = ("load it with " + " or ".join(fitting)) if fitting else "no dtype or quantization of minivb fits"
-    raise NotEnoughMemory(
-        f"{path} with {asked} needs about {need.total / GB:.1f} GB ({need.weights / GB:.1f} GB of weights, "
-        f"{need.activations / GB:.1f} GB to answer about {WORKLOAD.num_frames} frames "
+    return NotEnoughMemory(
+        f"{path} with {_option_text(dtype, quantize)} needs about {need.total / GB:.1f} GB ({need.weights / GB:.1f} "
+        f"GB of weights, {need.activations / GB:.1f} GB to answer about {WORKLOAD.num_frames} frames "
         f"with {WORKLOAD.num_beams} beams), but only {available / GB:.1f} GB is available on {device.type}: "
         f"{advice}; or pass check_memory=False (CLI: --no-memory-check) to try anyway, at the risk of the OS "
         f"killing the process")

@@ -12,6 +12,7 @@ L text length, V vocabulary. Batches follow transformers' conventions, so a batc
 `InstructBlipVideoForConditionalGeneration` works here unchanged.
 """
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -199,8 +200,8 @@ def _check_mask(name, mask, ids):
         raise ValueError(f"{name} must have the shape of its ids {tuple(ids.shape)}, got {shape}")
 
 
-def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", progress=None, quantize: str | None = None,
-               check_memory: bool = True) -> InstructBlipVideo:
+def load_model(path, dtype: torch.dtype | str = torch.float32, device="cpu", progress=None,
+               quantize: str | None = None, check_memory: bool = True) -> InstructBlipVideo:
     """Build minivb from an official checkpoint directory (config.json + safetensors) and load its weights.
 
     `progress(done, total, file)` is called before each safetensors file is read (the CLI prints it).
@@ -208,14 +209,16 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", progress=
     read (quant.py); everything else in `dtype`.
     `check_memory`: before allocating anything, refuse with memory.NotEnoughMemory (a ValueError naming what would
     fit) when the model would need more than the machine has available (see memory.py); False skips the check.
+    `dtype="auto"` (the CLI's default): bfloat16 if it fits, else bfloat16 with quantize="int8" (said on stderr).
     """
     from . import memory
     from .checkpoint import load_state
     from .quant import check_quantize
 
     check_quantize(quantize)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch.dtype such as torch.float32 or torch.bfloat16, got {dtype!r}")
+    if dtype != "auto" and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ValueError(f"dtype must be 'auto' or a floating torch.dtype such as torch.float32 or torch.bfloat16, "
+                         f"got {dtype!r}")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -223,16 +226,17 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", progress=
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for, but torch sees no CUDA GPU on this machine")
     config = load_config(path)
+    if check_memory:  # what fits (dtype="auto": the fastest that fits), estimated before allocating anything
+        asked = quantize
+        dtype, quantize = memory.choose(config, dtype, quantize, device, str(path))
+        if quantize != asked:
+            print("minivb: bfloat16 does not fit in the available memory: the language model is loaded in int8",
+                  file=sys.stderr)
+    elif dtype == "auto":
+        dtype = torch.bfloat16
     # Build on the meta device (no memory, no random init), then allocate once in the target dtype: with the
     # loader casting each tensor as it reads it, peak memory stays near one copy of the weights.
-    model = build_on_meta(config, dtype, quantize)
-    if check_memory:
-        options = {"dtype=torch.bfloat16": (torch.bfloat16, None),
-                   "dtype=torch.bfloat16, quantize='int8'": (torch.bfloat16, "int8")}
-        others = {name: memory.estimate(build_on_meta(config, *option), device=device)
-                  for name, option in options.items() if option != (dtype, quantize)}
-        memory.check_fits(memory.estimate(model, device=device), str(path), dtype, quantize, device, others)
-    model = model.to_empty(device=device)
+    model = build_on_meta(config, dtype, quantize).to_empty(device=device)
     load_state(model, str(path), progress=progress)
     return model.eval()
 

@@ -10,6 +10,7 @@ import minivb
 from minivb import memory
 from minivb.config import load_config
 from minivb.model import build_on_meta
+from minivb import quant
 from minivb.quant import Int8Linear, quantize_rows
 
 from . import tiny
@@ -18,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CLIP = ROOT / "tests" / "data" / "clock_cc0_1bpp.gif"
 
 
-def test_one_layer_error_is_bounded():
+def test_one_layer_error_is_bounded(monkeypatch):
+    monkeypatch.setattr(quant, "QUANTIZE_ROWS", 64)  # loaded in 5 blocks of rows, the last one short
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(300, 512, generator=generator) * torch.rand(300, 1, generator=generator)  # rows of all scales
     quantized, scales = quantize_rows(weight)
@@ -29,6 +31,7 @@ def test_one_layer_error_is_bounded():
 
     layer = Int8Linear(512, 300, bias=False, dtype=torch.bfloat16)
     layer.load_weight(weight)
+    assert torch.equal(layer.weight, quantized) and torch.equal(layer.scales, scales.bfloat16())
     x = torch.randn(7, 512, generator=generator)
     exact = x @ weight.T
     reference = layer(x)  # fp32: dequantize, then F.linear
@@ -88,6 +91,25 @@ def test_refusal_suggests_int8_and_the_cli_falls_back_to_it(monkeypatch, capsys)
     assert main(["ask", "--model", str(path), "--video", str(CLIP), "--num-beams", "2", "--max-new-tokens", "2",
                  "Q?"]) == 0
     assert "loaded in int8" in capsys.readouterr().err
+
+
+def test_auto_takes_the_fastest_that_fits_with_one_estimate(monkeypatch, capsys):
+    path = ROOT / "weights" / "vicuna-tiny"
+    config = load_config(path)
+    bf16 = memory.estimate(build_on_meta(config, torch.bfloat16)).total
+    int8 = memory.estimate(build_on_meta(config, torch.bfloat16, "int8")).total
+    reads = []
+    monkeypatch.setattr(memory, "available_bytes", lambda device: reads.append(device) or (bf16 + int8) // 2)
+    model = minivb.load_model(path, dtype="auto")
+    assert len(reads) == 1  # MemAvailable read once for the choice
+    assert any(isinstance(m, Int8Linear) for m in model.language_model.modules())
+    assert model.language_model.norm.weight.dtype == torch.bfloat16
+    assert "loaded in int8" in capsys.readouterr().err
+    monkeypatch.setattr(memory, "available_bytes", lambda device: bf16 + 1)
+    model = minivb.load_model(path, dtype="auto")
+    assert not any(isinstance(m, Int8Linear) for m in model.modules()) and model.projection.weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype must be 'auto' or a floating torch.dtype"):
+        minivb.load_model(path, dtype="int8")
 
 
 def test_bad_quantize_is_refused():
