@@ -5,9 +5,10 @@ needs (`from helpers import ...`); the notebooks run with notebooks/ as the work
 found there, and it puts the checkout's root on sys.path so that `import minivb` reads this checkout.
 
 Sections: setup | attention pictures (02, 03) | the prompt layout (04) | beam search (05) | loading and memory
-(06) | parity with transformers (07) | bandwidth (09).
+(06) | parity with transformers (07) | bandwidth (09) | frames and seeking (01).
 """
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -388,3 +389,109 @@ def best_time(function, repeats: int = 5) -> float:
         function()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+# ----------------------------------------------------------------------------- frames and seeking (01)
+
+
+def write_clip(path: Path, seconds: int, rate: int = 30, keyframe_every_s: int = 2, size=(160, 90)) -> Path:
+    """Encode an H.264 mp4 of a ball bouncing across a gradient, with a keyframe every `keyframe_every_s` seconds
+    (as a phone records) and no other: scene-cut detection is off, so the keyframes are exactly where asked."""
+    import av
+    from fractions import Fraction
+
+    width, height = size
+    every = keyframe_every_s * rate
+    y, x = np.mgrid[0:height, 0:width]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "veryfast", "x264-params": f"keyint={every}:min-keyint={every}:scenecut=0"}
+        for index in range(seconds * rate):
+            left = abs((index * 3) % (2 * (width - 20)) - (width - 20))  # bounces between the two sides
+            frame = np.stack([x * 255 // width, y * 255 // height, np.full_like(x, 96)], axis=-1).astype(np.uint8)
+            frame[(x - left - 10) ** 2 + (y - height // 2) ** 2 < 100] = 255
+            picture = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            picture.pts, picture.time_base = index, Fraction(1, rate)
+            for packet in stream.encode(picture):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+class DecodingLog:
+    """What `read_video` asked of PyAV while `record_decoding()` was on: for each container it opened, the seeks
+    and the frames decoded, as frame indices (a frame's time in seconds x rate)."""
+
+    def __init__(self):
+        self.containers = []  # one dict per av.open: {"seeks": [...], "decoded": [...]}
+
+    @property
+    def decoder(self) -> dict:
+        """The container that decoded frames (read_video opens a second one only to ask where seeks land)."""
+        return next(c for c in self.containers if c["decoded"])
+
+
+@contextlib.contextmanager
+def record_decoding(rate: int):
+    """Within the `with`, every av.open gives a container that logs its seeks and decoded frames."""
+    import av
+
+    log, real_open = DecodingLog(), av.open
+
+    class Recording:
+        def __init__(self, container):
+            self._container, self.entry = container, {"seeks": [], "decoded": []}
+            log.containers.append(self.entry)
+
+        def __getattr__(self, name):
+            return getattr(self._container, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *error):
+            return self._container.__exit__(*error)
+
+        def seek(self, offset, stream, **options):
+            self.entry["seeks"].append(round(float(offset * stream.time_base) * rate))
+            return self._container.seek(offset, stream=stream, **options)
+
+        def decode(self, *streams, **kind):
+            for frame in self._container.decode(*streams, **kind):
+                self.entry["decoded"].append(round(frame.time * rate))
+                yield frame
+
+    av.open = lambda *args, **kwargs: Recording(real_open(*args, **kwargs))
+    try:
+        yield log
+    finally:
+        av.open = real_open
+
+
+def draw_stream(ax, total: int, keyframes: list[int], wanted: list[int], decoded: list[int], seeks: list[int],
+                title: str, legend: bool = False) -> None:
+    """One row: the stream as a line of frames, keyframes as black bars, the decoded frames in blue, the sampled
+    frames as red triangles, and each seek as a green jump from the last frame decoded to the keyframe it lands on
+    (the keyframe at or before the seek's target)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    ax.broken_barh([(0, total)], (0, 1), color="0.9")
+    ax.broken_barh([(index, 1) for index in decoded], (0, 1), color="tab:blue")
+    ax.vlines(keyframes, -0.15, 1.15, color="black", lw=1.5)
+    ax.scatter([index + 0.5 for index in wanted], [1.45] * len(wanted), marker="v", color="tab:red", s=40, zorder=3)
+    for target in seeks:
+        landing = max(k for k in keyframes if k <= target)
+        source = max([index for index in decoded if index < landing], default=0)
+        ax.annotate("", xy=(landing, 1.15), xytext=(source + 1, 1.15), arrowprops={
+            "arrowstyle": "->", "color": "tab:green", "lw": 1.5, "connectionstyle": "arc3,rad=-0.35"})
+    ax.set_xlim(-2, total + 2), ax.set_ylim(-0.4, 2.4), ax.set_yticks([])
+    ax.set_title(title, fontsize=9, loc="left")
+    if legend:
+        ax.legend(handles=[Line2D([], [], color="black", lw=1.5, label="keyframe"),
+                           Patch(color="tab:blue", label="decoded"), Patch(color="0.9", label="not decoded"),
+                           Line2D([], [], marker="v", color="tab:red", ls="", label="sampled"),
+                           Line2D([], [], color="tab:green", label="seek")],
+                  ncol=5, fontsize=8, loc="lower right", bbox_to_anchor=(1, 1.12), frameon=False)
