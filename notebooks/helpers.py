@@ -264,22 +264,26 @@ def peak_load_memory(path: Path, how: str, pickle_path: Path | None = None) -> t
     return float(anonymous), float(mapped)
 
 
-def find_official(repo_id: str) -> Path | None:
-    """A local copy of an official checkpoint, or None: $MINIVB_OFFICIAL_CHECKPOINT, else the Hugging Face cache
-    (looked up with local_files_only: never a download)."""
-    import os
+def table_line(official_name: str) -> int | None:
+    """The index of the line of minivb.KEY_TABLE that maps `official_name` (the loader's own compiled table)."""
+    from minivb.checkpoint import _COMPILED  # the patterns exactly as the loader matches them
 
-    if os.environ.get("MINIVB_OFFICIAL_CHECKPOINT"):
-        return Path(os.environ["MINIVB_OFFICIAL_CHECKPOINT"])
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
-    except ImportError:
-        return None
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except LocalEntryNotFoundError:
-        return None
+    return next((number for number, (regex, _) in enumerate(_COMPILED) if regex.match(official_name)), None)
+
+
+def table_part(official_pattern: str) -> str:
+    """Which part of the model a line of the key table belongs to, from its official name."""
+    if official_pattern.startswith("vision_model"):
+        return "vision"
+    if official_pattern.startswith(("qformer", "query_tokens")):
+        return "Q-Former"
+    if official_pattern.startswith("language_projection"):
+        return "projection"
+    if official_pattern.startswith("language_model.lm_head"):
+        return "lm_head (both)"
+    if official_pattern.startswith("language_model.model"):
+        return "Vicuna"
+    return "Flan-T5"
 
 
 # ----------------------------------------------------------------------------- parity with transformers (07)
