@@ -4,6 +4,8 @@
     python -m minivb ask --model DIR --video PATH --start 60 --end 90 "What happens in this half minute?"
     python -m minivb info DIR
     python -m minivb info VIDEO        (duration, frame count, codec, and the frames that would be sampled)
+    python -m minivb eval --model DIR --annotations FILE --videos DIR [--out preds.jsonl]   (see evaluate.py)
+    python -m minivb toy-dataset --out DIR --clips N     (a video-QA dataset of toy clips, see data.py)
 
 Errors print one line on stderr and exit with code 2, with no traceback.
 """
@@ -14,6 +16,8 @@ import sys
 
 import torch
 
+from . import evaluate
+from .data import write_toy_dataset
 from .video import VIDEO_EXTENSIONS, read_video, video_info
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,6 +50,16 @@ def main(argv=None) -> int:
                      help="load even when minivb estimates that the model does not fit in the available memory")
     ask.add_argument("--device", default="cpu")
 
+    evaluation = commands.add_parser("eval", help="accuracy on a video-QA annotation file (the paper's protocol)")
+    evaluate.add_arguments(evaluation)
+    add_load_arguments(evaluation)
+
+    toy_dataset = commands.add_parser("toy-dataset", help="write a video-QA dataset of toy clips (annotations.json "
+                                                          "and videos/) to try eval and finetune on")
+    toy_dataset.add_argument("--out", required=True, help="folder to write")
+    toy_dataset.add_argument("--clips", type=int, required=True, help="clips; four questions are asked about each")
+    toy_dataset.add_argument("--seed", type=int, default=0, help="datasets of different seeds share no clip")
+
     info = commands.add_parser("info", help="architecture and parameter counts of a checkpoint, or what a video holds")
     info.add_argument("model", help="checkpoint directory (official layout), or a video file (mp4 webm mkv avi mov)")
     info.add_argument("--frames", type=int, default=4, help="for a video: frames that would be sampled (default 4)")
@@ -56,6 +70,11 @@ def main(argv=None) -> int:
     try:
         if args.command == "ask":
             print(run_ask(args))
+        elif args.command == "eval":
+            print(evaluate.run(args, load_for_eval))
+        elif args.command == "toy-dataset":
+            path = write_toy_dataset(args.out, args.clips, args.seed)
+            print(f"wrote {path} and {os.path.join(args.out, 'videos')}")
         elif os.path.isfile(args.model) and args.model.lower().endswith(VIDEO_EXTENSIONS):
             print(run_video_info(args.model, args.frames, args.start, args.end))
         else:
@@ -100,6 +119,29 @@ def run_ask(args) -> str:
                          repetition_penalty=args.repetition_penalty, length_penalty=args.length_penalty,
                          eos_token_id=processor.eos_token_id, pad_token_id=processor.pad_token_id)
     return processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
+
+
+def add_load_arguments(parser) -> None:
+    """How to load the checkpoint: the same options as `ask`."""
+    parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+                        help="auto (default): bfloat16 if it fits in memory, else bfloat16 with the language model "
+                             "in int8")
+    parser.add_argument("--quantize", choices=["int8"], default=None,
+                        help="int8: the language model's linear layers in int8 (half the memory of bfloat16)")
+    parser.add_argument("--no-memory-check", action="store_true",
+                        help="load even when minivb estimates that the model does not fit in the available memory")
+    parser.add_argument("--device", default="cpu")
+
+
+def load_for_eval(args):
+    import minivb
+
+    processor = minivb.load_processor(args.model)
+    large = os.path.isdir(args.model) and _checkpoint_bytes(args.model) > LARGE_CHECKPOINT
+    dtype = "auto" if args.dtype == "auto" else DTYPES[args.dtype]
+    model = minivb.load_model(args.model, dtype=dtype, device=args.device, progress=_print_progress if large else None,
+                              quantize=args.quantize, check_memory=not args.no_memory_check)
+    return model, processor
 
 
 def run_info(path) -> str:

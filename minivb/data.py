@@ -151,11 +151,18 @@ def collate(items: list) -> list:
 # The ways people write the toy's answers; the standard normalisation (evaluate.normalize) makes each one equal to
 # the plain word. Number words ("two" vs "2") do not occur: the toy world has nothing to count.
 ANSWER_FORMS = {
-    "color": ("{}", "{}.", "{C}.", "{U}", "the {}"),
+    "color": ("{}", "{C}.", "{U}", "{}!"),
     "shape": ("{}", "{U}", "a {}", "A {}.", "{C}!"),
-    "direction": ("{}", "{C}.", "{U}", "the {}", "{}!"),
+    "direction": ("{}", "{C}.", "{U}", "{}!", "the {}"),  # "the left", "the right"; not "the up"
     "describe": ("{}", "{C}.", "The {rest}."),
 }
+
+
+def _written(answer: str, question_type: str, rng) -> str:
+    """`answer` as a person might have typed it: 'Red.', 'CIRCLE', 'the left', 'The red circle moves left.'"""
+    forms = [form for form in ANSWER_FORMS[question_type] if not (form == "the {}" and answer in ("up", "down"))]
+    form = forms[rng.integers(len(forms))]
+    return form.format(answer, C=answer.capitalize(), U=answer.upper(), rest=answer.split(" ", 1)[-1])
 
 
 def write_toy_dataset(out, clips: int, seed: int = 0) -> str:
@@ -186,11 +193,8 @@ def write_toy_dataset(out, clips: int, seed: int = 0) -> str:
             if question_type == toy.QUESTION_TYPES[0]:
                 path = os.path.join(out, "videos", name)
                 _write_mp4(av, example.clip.frames, path) if av is not None else example.clip.to_gif(path)
-            form = ANSWER_FORMS[question_type][rng.integers(len(ANSWER_FORMS[question_type]))]
-            answer = example.answer
             records.append({"video": name, "question": example.question,
-                            "answer": form.format(answer, C=answer.capitalize(), U=answer.upper(),
-                                                  rest=answer.split(" ", 1)[-1]),
+                            "answer": _written(example.answer, question_type, rng),
                             "question_id": len(records), "question_type": question_type})
     path = os.path.join(out, "annotations.json")
     with open(path, "w", encoding="utf-8") as f:
