@@ -6,6 +6,8 @@
     python -m minivb info VIDEO        (duration, frame count, codec, and the frames that would be sampled)
     python -m minivb eval --model DIR --annotations FILE --videos DIR [--out preds.jsonl]   (see evaluate.py)
     python -m minivb toy-dataset --out DIR --clips N     (a video-QA dataset of toy clips, see data.py)
+    python -m minivb finetune --model DIR --annotations FILE --videos DIR --out DIR     (see finetune.py; the same
+                                       under torchrun --nproc_per_node N -m minivb finetune ...)
 
 Errors print one line on stderr and exit with code 2, with no traceback.
 """
@@ -16,7 +18,7 @@ import sys
 
 import torch
 
-from . import evaluate
+from . import evaluate, finetune
 from .data import write_toy_dataset
 from .video import VIDEO_EXTENSIONS, read_video, video_info
 
@@ -60,6 +62,9 @@ def main(argv=None) -> int:
     toy_dataset.add_argument("--clips", type=int, required=True, help="clips; four questions are asked about each")
     toy_dataset.add_argument("--seed", type=int, default=0, help="datasets of different seeds share no clip")
 
+    finetune.add_arguments(commands.add_parser(
+        "finetune", help="train the Q-Former, queries and projection on an annotation file (the InstructBLIP recipe)"))
+
     info = commands.add_parser("info", help="architecture and parameter counts of a checkpoint, or what a video holds")
     info.add_argument("model", help="checkpoint directory (official layout), or a video file (mp4 webm mkv avi mov)")
     info.add_argument("--frames", type=int, default=4, help="for a video: frames that would be sampled (default 4)")
@@ -72,6 +77,10 @@ def main(argv=None) -> int:
             print(run_ask(args))
         elif args.command == "eval":
             print(evaluate.run(args, load_for_eval))
+        elif args.command == "finetune":
+            summary = finetune.finetune(args)
+            if summary:  # process 0 alone, under torchrun
+                print(summary)
         elif args.command == "toy-dataset":
             path = write_toy_dataset(args.out, args.clips, args.seed)
             print(f"wrote {path} and {os.path.join(args.out, 'videos')}")
