@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "minivb" / "__init__.py").is_file())
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: notebooks/ sits in it
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -382,6 +382,44 @@ def read_rate(gigabytes: float = 0.5, repeats: int = 5) -> float:
         data.sum()
         best = min(best, time.perf_counter() - start)
     return data.numel() * 4 / best / 1e9
+
+
+def decode_bytes(model) -> int:
+    """Bytes of the weights one decoded token reads: the language model's (T5: its decoder and lm_head), less the
+    input embedding table, of which a step looks up one row. Works on a meta-device model."""
+    from minivb.memory import weight_bytes
+
+    lm = model.language_model
+    parts = [lm.decoder, lm.lm_head] if model.config.is_encoder_decoder else [lm.layers, lm.norm, lm.lm_head]
+    return sum(weight_bytes(part) for part in parts)
+
+
+# Run in a fresh process, so that environment variables read at start-up (oneDNN's ISA limit) take effect.
+_GFLOPS = """
+import sys, time, torch
+rows, inner, outer = (int(v) for v in sys.argv[1:4])
+x, w = torch.randn(rows, inner), torch.randn(outer, inner) * 0.02
+for dtype in (torch.bfloat16, torch.float32):
+    a, b = x.to(dtype), w.to(dtype)
+    torch.nn.functional.linear(a, b)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        torch.nn.functional.linear(a, b)
+        best = min(best, time.perf_counter() - start)
+    print(2 * rows * inner * outer / best / 1e9)
+"""
+
+
+def matmul_gflops(rows: int = 150, inner: int = 4096, outer: int = 11008, env: dict | None = None) -> dict:
+    """GFLOP/s of a (rows, inner) x (inner, outer) product in bf16 and in fp32 (best of 3 each), in a fresh
+    process with `env` added to the environment. Returns {torch.bfloat16: ..., torch.float32: ...}."""
+    import os
+
+    result = subprocess.run([sys.executable, "-c", _GFLOPS, str(rows), str(inner), str(outer)], capture_output=True,
+                            text=True, check=True, env={**os.environ, **(env or {})})
+    bf16, fp32 = (float(v) for v in result.stdout.split())
+    return {torch.bfloat16: bf16, torch.float32: fp32}
 
 
 def best_time(function, repeats: int = 5) -> float:

@@ -6,6 +6,8 @@ environment running the tests (jupyter_client starts it with this interpreter), 
 minivb, torch and transformers as the rest of the suite. Every notebook asserts its own numbers.
 """
 
+import base64
+import struct
 import sys
 from pathlib import Path
 
@@ -23,8 +25,11 @@ NAMES = [
     "05_generation.ipynb",
     "06_loading_checkpoints.ipynb",
     "07_parity_with_transformers.ipynb",
+    "09_real_scale.ipynb",
 ]
 MAX_BYTES = 2_000_000  # committed with pictures, but small enough to read on a code-hosting page
+MAX_CELL_LINES = 40  # a cell shows one idea; harness and plotting code goes to notebooks/helpers.py
+MIN_WIDTH_PX, MIN_DPI = 600, 99.5  # figures readable on a screen (matplotlib writes 100 dpi as 3937 px/m = 99.998)
 CELL_TIMEOUT_S = 600
 
 
@@ -55,6 +60,53 @@ def test_committed_with_outputs(name):
     outputs = [output for cell in code_cells for output in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"], f"{name} was committed with an error output"
     assert any("image/png" in o.get("data", {}) for o in outputs), f"{name} has no picture"
+
+
+def png_size_and_dpi(data: bytes) -> tuple[int, float | None]:
+    """Width in pixels (IHDR) and resolution in dpi (pHYs, when the PNG says it in metres) of a PNG file."""
+    width = struct.unpack(">I", data[16:20])[0]
+    position = 8
+    while position < len(data):
+        length, kind = struct.unpack(">I4s", data[position:position + 8])
+        if kind == b"pHYs":
+            per_unit, _, unit = struct.unpack(">IIB", data[position + 8:position + 17])
+            return width, per_unit * 0.0254 if unit == 1 else None
+        if kind == b"IDAT":  # pHYs must come before the image data
+            break
+        position += 12 + length
+    return width, None
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reads_as_a_lesson(name):
+    """Short cells, figures at >= 100 dpi and >= 600 px, a recap and exercises with hidden solutions."""
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    for number, cell in enumerate(notebook.cells):
+        lines = len(cell.source.splitlines())
+        assert cell.cell_type != "code" or lines <= MAX_CELL_LINES, f"{name}, cell {number}: {lines} lines"
+        for output in cell.get("outputs", []):
+            if "image/png" in output.get("data", {}):
+                width, dpi = png_size_and_dpi(base64.b64decode(output.data["image/png"]))
+                assert width >= MIN_WIDTH_PX and dpi is not None and dpi >= MIN_DPI, \
+                    f"{name}, cell {number}: a figure {width} px wide at {dpi} dpi"
+    markdown = [cell.source for cell in notebook.cells if cell.cell_type == "markdown"]
+    assert any("What we saw" in text for text in markdown), f"{name} has no recap (a 'What we saw' section)"
+    hidden = sum("<details>" in text for text in markdown)
+    hidden += sum(cell.metadata.get("jupyter", {}).get("source_hidden", False) for cell in notebook.cells)
+    assert hidden >= 2, f"{name} has {hidden} exercises with a hidden solution; 2 to 4 expected"
+
+
+def test_png_size_and_dpi_reads_what_matplotlib_writes(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(6.5, 2))
+    fig.savefig(tmp_path / "f.png", dpi=100)
+    plt.close(fig)
+    width, dpi = png_size_and_dpi((tmp_path / "f.png").read_bytes())
+    assert width == 650 and abs(dpi - 100) < 0.01
 
 
 def test_kernel_is_this_environment():
