@@ -411,7 +411,7 @@ for dtype in (torch.bfloat16, torch.float32):
 """
 
 
-def matmul_gflops(rows: int = 150, inner: int = 4096, outer: int = 11008, env: dict | None = None) -> dict:
+def matmul_gflops(rows: int = 64, inner: int = 4096, outer: int = 11008, env: dict | None = None) -> dict:
     """GFLOP/s of a (rows, inner) x (inner, outer) product in bf16 and in fp32 (best of 3 each), in a fresh
     process with `env` added to the environment. Returns {torch.bfloat16: ..., torch.float32: ...}."""
     import os
