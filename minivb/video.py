@@ -266,7 +266,8 @@ def video_info(path, num_frames: int = 4, start: float | None = None, end: float
         info = _describe(av, container, path, num_frames, start, end)
         stream = container.streams.video[0]
         # WebM / MKV keep their index (the cues) after the frames; FFmpeg reads it at the first seek.
-        container.seek(stream.start_time or 0, stream=stream)
+        with contextlib.suppress(av.FFmpegError):  # a file that cannot seek lists what it has
+            container.seek(stream.start_time or 0, stream=stream)
         return dataclasses.replace(info, keyframes=sum(1 for entry in stream.index_entries if entry.is_keyframe))
 
 
@@ -294,6 +295,7 @@ def _describe(av, container, path: str, num_frames: int, start, end) -> VideoInf
 
 def _count_by_decoding(av, path: str) -> int:
     with _open_container(av, path) as container:
+        container.streams.video[0].thread_type = "AUTO"
         return sum(1 for _ in container.decode(video=0))
 
 
