@@ -127,7 +127,8 @@ def test_live_webm_without_count_or_duration_is_counted(tmp_path):
 
 class RecordingContainer:
     """av.open's container, with its seeks and decoded frames written to `log`; everything else passed through.
-    settings["seek_late_s"] makes every seek land that many seconds later; settings["seek_fails"] makes it fail."""
+    settings["seek_late_s"] makes every seek land that many seconds later; settings["seek_fails"] makes it fail;
+    settings["decode_fails_after"] makes decoding fail after that many frames, as a corrupt packet would."""
 
     def __init__(self, container, log, settings):
         self._container, self._log, self._settings = container, log, settings
@@ -150,7 +151,9 @@ class RecordingContainer:
                                     stream=stream, **options)
 
     def decode(self, *streams, **kind):
-        for frame in self._container.decode(*streams, **kind):
+        for count, frame in enumerate(self._container.decode(*streams, **kind)):
+            if count == self._settings["decode_fails_after"]:
+                raise av.error.InvalidDataError(1094995529, "Invalid data found when processing input")
             self._log.append(("frame", self, frame.pts))
             yield frame
 
@@ -158,7 +161,7 @@ class RecordingContainer:
 @pytest.fixture
 def record(monkeypatch):
     """Containers opened by av.open record into the returned log; the returned settings change their seeks."""
-    log, settings, real_open = [], {"seek_late_s": 0, "seek_fails": False}, av.open
+    log, settings, real_open = [], {"seek_late_s": 0, "seek_fails": False, "decode_fails_after": None}, av.open
 
     def recording_open(*args, **kwargs):
         container = RecordingContainer(real_open(*args, **kwargs), log, settings)
@@ -216,13 +219,19 @@ def test_a_seek_that_lands_past_the_frame_or_fails_still_gives_the_right_frames(
         assert len(decoded) == 1 and len(decoded[0]) == 226
 
 
-def test_every_container_is_closed_when_an_error_is_raised(clips, record):
-    log, _ = record
-    with pytest.raises(ValueError, match="past the end"):
-        read_video(clips["bframes.mp4"], 4, start=100.0)
+@pytest.mark.parametrize("error", ["segment", "corrupt packet"])
+def test_every_container_is_closed_when_an_error_is_raised(clips, record, error):
+    log, settings = record
+    if error == "segment":  # raised after the first container is open
+        with pytest.raises(ValueError, match="past the end"):
+            read_video(clips["bframes.mp4"], 4, start=100.0)
+    else:  # raised while decoding, with the probe open too
+        settings["decode_fails_after"] = 3  # frames per decode() call: after a seek, the 4th
+        with pytest.raises(ValueError, match=r"cannot read .*bframes.mp4 as a video: .*Invalid data"):
+            read_video(clips["bframes.mp4"], 4)
     opened = [entry[1] for entry in log if entry[0] == "open"]
     closed = [entry[1] for entry in log if entry[0] == "close"]
-    assert opened and opened == closed
+    assert len(opened) == (1 if error == "segment" else 2) and sorted(map(id, opened)) == sorted(map(id, closed))
 
 
 # --- counts that prove wrong, truncated files ------------------------------------------------------
