@@ -37,6 +37,7 @@ from tqdm import tqdm
 from . import toy
 from .checkpoint import copy_processor_files, save_checkpoint
 from .config import InstructBlipVideoConfig, LlamaConfig, QFormerConfig, VisionConfig
+from .evaluate import is_correct  # the standard VQA answer normalisation, then exact match: `eval`'s one rule
 from .model import InstructBlipVideo, load_model
 from .processor import load_processor
 
@@ -209,11 +210,6 @@ def answer(model, processor, questions: list[str], videos: list, max_new_tokens:
     ids = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=1,
                          eos_token_id=processor.eos_token_id, pad_token_id=processor.pad_token_id)
     return [text.strip() for text in processor.batch_decode(ids, skip_special_tokens=True)]
-
-
-def is_correct(prediction: str, expected: str) -> bool:
-    """Exact answer: the same words, ignoring case and a final full stop."""
-    return prediction.strip().rstrip(".").lower() == expected.lower()
 
 
 def evaluate(model, processor, num_clips: int = 200, batch_size: int = 100,
