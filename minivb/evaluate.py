@@ -14,12 +14,13 @@ The protocol, as LAVIS runs InstructBLIP on MSVD-QA / MSRVTT-QA / iVQA (the pape
 
 The predictions file is also the run's memory: rerunning with the same --out skips the questions already in it,
 and a last line cut off by a crash is dropped and asked again. A summary JSON (accuracy overall and per question
-type, the settings) is written beside it.
+type, the settings) and a bar chart of the accuracy per question type are written beside it.
 """
 
 import json
 import os
 import re
+import sys
 import time
 
 import torch
@@ -76,8 +77,12 @@ def default_out(model: str, annotations: str) -> str:
     return f"{os.path.basename(os.path.normpath(model))}-{stem}.jsonl"
 
 
+def _stem(out: str) -> str:
+    return out[:-len(".jsonl")] if out.endswith(".jsonl") else out
+
+
 def summary_path(out: str) -> str:
-    return (out[:-len(".jsonl")] if out.endswith(".jsonl") else out) + ".summary.json"
+    return _stem(out) + ".summary.json"
 
 
 def read_predictions(out: str, entries: list[data.Entry]) -> dict:
@@ -210,6 +215,7 @@ def evaluate(model, processor, entries: list[data.Entry], videos_dir, out: str, 
     bar.close()
     seconds = time.perf_counter() - started
     summary = _write_summary(out, entries, done, settings, asked=len(todo), seconds=seconds)
+    plot_accuracy(_stem(out) + ".png", summary)
     return summary
 
 
@@ -235,6 +241,33 @@ def _write_summary(out, entries, done, settings, asked: int = 0, seconds: float 
         json.dump(summary, f, indent=2)
         f.write("\n")
     return summary
+
+
+def plot_accuracy(path: str, summary: dict) -> None:
+    """A bar per question type (and per answer type) with its accuracy, where the annotations have such a field."""
+    groups = [(name, summary[f"by_{name}"]) for name in GROUP_FIELDS if f"by_{name}" in summary]
+    if not groups:
+        return
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"minivb: matplotlib is not installed: no {path}", file=sys.stderr)
+        return
+    matplotlib.use("Agg")  # files only: no window, works without a display
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.5), dpi=100, squeeze=False)
+    for axis, (name, values) in zip(axes[0], groups):
+        labels = list(values)
+        bars = axis.bar(labels, [100 * values[label]["accuracy"] for label in labels])
+        axis.bar_label(bars, labels=[f"{100 * values[label]['accuracy']:.1f} % of {values[label]['questions']}"
+                                     for label in labels], fontsize=8)
+        axis.set(ylim=(0, 110), ylabel="accuracy (%)", title=f"by {name.replace('_', ' ')}")
+        axis.tick_params(axis="x", labelrotation=30)
+    figure.suptitle(f"accuracy {100 * summary['accuracy']:.1f} % on {summary['questions']} questions")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
 
 
 def format_summary(summary: dict) -> str:

@@ -71,6 +71,7 @@ def test_eval_scores_the_toy_checkpoint_and_resumes(toy_dataset, tmp_path, capsy
     assert summary["questions"] == 8 and summary["correct"] == 8 and summary["this_run"]["asked"] == 6
     assert summary["by_question_type"]["color"] == {"accuracy": 1.0, "correct": 2, "questions": 2}
     assert summary["settings"]["prompt"] == "{}" and summary["settings"]["num_beams"] == 5
+    assert (tmp_path / "preds.png").stat().st_size > 1000  # the accuracy per question type as a bar chart
 
     # Everything answered: a rerun asks nothing and prints the same accuracy.
     assert run_eval(toy_dataset, out) == 0
@@ -148,3 +149,20 @@ def test_toy_dataset_command(tmp_path, capsys):
     assert len(records) == 8 and len(os.listdir(tmp_path / "d" / "videos")) == 2
     assert main(["toy-dataset", "--out", str(tmp_path / "e"), "--clips", "0"]) == 2
     assert "clips must be an integer in [1, 1000000]" in capsys.readouterr().err
+
+
+def test_flan_t5_batched_equals_one_at_a_time(toy_dataset, tmp_path):
+    """The encoder-decoder path (right padding, T5's length penalty -1) on the tiny random Flan-T5."""
+    import minivb
+
+    folder = os.path.join(os.path.dirname(__file__), "..", "weights", "flan-t5-tiny")
+    model, processor = minivb.load_model(folder), minivb.load_processor(folder)
+    entries = data.read_annotations(toy_dataset / "annotations.json", toy_dataset / "videos")[:3]
+    predictions = {}
+    for batch_size in (1, 3):
+        out = tmp_path / f"t5-b{batch_size}.jsonl"
+        evaluate.evaluate(model, processor, entries, toy_dataset / "videos", str(out), batch_size=batch_size,
+                          num_workers=0, show_progress=False)
+        predictions[batch_size] = [r["prediction"] for r in read_lines(out)]
+    assert predictions[1] == predictions[3]
+    assert all(predictions[1])  # random weights: words, not answers, but at least one token each
