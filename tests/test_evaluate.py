@@ -73,8 +73,8 @@ def test_eval_scores_the_toy_checkpoint_and_resumes(toy_dataset, tmp_path, capsy
     assert summary["settings"]["prompt"] == "{}" and summary["settings"]["num_beams"] == 5
     assert (tmp_path / "preds.png").stat().st_size > 1000  # the accuracy per question type as a bar chart
 
-    # Everything answered: a rerun asks nothing and prints the same accuracy.
-    assert run_eval(toy_dataset, out) == 0
+    # Everything answered: a rerun (--limit or not) asks nothing and prints the accuracy over the whole file.
+    assert run_eval(toy_dataset, out, "--limit", "2") == 0
     assert capsys.readouterr().out.splitlines()[-1] == "accuracy 100.0 % on 8 questions"
     assert len(read_lines(out)) == 8
 
