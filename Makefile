@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench bench-full bench-video weights notebooks train-toy eval-toy eval-demo
+.PHONY: setup test demo bench bench-full bench-video weights notebooks train-toy eval-toy eval-demo recover-toy
 
 setup: $(STAMP)
 
@@ -58,3 +58,16 @@ eval-demo: setup
 	rm -f $(EVAL_DEMO)/predictions.jsonl
 	$(PY) -m minivb eval --model weights/toy-vicuna --annotations $(EVAL_DEMO)/annotations.json \
 		--videos $(EVAL_DEMO)/videos --out $(EVAL_DEMO)/predictions.jsonl --prompt "{}" --batch-size 16
+
+# The fine-tune recovery test (finetune.py): the toy's Q-Former, query tokens and projection re-initialised, the
+# recipe run on 800 toy questions (200 clips, dataset seed 1), then `eval` on 200 questions of 50 other clips (seed
+# 0). Too long for `make test` (tests/test_finetune.py runs a cut-down one that checks the loss falls).
+RECOVER := $(or $(TMPDIR),/tmp)/minivb-recover-toy
+recover-toy: setup
+	$(PY) -m minivb toy-dataset --out $(RECOVER)/train --clips 200 --seed 1
+	$(PY) -m minivb toy-dataset --out $(RECOVER)/test --clips 50 --seed 0
+	rm -rf $(RECOVER)/recovered $(RECOVER)/predictions.jsonl
+	$(PY) -m minivb finetune --model weights/toy-vicuna --reinit-bridge --annotations $(RECOVER)/train/annotations.json \
+		--videos $(RECOVER)/train/videos --out $(RECOVER)/recovered --lr 1e-3 --epochs 6 --prompt "{}"
+	$(PY) -m minivb eval --model $(RECOVER)/recovered --annotations $(RECOVER)/test/annotations.json \
+		--videos $(RECOVER)/test/videos --out $(RECOVER)/predictions.jsonl --prompt "{}" --batch-size 16
