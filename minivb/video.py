@@ -201,8 +201,9 @@ def _read_folder(path: str, num_frames: int) -> list[Image.Image]:
 # keyframe at or before a timestamp, using the container's index (mp4's sample table, webm's cues). Seeking is
 # cheap (no decoding); decoding is what costs. So instead of decoding the whole stream to keep 4 frames, we
 # seek to each sampled frame's keyframe and decode forward only to that frame (measured with `make
-# bench-video` on 2 shared cores: 4 frames of a 200 s 640x360 H.264 clip with a keyframe every 10 s in 0.022 s,
-# against 3.8 s to decode the whole stream; the cost is at most one GOP per sampled frame, whatever the length).
+# bench-video` on 2 shared cores, best of 6 runs: 4 frames of a 200 s 640x360 H.264 clip with a keyframe every
+# 10 s in 0.014 s, against 2.6 s to decode the whole stream; the cost is at most one GOP per sampled frame,
+# whatever the length).
 #
 # Frame k of a stream at a constant rate of r frames per second is shown at time k / r after the first frame:
 # its pts is the first frame's pts + k / (r * time base). B-frames are stored out of order (a B-frame follows
