@@ -20,9 +20,11 @@ things about CPUs make that slow, and this file answers them without changing wh
    streams such a matrix at about half the rate the machine can read memory; a fused multiply-and-sum compiled
    by torch.compile (inductor's C++ backend) streams it near that rate. `Linear` takes that kernel for one row
    of a large matrix and the plain F.linear for everything else (prefill, beams, small matrices, no compiler).
+   int8 weights (quant.py) multiply a decode step's rows through torch._weight_int8pack_mm and a prompt's many
+   rows through a bf16 copy of one matrix at a time (`int8_linear`): int8pack_mm's cost grows with the rows.
 
-3. The attention of a decode step. PyTorch's CPU flash-attention kernel is slow for one bf16 query a row:
-   `attention` computes that case as the explicit softmax in fp32.
+3. The attention of a decode step. PyTorch's CPU flash-attention kernel is slow for one bf16 query a row, and
+   so is the fp32 softmax written op by op: `attention` compiles the latter, so it reads the bf16 cache once.
 
 What was measured where: everything here on the native-bf16 machine (AMD EPYC, AVX-512 with avx512_bf16, 2 cores);
 the AVX2 numbers come from issue 12. The fp32 compute path runs on this machine too (MINIVB_NATIVE_BF16=0), which
@@ -146,34 +148,53 @@ FUSED_CHUNK = 4096
 
 def _row_times_matrix(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """row (1, n, c) x weight (out, n, c) -> (1, out), accumulated in fp32. Written as one multiply-and-sum so
-    that inductor fuses it into a single vectorized pass over the weight, split over the cores."""
+    that inductor fuses it into a single vectorized pass over the weight, split over the cores.
+
+    Only for one row: the generated loop computes each output as one dot product, so R rows convert and multiply
+    each weight row R times (5 rows x 11008 x 4096 bf16, loaded machine, 2 threads: 33 ms against F.linear's 16;
+    with the R sums unrolled into one loop, 74 against 38), where F.linear's matrix kernel reads it once."""
     return (weight[None].float() * row[:, None].float()).sum(-1).sum(-1).to(row.dtype)
 
 
-_fused_failed = False  # set when compiling failed on this machine: the plain path from then on
+_compile_failed = False  # set when compiling failed on this machine: the plain paths from then on
 
 
 def _plain_instead(reason: str) -> None:
-    print(f"minivb: {reason}: one-row products use plain F.linear (decoding about 1.5-2x slower at 7B sizes)",
+    print(f"minivb: {reason}: decode steps use plain PyTorch (decoding about 1.5-2x slower at 7B sizes)",
           file=sys.stderr)
 
 
 @functools.cache
-def _fused_kernel():
-    """The compiled kernel, or None (with a one-line notice) where inductor cannot build C++ on this machine."""
+def _compiler_found() -> bool:
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None and shutil.which("clang++") is None:
-        _plain_instead(f"no C++ compiler ({compiler} or clang++) found")
+        _plain_instead(f"no C++ compiler ({compiler} or clang++) found")  # said once
+        return False
+    return True
+
+
+@functools.cache
+def _compiled(function):
+    """`function` compiled by inductor, or None where it cannot build C++ on this machine.
+
+    dynamic=True: one kernel for every shape (a few more for the size-1 specialisations), not one per matrix or
+    per cache length. Compiling takes 1-3 s at the first decode step of a process (inductor caches it on disk)."""
+    if _compile_failed or not _compiler_found():
         return None
-    # dynamic=True: one kernel for every matrix shape (two with the size-1 specialisation), not one per shape.
-    # Compiling takes 1-3 s at the first decode step of a process (inductor caches the kernel on disk).
-    return torch.compile(_row_times_matrix, dynamic=True)
+    return torch.compile(function, dynamic=True)
+
+
+def _compile_failure(error: Exception) -> None:
+    """A compiler inductor cannot use: say so once, then stay on the plain paths."""
+    global _compile_failed
+    _plain_instead(f"torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0][:100]})")
+    _compile_failed = True
+    _compiled.cache_clear()
 
 
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear for one row (..., in) through the compiled kernel (plain F.linear where there is none)."""
-    global _fused_failed
-    kernel = None if _fused_failed else _fused_kernel()
+    kernel = _compiled(_row_times_matrix)
     if kernel is None:
         return F.linear(x, weight, bias)
     out_features, in_features = weight.shape
@@ -182,9 +203,8 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         chunks = 1  # an awkward (prime-like) width: one long row and the cascade sum, rather than tiny chunks
     try:
         out = kernel(x.reshape(1, chunks, -1), weight.reshape(out_features, chunks, -1))  # (1, out)
-    except Exception as error:  # a compiler inductor cannot use: say so once, then stay on the plain path
-        _plain_instead(f"torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0][:100]})")
-        _fused_failed = True
+    except Exception as error:
+        _compile_failure(error)
         return F.linear(x, weight, bias)
     if bias is not None:
         out = out + bias
@@ -239,20 +259,34 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+# int8 weights (quant.Int8Linear), bf16 rows on a CPU. torch._weight_int8pack_mm reads the int8 matrix as it is,
+# which is what decoding wants, but its cost grows with the rows where a bf16 matrix product's does not: a prompt's
+# 150 rows took 2.9 s of first token against bf16's 1.7 s (7B cut to 4 + 4 layers). Above INT8_MATMUL_ROWS rows the
+# int8 matrix is converted to bf16 (exactly: -127..127 are bf16 integers) and multiplied by F.linear's matrix
+# kernel, the scales applied to the (rows, out) product. Measured, 11008 x 4096, 2 threads, ms a matrix, in one run
+# on a shared machine (load average 8-11: the ratios hold, the rates are ~5x below a quiet machine's):
+#     rows             1     5     8    16    32    48    64   100   150
+#     int8pack_mm   15.2  32.0  37.3   101   194   265   326   563   704
+#     bf16 copy        -     -     -   277   318   341   338   298   522
+#     bf16 F.linear 32.0  28.5  35.0  67.5  87.4   120   140   166   210   (bf16 weights, for comparison)
+INT8_MATMUL_ROWS = 64
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (..., in) bf16 on a CPU, weight (out, in) int8, scales (out,) -> x @ (weight * scales).T, (..., out)."""
+    rows = x.reshape(-1, x.shape[-1])  # (R, in)
+    if rows.shape[0] <= INT8_MATMUL_ROWS:
+        out = torch._weight_int8pack_mm(rows, weight, scales.to(x.dtype))  # (R, out)
+    else:
+        out = F.linear(rows, weight.to(x.dtype)) * scales.to(x.dtype)  # (R, out)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
 # ----------------------------------------------------------------------------- 3. attention of a decode step
 
-def attention(q, k, v, keep: torch.Tensor | None, enable_gqa: bool) -> torch.Tensor:
-    """F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=...), faster for one bf16 query a row.
-
-    q (B, H, L, Dh), k and v (B, Hkv, S, Dh), keep (B or 1, 1, L, S) bool, True = attend.
-    PyTorch's CPU flash-attention kernel is slow for a single bf16 query: measured (native-bf16 machine, 1 thread,
-    S = 160 keys), 32 heads of 128: 1.08 ms a layer for one row, 5.7 ms for 5 beams; the explicit softmax in
-    fp32 below 0.30 ms and 3.7 ms, with the same error against an fp32 reference (~1e-3). At 32 layers that is
-    ~25 ms of every 7B token. The prompt (L > 1), fp32 and GPUs keep the fused kernel.
-    """
+def _explicit_attention(q, k, v, keep: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(Dh)) v in fp32, for one query a row: q (B, H, 1, Dh), k and v (B, Hkv, S, Dh)."""
     B, H, L, Dh = q.shape
-    if L != 1 or q.dtype == torch.float32 or q.device.type != "cpu" or torch.is_grad_enabled():
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=enable_gqa)
     Hkv = k.shape[1]
     queries = q.float().view(B, Hkv, H // Hkv, L, Dh)  # (B, Hkv, H/Hkv, 1, Dh): query heads grouped by kv head
     keys, values = k.float()[:, :, None], v.float()[:, :, None]  # (B, Hkv, 1, S, Dh)
@@ -261,3 +295,26 @@ def attention(q, k, v, keep: torch.Tensor | None, enable_gqa: bool) -> torch.Ten
         scores = scores.masked_fill(~keep[:, :, None], float("-inf"))  # a decode token always sees itself
     out = scores.softmax(dim=-1) @ values  # (B, Hkv, H/Hkv, 1, Dh)
     return out.reshape(B, H, L, Dh).to(q.dtype)
+
+
+def attention(q, k, v, keep: torch.Tensor | None, enable_gqa: bool) -> torch.Tensor:
+    """F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=...), faster for one bf16 query a row.
+
+    q (B, H, L, Dh), k and v (B, Hkv, S, Dh), keep (B or 1, 1, L, S) bool, True = attend.
+    PyTorch's CPU flash-attention kernel is slow for a single bf16 query, and so is the explicit softmax in fp32
+    run op by op (each op a pass over an fp32 copy of the cache): compiled, the casts, the products and the
+    softmax fuse into passes over the bf16 cache. Measured (native-bf16 machine, 1 thread, S = 160 keys, 32 heads
+    of 128, a layer): one row SDPA 1.14 ms, explicit 1.30 ms, compiled 0.17 ms; 5 beams 6.9, 6.6 and 2.2 ms.
+    The error against an fp32 reference is that of one bf16 rounding (~1e-3). At 32 layers that is ~35 ms of
+    every 7B token, ~140 ms of every 5-beam step. The prompt (L > 1), fp32 and GPUs keep the fused kernel.
+    """
+    L = q.shape[2]
+    if L != 1 or q.dtype == torch.float32 or q.device.type != "cpu" or torch.is_grad_enabled():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=enable_gqa)
+    kernel = _compiled(_explicit_attention)
+    if kernel is not None:
+        try:
+            return kernel(q, k, v, keep)
+        except Exception as error:
+            _compile_failure(error)
+    return _explicit_attention(q, k, v, keep)

@@ -18,9 +18,9 @@ from tests import tiny
 @pytest.fixture
 def fresh_kernel():
     """Forget the cached kernel (or its absence) before and after a test that changes how it is built."""
-    fast._fused_kernel.cache_clear()
+    fast._compiled.cache_clear(), fast._compiler_found.cache_clear()
     yield
-    fast._fused_kernel.cache_clear()
+    fast._compiled.cache_clear(), fast._compiler_found.cache_clear()
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -152,7 +152,27 @@ def test_no_compiler_falls_back_with_a_notice(monkeypatch, capsys, fresh_kernel)
     monkeypatch.setattr(fast.shutil, "which", lambda name: None)
     x, w = torch.randn(1, 64), torch.randn(32, 64)
     assert torch.equal(fast.fused_linear(x, w), F.linear(x, w))
-    assert "no C++ compiler" in capsys.readouterr().err
+    q, k = torch.randn(1, 2, 1, 8).bfloat16(), torch.randn(1, 2, 5, 8).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(fast.attention(q, k, k, None, False), fast._explicit_attention(q, k, k, None))
+    assert capsys.readouterr().err.count("no C++ compiler") == 1  # said once
+
+
+def test_int8_products_equal_the_reference(monkeypatch):
+    from minivb.quant import Int8Linear
+
+    monkeypatch.setattr(fast, "INT8_MATMUL_ROWS", 4)  # 2 rows through int8pack_mm, 9 through a bf16 copy
+    g = torch.Generator().manual_seed(0)
+    layer = Int8Linear(96, 40, bias=True, dtype=torch.bfloat16)
+    layer.load_weight(torch.randn(40, 96, generator=g))
+    with torch.no_grad():
+        layer.bias.copy_(torch.randn(40, generator=g))
+        for rows in (2, 9):
+            x = torch.randn(rows, 1, 96, generator=g)
+            reference = layer(x)  # fp32: the dequantized weight through F.linear
+            got = layer(x.bfloat16())
+            assert got.shape == (rows, 1, 40) and got.dtype == torch.bfloat16
+            assert (got.float() - reference).abs().max() <= 2e-2 * reference.abs().max()
 
 
 @torch.no_grad()
@@ -165,8 +185,10 @@ def test_decode_attention_equals_sdpa(num_kv_heads):
     keep[1, ..., :4] = False  # a left-padded row
     expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=keep,
                                               enable_gqa=num_kv_heads != 4)
-    got = fast.attention(q, k, v, keep, enable_gqa=num_kv_heads != 4)
+    got = fast.attention(q, k, v, keep, enable_gqa=num_kv_heads != 4)  # compiled
     assert got.dtype == torch.bfloat16
+    plain = fast._explicit_attention(q, k, v, keep)  # what runs where nothing compiles
+    assert (got.float() - plain.float()).abs().max() <= 2**-8 * expected.abs().max()
     assert (got.float() - expected).abs().max() <= 2**-8 * expected.abs().max()  # one bf16 rounding
     fused = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=num_kv_heads != 4)
     assert (got.float() - fused.float()).abs().max() <= 2**-7 * expected.abs().max()

@@ -79,7 +79,7 @@ def test_estimate_is_within_10_percent_of_the_real_peak(medium, dtype):
                             timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     peak = json.loads(result.stdout.strip().splitlines()[-1])["peak"]
-    assert need.weights > 0.8 * need.total  # the weights dominate, as at real scale
+    assert need.weights > 0.75 * need.total  # the weights dominate, as at real scale (there: > 0.95)
     assert abs(need.total - peak) <= 0.1 * peak, (need, peak)
 
 
@@ -99,18 +99,21 @@ def test_official_sizes():
 
 
 def test_refusal_names_need_available_and_what_fits(monkeypatch):
-    tiny_fp32 = memory.estimate(build_on_meta(load_config(TINY), torch.float32)).total
-    tiny_bf16 = memory.estimate(build_on_meta(load_config(TINY), torch.bfloat16)).total
-    available = (tiny_fp32 + tiny_bf16) // 2  # bf16 fits, fp32 does not
+    # The official 7B's config alone: the refusal comes before any weight is read.
+    official = ROOT / "tests/data/official/vicuna-7b"
+    fp32 = memory.estimate(build_on_meta(load_config(official), torch.float32)).total
+    bf16 = memory.estimate(build_on_meta(load_config(official), torch.bfloat16)).total
+    available = (fp32 + bf16) // 2  # bf16 fits, fp32 does not
     monkeypatch.setattr(memory, "available_bytes", lambda device: available)
     with pytest.raises(memory.NotEnoughMemory) as error:
-        minivb.load_model(TINY, dtype=torch.float32)
+        minivb.load_model(official, dtype=torch.float32)
     message = str(error.value)
     assert isinstance(error.value, ValueError)
-    assert str(TINY) in message and "torch.float32" in message
-    assert f"{tiny_fp32 / 1e9:.1f} GB" in message and f"only {available / 1e9:.1f} GB is available" in message
+    assert str(official) in message and "torch.float32" in message
+    assert f"{fp32 / 1e9:.1f} GB" in message and f"only {available / 1e9:.1f} GB is available" in message
     assert "dtype=torch.bfloat16" in message and "check_memory=False" in message
     minivb.load_model(TINY, dtype=torch.bfloat16)  # fits
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1000)
     minivb.load_model(TINY, dtype=torch.float32, check_memory=False)  # the override
 
 
@@ -137,7 +140,8 @@ def test_activations_follow_the_compute_dtype(monkeypatch):
     config = load_config(ROOT / "tests/data/official/vicuna-7b")
     fp32 = memory.estimate(build_on_meta(config, torch.float32)).activations
     monkeypatch.setenv("MINIVB_NATIVE_BF16", "0")
-    assert memory.estimate(build_on_meta(config, torch.bfloat16)).activations == fp32
+    bf16 = memory.estimate(build_on_meta(config, torch.bfloat16)).activations
+    assert bf16 == fp32 + memory.COMPILE_BYTES  # and bf16 decoding compiles its attention
     monkeypatch.setenv("MINIVB_NATIVE_BF16", "1")
     bf16 = memory.estimate(build_on_meta(config, torch.bfloat16)).activations
-    assert bf16 == memory.activation_bytes(config, 2) and bf16 < 0.6 * fp32
+    assert bf16 == memory.activation_bytes(config, 2) + memory.COMPILE_BYTES and bf16 < 0.6 * fp32
