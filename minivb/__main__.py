@@ -61,6 +61,9 @@ def main(argv=None) -> int:
     toy_dataset.add_argument("--out", required=True, help="folder to write")
     toy_dataset.add_argument("--clips", type=int, required=True, help="clips; four questions are asked about each")
     toy_dataset.add_argument("--seed", type=int, default=0, help="datasets of different seeds share no clip")
+    toy_dataset.add_argument("--answers", choices=["varied", "plain"], default="varied",
+                             help="varied (default): 'Red.', 'CIRCLE', 'the left', to evaluate on; plain: as the toy "
+                                  "model writes them, to fine-tune on")
 
     finetune.add_arguments(commands.add_parser(
         "finetune", help="train the Q-Former, queries and projection on an annotation file (the InstructBLIP recipe)"))
@@ -82,7 +85,7 @@ def main(argv=None) -> int:
             if summary:  # process 0 alone, under torchrun
                 print(summary)
         elif args.command == "toy-dataset":
-            path = write_toy_dataset(args.out, args.clips, args.seed)
+            path = write_toy_dataset(args.out, args.clips, args.seed, args.answers)
             print(f"wrote {path} and {os.path.join(args.out, 'videos')}")
         elif os.path.isfile(args.model) and args.model.lower().endswith(VIDEO_EXTENSIONS):
             print(run_video_info(args.model, args.frames, args.start, args.end))

@@ -165,9 +165,13 @@ def _written(answer: str, question_type: str, rng) -> str:
     return form.format(answer, C=answer.capitalize(), U=answer.upper(), rest=answer.split(" ", 1)[-1])
 
 
-def write_toy_dataset(out, clips: int, seed: int = 0) -> str:
+def write_toy_dataset(out, clips: int, seed: int = 0, answers: str = "varied") -> str:
     """Write `clips` held-out toy clips under out/videos/ (mp4 through PyAV when installed, GIF otherwise) and
     out/annotations.json asking every question type about each; returns the annotation file's path.
+
+    answers="varied": written the ways people write them (ANSWER_FORMS), what `eval` is tried on; "plain": as the
+    toy's language model writes them ("red", "a red circle moves left"), what fine-tuning needs, since the
+    InstructBLIP recipe freezes the language model and so cannot teach it to write "RED" or "Red.".
 
     Clip k is held-out clip seed * 1,000,000 + k (train.py never trains on held-out clips), so datasets of
     different seeds share no clip: fine-tune on seed 1, evaluate on seed 0.
@@ -176,6 +180,8 @@ def write_toy_dataset(out, clips: int, seed: int = 0) -> str:
         raise ValueError(f"clips must be an integer in [1, 1000000], got {clips!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1000:
         raise ValueError(f"seed must be an integer in [0, 1000), got {seed!r}")
+    if answers not in ("varied", "plain"):
+        raise ValueError(f"answers must be 'varied' or 'plain', got {answers!r}")
     out = os.fspath(out)
     os.makedirs(os.path.join(out, "videos"), exist_ok=True)
     try:
@@ -194,7 +200,8 @@ def write_toy_dataset(out, clips: int, seed: int = 0) -> str:
                 path = os.path.join(out, "videos", name)
                 _write_mp4(av, example.clip.frames, path) if av is not None else example.clip.to_gif(path)
             records.append({"video": name, "question": example.question,
-                            "answer": _written(example.answer, question_type, rng),
+                            "answer": _written(example.answer, question_type, rng) if answers == "varied"
+                            else example.answer,
                             "question_id": len(records), "question_type": question_type})
     path = os.path.join(out, "annotations.json")
     with open(path, "w", encoding="utf-8") as f:

@@ -88,3 +88,14 @@ def test_toy_dataset_round_trip(tmp_path):
         assert np.abs(np.asarray(frame, dtype=np.int16) - drawn).mean() < 2.0
     assert entries[4].answer.lower().strip(".!").removeprefix("the ").removeprefix("a ") in clip.color
     assert data.collate([(entry, frames)]) == [(entry, frames)]
+
+
+def test_toy_dataset_plain_answers(tmp_path):
+    varied = json.loads(open(data.write_toy_dataset(tmp_path / "v", clips=5, seed=2)).read())
+    plain = json.loads(open(data.write_toy_dataset(tmp_path / "p", clips=5, seed=2, answers="plain")).read())
+    clip = toy.make_clip(toy.split_seed("heldout", 2_000_000))
+    assert [e["answer"] for e in plain[:4]] == [clip.answer(kind) for kind in toy.QUESTION_TYPES]
+    assert [e["question"] for e in plain] == [e["question"] for e in varied]
+    assert sum(e["answer"] != p["answer"] for e, p in zip(varied, plain)) >= 5  # the varied forms differ
+    with pytest.raises(ValueError, match="answers must be 'varied' or 'plain'"):
+        data.write_toy_dataset(tmp_path / "x", clips=1, answers="upper")
