@@ -7,7 +7,7 @@ transformers' InstructBlipVideoForConditionalGeneration read.
     python -m minivb finetune --model DIR --annotations FILE --videos DIR --out DIR
     torchrun --nproc_per_node 2 -m minivb finetune ...      (the same arguments; --batch-size stays the global batch)
 
-The recipe, as the InstructBLIP paper (section 3.4, "Implementation details") and LAVIS run it:
+The recipe, as the InstructBLIP paper ("Implementation Details", arXiv 2305.06500) and LAVIS run it:
   - the vision encoder and the language model are frozen, and written out bit for bit as they came in;
   - the Q-Former, the query tokens and the language projection learn;
   - AdamW, betas (0.9, 0.999), weight decay 0.05; the learning rate rises linearly for the first 1,000 steps (or a
@@ -15,6 +15,9 @@ The recipe, as the InstructBLIP paper (section 3.4, "Implementation details") an
   - the loss is the language model's cross-entropy on the answer tokens and the eos only (labels -100 elsewhere);
     the Q-Former reads the prompt, never the answer (train.make_batch).
   Unlike LAVIS, minivb has no dropout (LAVIS's Q-Former drops 10 % of its activations while training).
+The language model being frozen, it keeps its own way of writing an answer: the bridge can make it say "red" where
+it says "blue", not "RED!" where it writes "red". Fine-tune on answers in the style the model writes (MSRVTT-QA's
+one lower-case word suits Vicuna; `make recover-toy` rewrites the toy's varied forms to the toy's plain ones).
 
 What --out receives:
   model.safetensors, config.json, tokenizer and preprocessor files   the checkpoint, in the official layout
@@ -44,12 +47,12 @@ from .model import load_model
 from .processor import load_processor
 from .train import init_layers, learning_rate, make_batch, make_optimizer, select_trainable, train_loop
 
-# The recipe (InstructBLIP paper, section 3.4; LAVIS instruction tuning).
+# The recipe (the InstructBLIP paper's "Implementation Details"; LAVIS instruction tuning).
 PEAK_LR = 1e-5
 WEIGHT_DECAY = 0.05
 BETAS = (0.9, 0.999)
 WARMUP_STEPS = 1000
-CLIP_NORM = 1.0  # as the toy trainer; LAVIS does not clip, but one bad batch at a 1e-3 learning rate can undo a run
+CLIP_NORM = 1.0  # as the toy trainer (the paper names no clipping): one bad batch at a 1e-3 lr can undo a run
 STATE_FILE = "state.pt"
 LOSS_FILE = "loss.csv"
 

@@ -15,7 +15,7 @@ import transformers
 from safetensors import safe_open
 
 import minivb
-from minivb import data, finetune, train
+from minivb import data, finetune, toy, train
 from minivb.__main__ import main as cli
 from minivb.checkpoint import stored_dtypes
 
@@ -193,14 +193,30 @@ def mean_loss(model, dataset) -> float:
 
 
 def test_reinitialised_bridge_learns(dataset, tmp_path):
-    """The recovery run, cut down (`make recover-toy` is the whole one): from a fresh Q-Former the loss falls."""
-    assert run(dataset, tmp_path, "--reinit-bridge", "--prompt", "{}", "--warmup-steps", "2", epochs=6) == 0
+    """The recovery run, cut down (`make recover-toy` is the whole one): from a fresh Q-Former the loss falls.
+
+    As in `make recover-toy`, the answers are the toy's plain ones: the frozen language model cannot learn "RED"."""
+    annotations, videos, entries = dataset
+    with open(annotations, encoding="utf-8") as f:
+        records = json.load(f)
+    for record in records:  # toy{index:09d}.mp4 is held-out clip `index`
+        clip = toy.make_clip(toy.split_seed("heldout", int(record["video"][3:12])))
+        record["answer"] = clip.answer(record["question_type"])
+    plain = str(tmp_path / "plain.json")
+    with open(plain, "w", encoding="utf-8") as f:
+        json.dump(records, f)
+    plain_dataset = (plain, videos, data.read_annotations(plain, videos))
+    assert run(plain_dataset, tmp_path / "out", "--reinit-bridge", "--prompt", "{}", "--warmup-steps", "2",
+               epochs=6) == 0
     fresh = minivb.load_model(TOY)
     finetune.reinitialise_bridge(fresh, seed=0)
-    before, after = mean_loss(fresh, dataset), mean_loss(minivb.load_model(tmp_path), dataset)
-    print(f"loss over the {len(dataset[2])} questions: fresh bridge {before:.2f}, after 48 steps {after:.2f}")
-    assert before > 5  # the towers do not understand each other: worse than guessing among the answer words
-    assert after < 0.7 * before
+    before = mean_loss(fresh, plain_dataset)
+    after = mean_loss(minivb.load_model(tmp_path / "out"), plain_dataset)
+    print(f"loss over the {len(entries)} questions: fresh bridge {before:.2f}, after 48 steps {after:.2f}")
+    # Measured: 2.39 -> 0.35. A fresh bridge shows the language model noise: it can only guess (guessing among 4
+    # colours alone costs ln 4 = 1.4).
+    assert before > 2
+    assert after < 0.3 * before
 
 
 # ----------------------------------------------------------------------------- bad input
