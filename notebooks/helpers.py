@@ -5,7 +5,7 @@ needs (`from helpers import ...`); the notebooks run with notebooks/ as the work
 found there, and it puts the checkout's root on sys.path so that `import minivb` reads this checkout.
 
 Sections: setup | attention pictures (02, 03) | the prompt layout (04) | beam search (05) | loading and memory
-(06) | parity with transformers (07) | bandwidth (09) | frames and seeking (01).
+(06) | parity with transformers (07) | bandwidth (09) | frames and seeking (01) | training and evaluation (08, 10).
 """
 
 import contextlib
@@ -537,3 +537,72 @@ def draw_stream(ax, total: int, keyframes: list[int], wanted: list[int], decoded
                            Line2D([], [], marker="v", color="tab:red", ls="", label="sampled"),
                            Line2D([], [], color="tab:green", label="seek")],
                   ncol=5, fontsize=8, loc="lower right", bbox_to_anchor=(1, 1.12), frameon=False)
+
+
+# ----------------------------------------------------------------------------- training and evaluation (08, 10)
+
+TOKEN_COLORS = {"visual": "0.72", "prompt": "#9ecae1", "answer": "#74c476", "pad": "white"}  # a token's role
+
+
+def token_roles(ids, labels, mask, placeholder: int) -> list[str]:
+    """The role of each position of one training row: 'visual' (a placeholder), 'pad' (mask 0), 'answer' (a
+    scored label) or 'prompt' (everything else: the bos and the question)."""
+    roles = []
+    for token, label, keep in zip(ids.tolist(), labels.tolist(), mask.tolist()):
+        roles.append("visual" if token == placeholder else "pad" if not keep else
+                     "answer" if label != -100 else "prompt")
+    return roles
+
+
+def draw_token_row(ax, texts: list[str], roles: list[str], labels: list[int], y: float, title: str) -> None:
+    """One row of a batch as coloured boxes, the token's text inside and its label (-100 or the id) below."""
+    for x, (text, role, label) in enumerate(zip(texts, roles, labels)):
+        ax.add_patch(plt.Rectangle((x, y), 0.95, 0.8, facecolor=TOKEN_COLORS[role], edgecolor="0.4", lw=0.6))
+        ax.text(x + 0.47, y + 0.4, text, ha="center", va="center", fontsize=6.5, rotation=90)
+        ax.text(x + 0.47, y - 0.12, str(label), ha="center", va="top", fontsize=5.5, rotation=90,
+                color="black" if label != -100 else "0.55")
+    ax.text(-0.3, y + 0.4, title, ha="right", va="center", fontsize=8)
+
+
+def draw_steps_table(ax, forms: list[str], names: list[str], table: list[list[str]]) -> None:
+    """A text table, one row per answer form and one column per normalisation step; a cell that the step changed is
+    shaded orange, so that the picture shows which step does what."""
+    for row, steps in enumerate(table):
+        for column, text in enumerate(steps):
+            changed = column > 0 and text != steps[column - 1]
+            ax.add_patch(plt.Rectangle((column, -row), 1, -1, facecolor="#fdd0a2" if changed else "white",
+                                       edgecolor="0.8", lw=0.5))
+            ax.text(column + 0.5, -row - 0.5, repr(text), ha="center", va="center", fontsize=7.5)
+    for column, name in enumerate(names):
+        ax.text(column + 0.5, 0.15, name, ha="center", va="bottom", fontsize=8, weight="bold")
+    ax.set_xlim(0, len(names)), ax.set_ylim(-len(forms), 0.9)
+    ax.axis("off")
+
+
+def draw_confusion(ax, matrix: np.ndarray, truths: list[str], predictions: list[str], vmax: float, title: str):
+    """A confusion matrix (truth down, prediction across) with its counts written in; returns the image, for one
+    colour bar shared by several matrices."""
+    image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=vmax)
+    for (row, column), count in np.ndenumerate(matrix):
+        if count:
+            ax.text(column, row, int(count), ha="center", va="center", fontsize=7,
+                    color="white" if count > vmax / 2 else "black")
+    ax.set_xticks(range(len(predictions)), predictions, rotation=60, fontsize=7)
+    ax.set_yticks(range(len(truths)), truths, fontsize=7)
+    ax.set_xlabel("prediction (normalised)"), ax.set_ylabel("truth (normalised)")
+    ax.set_title(title, fontsize=9)
+    return image
+
+
+@contextlib.contextmanager
+def keep_figures_inline():
+    """Run minivb code that saves a picture (evaluate.py's accuracy chart, finetune.py's loss.png) without losing
+    this notebook's figures: that code selects matplotlib's file-only backend (Agg) for the whole process, so the
+    backend in use before it is put back afterwards."""
+    import matplotlib
+
+    backend = matplotlib.get_backend()
+    try:
+        yield
+    finally:
+        plt.switch_backend(backend)
