@@ -25,7 +25,9 @@ NAMES = [
     "05_generation.ipynb",
     "06_loading_checkpoints.ipynb",
     "07_parity_with_transformers.ipynb",
+    "08_training.ipynb",
     "09_real_scale.ipynb",
+    "10_evaluation.ipynb",
 ]
 MAX_BYTES = 2_000_000  # committed with pictures, but small enough to read on a code-hosting page
 MAX_CELL_LINES = 40  # a cell shows one idea; harness and plotting code goes to notebooks/helpers.py
