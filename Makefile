@@ -63,8 +63,10 @@ eval-demo: setup
 # recipe run on 800 toy questions (200 clips, dataset seed 1), then `eval` on 200 questions of 50 other clips (seed
 # 0, answers in their varied written forms). The training answers are rewritten in the plain form the toy's
 # language model writes ("red", "a red circle moves left"): the recipe freezes that model, so it cannot learn to
-# write "RED" or "Red." (trained on those, the loss stays near 5.7 after 80 steps; on plain answers it is 0.3).
-# Too long for `make test`; tests/test_finetune.py runs a cut-down one that checks the loss falls.
+# write "RED" or "Red." (trained on those, the loss stays near 5.7 after 80 steps; on plain answers it is 0.4 after
+# 100). Measured: 400 steps of 16, 25 min on a loaded 2-core machine (4.3 examples/s; ~25/s idle), 0.5 GB peak;
+# eval 88.5 % (colour 100, shape 98, direction 78, description 78). Too long for `make test`;
+# tests/test_finetune.py runs a cut-down one that checks the loss falls.
 RECOVER := $(or $(TMPDIR),/tmp)/minivb-recover-toy
 recover-toy: setup
 	$(PY) -m minivb toy-dataset --out $(RECOVER)/train --clips 200 --seed 1
