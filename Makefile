@@ -61,7 +61,7 @@ eval-demo: setup
 
 # The fine-tune recovery test (finetune.py): the toy's Q-Former, query tokens and projection re-initialised, the
 # recipe run on 800 toy questions (200 clips, dataset seed 1), then `eval` on 200 questions of 50 other clips (seed
-# 0, answers in their varied written forms). The training answers are rewritten in the plain form the toy's
+# 0, answers in their varied written forms). The training answers are in the plain form the toy's
 # language model writes ("red", "a red circle moves left"): the recipe freezes that model, so it cannot learn to
 # write "RED" or "Red." (trained on those, the loss stays near 5.7 after 80 steps; on plain answers it is 0.4 after
 # 100). Measured: 400 steps of 16, 25 min on a loaded 2-core machine (4.3 examples/s; ~25/s idle), 0.5 GB peak;
@@ -69,14 +69,10 @@ eval-demo: setup
 # tests/test_finetune.py runs a cut-down one that checks the loss falls.
 RECOVER := $(or $(TMPDIR),/tmp)/minivb-recover-toy
 recover-toy: setup
-	$(PY) -m minivb toy-dataset --out $(RECOVER)/train --clips 200 --seed 1
+	$(PY) -m minivb toy-dataset --out $(RECOVER)/train --clips 200 --seed 1 --answers plain
 	$(PY) -m minivb toy-dataset --out $(RECOVER)/test --clips 50 --seed 0
-	$(PY) -c "import json, sys; from minivb import toy; entries = json.load(open(sys.argv[1])); \
-		[e.update(answer=toy.make_clip(toy.split_seed('heldout', int(e['video'][3:12]))).answer(e['question_type'])) \
-		 for e in entries]; json.dump(entries, open(sys.argv[2], 'w'))" \
-		$(RECOVER)/train/annotations.json $(RECOVER)/train/plain.json
 	rm -rf $(RECOVER)/recovered $(RECOVER)/predictions.jsonl
-	$(PY) -m minivb finetune --model weights/toy-vicuna --reinit-bridge --annotations $(RECOVER)/train/plain.json \
+	$(PY) -m minivb finetune --model weights/toy-vicuna --reinit-bridge --annotations $(RECOVER)/train/annotations.json \
 		--videos $(RECOVER)/train/videos --out $(RECOVER)/recovered --lr 1e-3 --epochs 8 --prompt "{}"
 	$(PY) -m minivb eval --model $(RECOVER)/recovered --annotations $(RECOVER)/test/annotations.json \
 		--videos $(RECOVER)/test/videos --out $(RECOVER)/predictions.jsonl --prompt "{}" --batch-size 16
