@@ -20,7 +20,6 @@ type, the settings) and a bar chart of the accuracy per question type are writte
 import json
 import os
 import re
-import sys
 import time
 
 import torch
@@ -249,11 +248,8 @@ def plot_accuracy(path: str, summary: dict) -> None:
     groups = [(name, summary[f"by_{name}"]) for name in GROUP_FIELDS if f"by_{name}" in summary]
     if not groups:
         return
-    try:
-        import matplotlib
-    except ImportError:
-        print(f"minivb: matplotlib is not installed: no {path}", file=sys.stderr)
-        return
+    import matplotlib  # imported here: only the chart needs it, and it takes a second to import
+
     matplotlib.use("Agg")  # files only: no window, works without a display
     import matplotlib.pyplot as plt
 
