@@ -248,12 +248,12 @@ def plot_accuracy(path: str, summary: dict) -> None:
     groups = [(name, summary[f"by_{name}"]) for name in GROUP_FIELDS if f"by_{name}" in summary]
     if not groups:
         return
-    import matplotlib  # imported here: only the chart needs it, and it takes a second to import
+    # A Figure of its own, not pyplot: nothing global changes (a notebook calling eval keeps its inline figures)
+    # and no window or display is needed. Imported here: only the chart needs it, and it takes a second.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # files only: no window, works without a display
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.5), dpi=100, squeeze=False)
+    figure = Figure(figsize=(5 * len(groups), 3.5), dpi=100)
+    axes = figure.subplots(1, len(groups), squeeze=False)
     for axis, (name, values) in zip(axes[0], groups):
         labels = list(values)
         bars = axis.bar(labels, [100 * values[label]["accuracy"] for label in labels])
@@ -264,7 +264,6 @@ def plot_accuracy(path: str, summary: dict) -> None:
     figure.suptitle(f"accuracy {100 * summary['accuracy']:.1f} % on {summary['questions']} questions")
     figure.tight_layout()
     figure.savefig(path)
-    plt.close(figure)
 
 
 def format_summary(summary: dict) -> str:

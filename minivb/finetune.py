@@ -173,20 +173,19 @@ def write_loss_csv(path: str, losses: list) -> None:
 
 def plot_loss(path: str, losses: list) -> None:
     """loss.png: the loss of every step (log scale) and, beside it, the learning rate."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no window, works without a display
-    import matplotlib.pyplot as plt
+    # A Figure of its own, not pyplot: nothing global changes (a notebook calling finetune keeps its inline
+    # figures) and no window or display is needed.
+    from matplotlib.figure import Figure
 
     steps, loss, lr = zip(*losses)
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5), dpi=100)
+    figure = Figure(figsize=(10, 3.5), dpi=100)
+    left, right = figure.subplots(1, 2)
     left.plot(steps, loss, linewidth=1)
     left.set(xlabel="step", ylabel="loss (answer tokens)", yscale="log", title="training loss")
     right.plot(steps, lr, linewidth=1, color="tab:orange")
     right.set(xlabel="step", ylabel="learning rate", title="warm-up, then cosine")
     figure.tight_layout()
     figure.savefig(path)
-    plt.close(figure)
 
 
 # ----------------------------------------------------------------------------- the whole run
