@@ -592,17 +592,3 @@ def draw_confusion(ax, matrix: np.ndarray, truths: list[str], predictions: list[
     ax.set_xlabel("prediction (normalised)"), ax.set_ylabel("truth (normalised)")
     ax.set_title(title, fontsize=9)
     return image
-
-
-@contextlib.contextmanager
-def keep_figures_inline():
-    """Run minivb code that saves a picture (evaluate.py's accuracy chart, finetune.py's loss.png) without losing
-    this notebook's figures: that code selects matplotlib's file-only backend (Agg) for the whole process, so the
-    backend in use before it is put back afterwards."""
-    import matplotlib
-
-    backend = matplotlib.get_backend()
-    try:
-        yield
-    finally:
-        plt.switch_backend(backend)
