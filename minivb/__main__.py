@@ -43,14 +43,7 @@ def main(argv=None) -> int:
     ask.add_argument("--max-new-tokens", type=int, default=30)
     ask.add_argument("--repetition-penalty", type=float, default=1.5)
     ask.add_argument("--length-penalty", type=float, default=1.0)
-    ask.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
-                     help="auto (default): bfloat16, half the bytes of float32 to read per token, if it fits in "
-                          "memory; else bfloat16 with the language model in int8")
-    ask.add_argument("--quantize", choices=["int8"], default=None,
-                     help="int8: the language model's linear layers in int8 (half the memory of bfloat16)")
-    ask.add_argument("--no-memory-check", action="store_true",
-                     help="load even when minivb estimates that the model does not fit in the available memory")
-    ask.add_argument("--device", default="cpu")
+    add_load_arguments(ask)
 
     evaluation = commands.add_parser("eval", help="accuracy on a video-QA annotation file (the paper's protocol)")
     evaluate.add_arguments(evaluation)
@@ -79,7 +72,7 @@ def main(argv=None) -> int:
         if args.command == "ask":
             print(run_ask(args))
         elif args.command == "eval":
-            print(evaluate.run(args, load_for_eval))
+            print(evaluate.run(args, load_checkpoint))
         elif args.command == "finetune":
             summary = finetune.finetune(args)
             if summary:  # process 0 alone, under torchrun
@@ -106,20 +99,11 @@ def _checkpoint_bytes(path) -> int:
 
 
 def run_ask(args) -> str:
-    import minivb
-
     if args.frames < 1:
         raise ValueError(f"--frames must be at least 1, got {args.frames}")
     if args.image is not None and (args.start is not None or args.end is not None):
         raise ValueError("--start and --end cut a segment of a --video; an --image has none")
-    processor = minivb.load_processor(args.model)  # checks the folder before the (slower) weights
-    large = os.path.isdir(args.model) and _checkpoint_bytes(args.model) > LARGE_CHECKPOINT
-    # auto: bfloat16, what the official checkpoints were trained in; decoding, which reads every weight once per
-    # token, goes at the speed of memory: half the bytes of float32, close to twice the tokens per second. Where it
-    # does not fit, load_model takes int8 for the language model and says so.
-    dtype = "auto" if args.dtype == "auto" else DTYPES[args.dtype]
-    model = minivb.load_model(args.model, dtype=dtype, device=args.device, progress=_print_progress if large else None,
-                              quantize=args.quantize, check_memory=not args.no_memory_check)
+    model, processor = load_checkpoint(args)
     if args.video is not None:
         frames = read_video(args.video, args.frames, start=args.start, end=args.end)
         batch = processor(text=args.question, videos=[frames], num_frames=args.frames)
@@ -134,10 +118,10 @@ def run_ask(args) -> str:
 
 
 def add_load_arguments(parser) -> None:
-    """How to load the checkpoint: the same options as `ask`."""
+    """How to load the checkpoint (`ask` and `eval`)."""
     parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
-                        help="auto (default): bfloat16 if it fits in memory, else bfloat16 with the language model "
-                             "in int8")
+                        help="auto (default): bfloat16, half the bytes of float32 to read per token, if it fits in "
+                             "memory; else bfloat16 with the language model in int8")
     parser.add_argument("--quantize", choices=["int8"], default=None,
                         help="int8: the language model's linear layers in int8 (half the memory of bfloat16)")
     parser.add_argument("--no-memory-check", action="store_true",
@@ -145,11 +129,15 @@ def add_load_arguments(parser) -> None:
     parser.add_argument("--device", default="cpu")
 
 
-def load_for_eval(args):
+def load_checkpoint(args):
+    """The model and processor of --model, loaded as the options of add_load_arguments say."""
     import minivb
 
-    processor = minivb.load_processor(args.model)
+    processor = minivb.load_processor(args.model)  # checks the folder before the (slower) weights
     large = os.path.isdir(args.model) and _checkpoint_bytes(args.model) > LARGE_CHECKPOINT
+    # auto: bfloat16, what the official checkpoints were trained in; decoding, which reads every weight once per
+    # token, goes at the speed of memory: half the bytes of float32, close to twice the tokens per second. Where it
+    # does not fit, load_model takes int8 for the language model and says so.
     dtype = "auto" if args.dtype == "auto" else DTYPES[args.dtype]
     model = minivb.load_model(args.model, dtype=dtype, device=args.device, progress=_print_progress if large else None,
                               quantize=args.quantize, check_memory=not args.no_memory_check)
