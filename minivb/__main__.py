@@ -20,6 +20,7 @@ import torch
 
 from . import evaluate, finetune
 from .data import write_toy_dataset
+from .quant import QUANTIZE_CHOICES
 from .video import VIDEO_EXTENSIONS, read_video, video_info
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -122,7 +123,7 @@ def add_load_arguments(parser) -> None:
     parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
                         help="auto (default): bfloat16, half the bytes of float32 to read per token, if it fits in "
                              "memory; else bfloat16 with the language model in int8")
-    parser.add_argument("--quantize", choices=["int8"], default=None,
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
                         help="int8: the language model's linear layers in int8 (half the memory of bfloat16)")
     parser.add_argument("--no-memory-check", action="store_true",
                         help="load even when minivb estimates that the model does not fit in the available memory")

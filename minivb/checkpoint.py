@@ -228,7 +228,8 @@ def load_state(model: torch.nn.Module, path: str, progress=None) -> None:
         raise ValueError(f"checkpoint {path} lacks tensors the model needs: {_format_list(missing)}")
 
 
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# The dtype names safetensors headers use (read here; fullsize.py writes headers with the same table).
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def stored_dtypes(path: str) -> dict[str, torch.dtype]:
@@ -243,8 +244,8 @@ def stored_dtypes(path: str) -> dict[str, torch.dtype]:
             for key in handle.keys():
                 ours = map_key(key)
                 stored = handle.get_slice(key).get_dtype()
-                if key not in ALIASES and ours is not None and stored in _SAFETENSORS_DTYPES:
-                    dtypes[ours] = _SAFETENSORS_DTYPES[stored]
+                if key not in ALIASES and ours is not None and stored in SAFETENSORS_DTYPES:
+                    dtypes[ours] = SAFETENSORS_DTYPES[stored]
     return dtypes
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import toy
-from .video import read_video
+from .video import check_num_frames, read_video
 
 REQUIRED_KEYS = ("video", "question", "answer", "question_id")
 MISSING_SHOWN = 5  # missing videos named in the error (a wrong --videos folder misses all of them)
@@ -123,13 +123,19 @@ def _entry(record, index: int, path: str) -> Entry:
 # ----------------------------------------------------------------------------- decoding
 
 
+def check_prompt(prompt: str) -> None:
+    """A prompt template (eval's and finetune's --prompt, evaluate.evaluate's prompt) holds `{}` once: where each
+    entry's question goes."""
+    if prompt.count("{}") != 1:
+        raise ValueError(f"--prompt must hold one {{}} where the question goes, got {prompt!r}")
+
+
 class VideoQADataset(torch.utils.data.Dataset):
     """(Entry, frames) pairs: the frames, `num_frames` PIL images sampled uniformly, are decoded on access, so a
     DataLoader with workers decodes the next batch's videos while the model works on this one."""
 
     def __init__(self, entries: list[Entry], videos_dir, num_frames: int = 4):
-        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
-            raise ValueError(f"num_frames must be an integer >= 1, got {num_frames!r}")
+        check_num_frames(num_frames)
         self.entries, self.videos_dir, self.num_frames = list(entries), os.fspath(videos_dir), num_frames
 
     def __len__(self) -> int:

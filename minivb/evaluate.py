@@ -175,8 +175,7 @@ def evaluate(model, processor, entries: list[data.Entry], videos_dir, out: str, 
              limit: int | None = None, settings: dict | None = None, show_progress: bool = True) -> dict:
     """Answer every entry (the first `limit`) not yet in `out`, append its line as each batch finishes, and return
     the summary (also written beside `out`) over all the lines of `out`."""
-    if prompt.count("{}") != 1:
-        raise ValueError(f"the prompt must hold one {{}} where the question goes, got {prompt!r}")
+    data.check_prompt(prompt)
     settings = {"prompt": prompt, "num_frames": num_frames, "num_beams": num_beams, "max_new_tokens": max_new_tokens,
                 "min_new_tokens": min_new_tokens, **(settings or {})}
     _check_settings(out, settings)
@@ -310,8 +309,7 @@ def run(args, load) -> str:
         raise ValueError(f"--min-new-tokens must be in [0, --max-new-tokens], got {args.min_new_tokens}")
     if args.num_workers < 0:
         raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
-    if args.prompt.count("{}") != 1:
-        raise ValueError(f"--prompt must hold one {{}} where the question goes, got {args.prompt!r}")
+    data.check_prompt(args.prompt)
     entries = data.read_annotations(args.annotations, args.videos)  # the whole file, before any work
     out = args.out or default_out(args.model, args.annotations)
     settings = {"model": os.path.abspath(args.model), "dtype": args.dtype, "quantize": args.quantize}

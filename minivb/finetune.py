@@ -17,7 +17,7 @@ The recipe, as the InstructBLIP paper ("Implementation Details", arXiv 2305.0650
   Unlike LAVIS, minivb has no dropout (LAVIS's Q-Former drops 10 % of its activations while training).
 The language model being frozen, it keeps its own way of writing an answer: the bridge can make it say "red" where
 it says "blue", not "RED!" where it writes "red". Fine-tune on answers in the style the model writes (MSRVTT-QA's
-one lower-case word suits Vicuna; `make recover-toy` rewrites the toy's varied forms to the toy's plain ones).
+one lower-case word suits Vicuna; the toy's: `toy-dataset --answers plain`).
 
 What --out receives:
   model.safetensors, config.json, tokenizer and preprocessor files   the checkpoint, in the official layout
@@ -212,8 +212,7 @@ def check_arguments(args) -> None:
         raise ValueError(f"--warmup-steps must be 0 or more, got {args.warmup_steps}")
     if not args.lr > 0:
         raise ValueError(f"--lr must be a positive learning rate, got {args.lr}")
-    if args.prompt.count("{}") != 1:
-        raise ValueError(f"--prompt must hold '{{}}' once, where the question goes; got {args.prompt!r}")
+    data.check_prompt(args.prompt)
     state = os.path.join(args.out, STATE_FILE)
     if args.resume and not os.path.isfile(state):
         raise FileNotFoundError(f"--resume: no {STATE_FILE} in {args.out} (it is written by --save-every)")

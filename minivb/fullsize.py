@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import ALIASES, PROCESSOR_FILES, copy_processor_files, official_key
+from .checkpoint import ALIASES, PROCESSOR_FILES, SAFETENSORS_DTYPES, copy_processor_files, official_key
 from .config import config_from_dict
 
 # ----------------------------------------------------------------------------- the official configs
@@ -134,7 +134,7 @@ VIDEO_TOKEN = {"vicuna": 32002, "flan-t5": 32101}
 # GB of float32 are 4 shards. The writer streams, so a shard's size costs disk, never memory.
 SHARD_BYTES = 10 * 10**9
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16"}
+DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # torch.bfloat16 -> "BF16"
 
 
 def official_config(name: str, layers: tuple[int, int] | None = None, dtype: torch.dtype = torch.bfloat16) -> dict:
@@ -224,7 +224,7 @@ def write_safetensors(file, tensors, dtype: torch.dtype, seed: int = 0) -> int:
     header, offset = {"__metadata__": {"format": "pt"}}, 0  # transformers refuses files without format "pt"
     for key, shape in tensors:
         nbytes = element_size * _numel(shape)
-        header[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors' own writer pads it

@@ -53,7 +53,7 @@ def read_video(source, num_frames: int = 4, start: float | None = None, end: flo
     start, end: a segment [start, end) in seconds from the first frame, sampled uniformly instead of the whole
     video (container files only: they carry timestamps).
     """
-    _check_num_frames(num_frames)
+    check_num_frames(num_frames)
     path = _existing_path(source) if isinstance(source, (str, os.PathLike)) else None
     if path is not None and os.path.isfile(path) and path.lower().endswith(VIDEO_EXTENSIONS):
         return _read_with_pyav(path, num_frames, start, end)
@@ -90,7 +90,7 @@ def read_video(source, num_frames: int = 4, start: float | None = None, end: flo
     )
 
 
-def _check_num_frames(num_frames) -> None:
+def check_num_frames(num_frames) -> None:
     if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
         raise ValueError(f"num_frames must be an integer >= 1, got {num_frames!r}")
 
@@ -261,7 +261,7 @@ class VideoInfo:
 def video_info(path, num_frames: int = 4, start: float | None = None, end: float | None = None) -> VideoInfo:
     """Describe a container file (mp4, webm, mkv, avi, mov) and the frames `read_video` would sample from it."""
     path = _existing_path(path)
-    _check_num_frames(num_frames)
+    check_num_frames(num_frames)
     av = _import_av(path)
     with _open_container(av, path) as container:
         info = _describe(av, container, path, num_frames, start, end)
