@@ -6,8 +6,9 @@ Medium model (default). The checkpoint is written by transformers itself (random
 in bf16, greedy and with 5 beams.
 
 Per-step decode time is the slope of total time against the number of new tokens (two lengths, the best of a few
-runs each), so the vision encoder, the Q-Former and the prefill cancel out. EOS is forbidden until the last step
-(min_new_tokens = max_new_tokens), so every run decodes exactly as many tokens as asked.
+runs each, minivb and transformers alternating round by round), so the vision encoder, the Q-Former and the
+prefill cancel out. EOS is forbidden until the last step (min_new_tokens = max_new_tokens), so every run decodes
+exactly as many tokens as asked.
 
 The floor of one greedy token: the bytes of language-model weights it reads / the memory read rate (a sum over
 a tensor larger than the caches, measured in the same run). Decoding one token must read every weight once.
@@ -83,12 +84,23 @@ def best_time(run, device, repeats):
     return min(times), out
 
 
-def per_token(generate, device, short, long, repeats):
-    """Seconds per decode step: (best time for `long` new tokens - best for `short`) / (long - short)."""
-    generate(short)  # warm-up: allocator, thread pools, lazy initialisation
-    t_short, _ = best_time(lambda: generate(short), device, repeats)
-    t_long, out = best_time(lambda: generate(long), device, repeats)
-    return (t_long - t_short) / (long - short), out
+def per_token(runs, device, short, long, repeats):
+    """Seconds per decode step of each run: (best time for `long` new tokens - best for `short`) / (long - short).
+
+    `runs` maps a name to generate(n). The runs alternate round by round (a, b, a, b, ...), so a slow minute of a
+    shared machine lands on both sides rather than on one; returns {name: (seconds per step, ids of the long run)}.
+    """
+    best = {name: {short: math.inf, long: math.inf} for name in runs}
+    out = {}
+    for generate in runs.values():
+        generate(short)  # warm-up: allocator, thread pools, compiled kernels
+    for _ in range(repeats):
+        for name, generate in runs.items():
+            for n in (short, long):
+                t, ids = best_time(lambda: generate(n), device, 1)
+                best[name][n] = min(best[name][n], t)
+                out[name] = ids
+    return {name: ((b[long] - b[short]) / (long - short), out[name]) for name, b in best.items()}
 
 
 def read_rate(device, megabytes=384, repeats=5):
@@ -139,8 +151,9 @@ def medium(args, device):
             name = str(dtype).removeprefix("torch.")
             for label, num_beams, short, long, target in (("greedy, per token", 1, 4, 24, 1.25),
                                                           ("5 beams, per step", 5, 4, 16, 1.5)):
-                t_ours, ids_ours = per_token(ours(num_beams), device, short, long, args.repeats)
-                t_theirs, ids_theirs = per_token(theirs(num_beams), device, short, long, args.repeats)
+                times = per_token({"ours": ours(num_beams), "theirs": theirs(num_beams)}, device, short, long,
+                                  args.repeats)
+                (t_ours, ids_ours), (t_theirs, ids_theirs) = times["ours"], times["theirs"]
                 # bf16 sums in another order than transformers' kernels (fast.py): near-ties can then flip a token
                 agree = 0
                 if ids_ours.shape == ids_theirs.shape:
@@ -232,7 +245,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--full-width", type=int, default=0, metavar="LAYERS",
                         help="time the language model alone at 7B widths with this many layers, instead")
