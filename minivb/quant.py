@@ -7,7 +7,7 @@ which is what lets vicuna-13b and flan-t5-xxl fit on a 24 GB machine.
 How: for each row of a weight matrix W (out, in), scale = max |W[row]| / 127 and W_int8 = round(W / scale), so
 W ~ W_int8 * scale with an error of at most scale / 2 per weight. The product x @ W.T becomes
 (x @ W_int8.T) * scale, which `torch._weight_int8pack_mm` computes for a decode step's few rows without ever
-materialising W in bf16; a prompt's many rows go through a bf16 copy of one matrix at a time (fast.int8_linear).
+materialising W in bf16; a prompt's many rows go through a bf16 copy of 8 MB of W at a time (fast.int8_linear).
 
 The quantization happens while each shard is read (checkpoint.load_state hands an Int8Linear its tensor through
 `load_weight`), so the bf16 model never exists in memory. Embeddings, norms, the vision encoder, the Q-Former and
@@ -59,7 +59,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and x.dtype == torch.bfloat16:
             # The fast path (fast.py): int8 weights read as they are, scaled per row after the product; a prompt's
-            # many rows through a bf16 copy of this one matrix.
+            # many rows through a bf16 copy of this matrix, a block of rows at a time.
             out = fast.int8_linear(x, self.weight, self.scales)
         else:
             # The reference a reader checks the fast path against: dequantize, then an ordinary product

@@ -162,16 +162,17 @@ def test_int8_products_equal_the_reference(monkeypatch):
     from minivb.quant import Int8Linear
 
     monkeypatch.setattr(fast, "INT8_MATMUL_ROWS", 4)  # 2 rows through int8pack_mm, 9 through a bf16 copy
+    monkeypatch.setattr(fast, "INT8_BLOCK_BYTES", 2 * 96 * 64)  # ... converted 64 output rows at a time: 2 blocks
     g = torch.Generator().manual_seed(0)
-    layer = Int8Linear(96, 40, bias=True, dtype=torch.bfloat16)
-    layer.load_weight(torch.randn(40, 96, generator=g))
+    layer = Int8Linear(96, 100, bias=True, dtype=torch.bfloat16)
+    layer.load_weight(torch.randn(100, 96, generator=g))
     with torch.no_grad():
-        layer.bias.copy_(torch.randn(40, generator=g))
+        layer.bias.copy_(torch.randn(100, generator=g))
         for rows in (2, 9):
             x = torch.randn(rows, 1, 96, generator=g)
             reference = layer(x)  # fp32: the dequantized weight through F.linear
             got = layer(x.bfloat16())
-            assert got.shape == (rows, 1, 40) and got.dtype == torch.bfloat16
+            assert got.shape == (rows, 1, 100) and got.dtype == torch.bfloat16
             assert (got.float() - reference).abs().max() <= 2e-2 * reference.abs().max()
 
 
