@@ -261,16 +261,16 @@ class Linear(nn.Linear):
 
 
 # int8 weights (quant.Int8Linear), bf16 rows on a CPU. torch._weight_int8pack_mm reads the int8 matrix as it is,
-# which is what decoding wants, but its cost grows with the rows where a bf16 matrix product's does not: a prompt's
-# 150 rows took 2.9 s of first token against bf16's 1.7 s (7B cut to 4 + 4 layers). Above INT8_MATMUL_ROWS rows the
-# int8 matrix is converted to bf16 (exactly: -127..127 are bf16 integers) and multiplied by F.linear's matrix
-# kernel, the scales applied to the (rows, out) product. Measured, 11008 x 4096, 2 threads, ms a matrix, in one run
-# on a shared machine (load average 8-11: the ratios hold, the rates are ~5x below a quiet machine's):
-#     rows             1     5     8    16    32    48    64   100   150
-#     int8pack_mm   15.2  32.0  37.3   101   194   265   326   563   704
-#     bf16 copy        -     -     -   277   318   341   338   298   522
-#     bf16 F.linear 32.0  28.5  35.0  67.5  87.4   120   140   166   210   (bf16 weights, for comparison)
-INT8_MATMUL_ROWS = 64
+# which is what decoding wants, but its cost grows with the rows where a bf16 matrix product's does not. Above
+# INT8_MATMUL_ROWS rows the int8 matrix is converted to bf16 (exactly: -127..127 are bf16 integers) and multiplied by
+# F.linear's matrix kernel, the scales applied to the (rows, out) product. Measured, 11008 x 4096, 2 threads, quiet
+# native-bf16 machine, ms a matrix (best of 5):
+#     rows                         1     5     8    10    12    16    32    64   100
+#     int8pack_mm                2.3   5.7   5.7   8.4   8.9  11.1  22.9  46.3  73.6
+#     bf16 copy (8 MB blocks)   10.4   7.5   8.5   7.5   8.2  11.0  13.0  21.5  28.9
+#     bf16 F.linear              6.1   5.4   5.9   5.8   8.5   7.4  10.0  17.1  26.3   (bf16 weights, for comparison)
+# (An earlier table, taken at load average 8-11, put the crossing near 64 rows; on a quiet machine it is near 10.)
+INT8_MATMUL_ROWS = 8
 # The copy is made INT8_BLOCK_BYTES of bf16 at a time (a block of output rows), not for the whole matrix at once: a
 # fresh 90 MB tensor on every call pays its page faults and goes out to memory and back, where an 8 MB block is
 # reused by the allocator and still in cache when multiplied. 150 rows (quiet machine, ms a matrix): 11008 x 4096
