@@ -79,8 +79,8 @@ class Memory:
 
     @contextlib.contextmanager
     def sparse(self, interval=1.0):
-        """Sample once a second while timing: a thread waking every 20 ms preempts one of the two compute threads
-        (each parallel kernel then waits for it), which made the full-size 7B's decode steps ~20 % slower
+        """Sample once a second while timing: a thread waking every 20 ms (presumably preempting one of the two
+        compute threads, which each parallel kernel then waits for) made the full-size 7B's decode steps ~20 % slower
         (minivb bf16, one process: 400-510 ms a step without the sampler, 550-630 ms with it). The memory a
         generate call adds (its KV cache) lives for the whole call, so one sample a second still sees it."""
         self.interval = interval
