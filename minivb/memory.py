@@ -61,6 +61,17 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def decode_bytes(language_model: torch.nn.Module) -> int:
+    """Bytes of the weights one decoded token reads: every weight of the language model (T5: its decoder and lm_head;
+    the encoder ran once, over the prompt) but the input embedding table, of which a step looks up one row. Over
+    the memory read rate, the floor of a decode step. Works on a meta-device model, quantized or not."""
+    from .t5 import T5
+
+    lm = language_model
+    parts = [lm.decoder, lm.lm_head] if isinstance(lm, T5) else [lm.layers, lm.norm, lm.lm_head]
+    return sum(weight_bytes(part) for part in parts)
+
+
 def activation_bytes(config, element_size: int, workload: Workload = WORKLOAD) -> int:
     """The largest working set of one generation: the vision side, or the language model with its KV cache.
 

@@ -385,13 +385,10 @@ def read_rate(gigabytes: float = 0.5, repeats: int = 5) -> float:
 
 
 def decode_bytes(model) -> int:
-    """Bytes of the weights one decoded token reads: the language model's (T5: its decoder and lm_head), less the
-    input embedding table, of which a step looks up one row. Works on a meta-device model."""
-    from minivb.memory import weight_bytes
+    """Bytes of the weights one decoded token reads (minivb.memory.decode_bytes of the model's language model)."""
+    from minivb.memory import decode_bytes as language_model_bytes
 
-    lm = model.language_model
-    parts = [lm.decoder, lm.lm_head] if model.config.is_encoder_decoder else [lm.layers, lm.norm, lm.lm_head]
-    return sum(weight_bytes(part) for part in parts)
+    return language_model_bytes(model.language_model)
 
 
 # Run in a fresh process, so that environment variables read at start-up (oneDNN's ISA limit) take effect.

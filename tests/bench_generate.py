@@ -35,6 +35,7 @@ import minivb  # noqa: E402
 from minivb.checkpoint import map_key  # noqa: E402
 from minivb.config import LlamaConfig  # noqa: E402
 from minivb.llama import Llama  # noqa: E402
+from minivb.memory import decode_bytes  # noqa: E402
 from tests import tiny  # noqa: E402
 
 VISION = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=6, image_size=112,
@@ -110,13 +111,6 @@ def read_rate(device, megabytes=384, repeats=5):
     return big.numel() * 2 / t
 
 
-def bytes_per_token(language_model):
-    """Weight bytes one greedy token reads: every language-model matrix once, one row of the token embeddings."""
-    total = sum(p.numel() * p.element_size() for p in language_model.parameters())
-    table = language_model.embed_tokens.weight
-    return total - table.numel() * table.element_size()
-
-
 def processor_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -164,7 +158,7 @@ def medium(args, device):
                       f"{target:>7.2f}x  {same:<11}  {os.getloadavg()[0]:.1f}"
                       f"{'' if speedup >= target else '  (below target)'}")
                 if num_beams == 1:
-                    floor = bytes_per_token(model.language_model) / read_rate(device)
+                    floor = decode_bytes(model.language_model) / read_rate(device)
                     print(f"{'  floor (bytes / read rate)':<26}{'':>14}{floor * 1e3:>7.1f} ms  minivb at "
                           f"{floor / t_ours:.0%} of it")
             del hf_model, model
@@ -209,7 +203,7 @@ def greedy_step_times(step, first_logits, steps):
 def full_width(args):
     reference, ours = full_width_models(args.full_width)
     prompt = torch.randn(1, 150, FULL_WIDTH["hidden_size"], generator=torch.Generator().manual_seed(1)).bfloat16()
-    token_bytes = bytes_per_token(ours)
+    token_bytes = decode_bytes(ours)
     print(f"\nLLaMA at 7B widths, {args.full_width} layers, bf16, prompt 150 tokens: a token reads "
           f"{token_bytes / 1e9:.2f} GB")
 
