@@ -83,11 +83,11 @@ class Memory:
         compute threads, which each parallel kernel then waits for) made the full-size 7B's decode steps ~20 % slower
         (minivb bf16, one process: 400-510 ms a step without the sampler, 550-630 ms with it). The memory a
         generate call adds (its KV cache) lives for the whole call, so one sample a second still sees it."""
-        self.interval = interval
+        previous, self.interval = self.interval, interval
         try:
             yield
         finally:
-            self.interval = 0.02
+            self.interval = previous
 
     def reset(self) -> None:
         self.anon, self.mapped = self.now()
