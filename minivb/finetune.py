@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from . import data
-from .checkpoint import copy_processor_files, save_checkpoint, stored_dtypes
+from .checkpoint import copy_processor_files, replacing, save_checkpoint, stored_dtypes
 from .evaluate import PROMPT  # train with the prompt `eval` asks with
 from .model import load_model
 from .processor import load_processor
@@ -137,8 +137,8 @@ def save_state(path: str, model, optimizer, step: int, losses: list, settings: d
              "optimizer": optimizer.state_dict()}
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    with replacing(path) as temporary:
+        torch.save(state, temporary)
 
 
 def load_state(path: str, model, optimizer, settings: dict) -> tuple[int, list]:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import ALIASES, PROCESSOR_FILES, SAFETENSORS_DTYPES, copy_processor_files, official_key
+from .checkpoint import ALIASES, PROCESSOR_FILES, SAFETENSORS_DTYPES, copy_processor_files, official_key, replacing
 from .config import config_from_dict
 
 # ----------------------------------------------------------------------------- the official configs
@@ -228,7 +228,7 @@ def write_safetensors(file, tensors, dtype: torch.dtype, seed: int = 0) -> int:
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors' own writer pads it
-    with open(file, "wb") as f:
+    with replacing(file) as temporary, open(temporary, "wb") as f:  # a model may be mapping the old file
         f.write(struct.pack("<Q", len(encoded)))  # little-endian u64: the header's length
         f.write(encoded)
         for key, shape in tensors:

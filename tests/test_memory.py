@@ -1,11 +1,13 @@
 """The memory estimate and the refusal: load_model says up front when a model cannot fit, instead of the OS killing it.
 
 The estimate is held against the real allocation of a model large enough for the weights and the activations to
-stand out of the interpreter's own noise (about 260 MB of bf16 weights), measured in a separate process as the peak
-of its anonymous memory (RssAnon: not the page cache the checkpoint is read through).
+stand out of the interpreter's own noise (about 660 MB of bf16 weights), measured in a separate process by the
+kernel's own peak of its resident memory (VmHWM, not sampled): what it allocated plus the file pages it maps, of
+which the checkpoint's are the weights themselves where their dtype is the one asked for (checkpoint.py).
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,12 +25,22 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "weights" / "vicuna-tiny"
 
 MEASURE = r"""
-import json, sys, threading, time
+import json, os, sys
 import numpy as np, torch, minivb
 
-def rss_anon():
+def status(field):  # bytes
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+def checkpoint_pages(path):  # resident bytes of the checkpoint's files this process maps (the weights, if mapped)
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if line[0] in "0123456789abcdef" and "-" in line.split()[0]:  # a mapping's first line
+                inside = line.split()[-1].startswith(os.path.realpath(path) + os.sep)
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1]) * 1024
+    return total
 
 path, dtype = sys.argv[1], getattr(torch, sys.argv[2])
 processor = minivb.load_processor(path)
@@ -37,29 +49,21 @@ batch = processor(text="What is happening in the video? Describe it.", videos=[f
 # The first nn.Embedding a process builds, even on the meta device, costs about 70 MB of torch's own (a lazy
 # import); load_model builds the model on the meta device before its memory check, so the check sees it as used.
 minivb.model.build_on_meta(minivb.load_config(path), dtype)
-base, peak, done = rss_anon(), [0], [False]
-
-def sample():
-    while not done[0]:
-        peak[0] = max(peak[0], rss_anon())
-        time.sleep(0.002)
-
-sampler = threading.Thread(target=sample)
-sampler.start()
+base = status("VmRSS")
 model = minivb.load_model(path, dtype=dtype)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the kernel's peak (VmHWM) restarts from now: a cast copy's file pages, read while loading, are gone
 model.generate(**batch, max_new_tokens=30, min_new_tokens=30, num_beams=5)
-done[0] = True
-sampler.join()
-print(json.dumps({"peak": peak[0] - base}))
+print(json.dumps({"peak": status("VmHWM") - base, "mapped": checkpoint_pages(path)}))
 """
 
 
 @pytest.fixture(scope="module")
 def medium(tmp_path_factory):
-    """The official vision and Q-Former widths (2 layers each), a LLaMA of width 768 with the Vicuna vocabulary."""
+    """The official vision and Q-Former widths (2 layers each), a LLaMA of width 1024 with the Vicuna vocabulary."""
     config = InstructBlipVideoConfig(
         vision=VisionConfig(num_hidden_layers=2), qformer=QFormerConfig(num_hidden_layers=2),
-        text=LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=12,
+        text=LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
                          vocab_size=32064, bos_token_id=2, eos_token_id=2, pad_token_id=32000),
         num_query_tokens=32, video_token_index=32002)
     torch.manual_seed(0)
@@ -75,12 +79,27 @@ def medium(tmp_path_factory):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_estimate_is_within_10_percent_of_the_real_peak(medium, dtype):
     need = memory.estimate(build_on_meta(load_config(medium), getattr(torch, dtype)))
+    # Compiling in this process (inductor's default pool of workers would hold part of it in other processes when
+    # its disk cache is cold: 50 MB less here, for a cache miss).
+    env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS="1")
     result = subprocess.run([sys.executable, "-c", MEASURE, str(medium), dtype], capture_output=True, text=True,
-                            timeout=300, cwd=ROOT)
+                            timeout=300, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr
-    peak = json.loads(result.stdout.strip().splitlines()[-1])["peak"]
-    assert need.weights > 0.75 * need.total  # the weights dominate, as at real scale (there: > 0.95)
-    assert abs(need.total - peak) <= 0.1 * peak, (need, peak)
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    # The peak resident memory of the process, allocated and mapped: the weights (bf16 here: stored as asked, they
+    # are the checkpoint's own pages; float32: cast copies, nothing stays mapped), the activations, the compiler.
+    peak = measured["peak"]
+    assert need.weights > 0.7 * need.total  # the weights dominate, as at real scale (there: > 0.95)
+    if dtype == "bfloat16":
+        # Mapped, a page of the file holds memory once read: all of the weights but the rows of the 66 MB input
+        # embedding table no prompt here looked up. The estimate counts the whole table (a prompt may read any
+        # row); so does this comparison.
+        unread = need.weights - measured["mapped"]
+        assert 0 < unread < 0.15 * need.weights, (need, measured)
+        peak += unread
+    else:
+        assert measured["mapped"] == 0, measured
+    assert abs(need.total - peak) <= 0.1 * peak, (need, measured)
 
 
 def test_weights_are_counted_exactly():

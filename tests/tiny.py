@@ -106,12 +106,16 @@ def add_own_lm_head(path, seed=1):
     """Give a saved T5 checkpoint its own `lm_head.weight`, as the official (untied) Flan-T5 checkpoints have."""
     from safetensors.torch import load_file, save_file
 
+    from minivb.checkpoint import replacing
+
     file = f"{path}/model.safetensors"
     tensors = load_file(file)
     shared = tensors["language_model.shared.weight"]
     generator = torch.Generator().manual_seed(seed)
     tensors["language_model.lm_head.weight"] = torch.randn(shared.shape, generator=generator) / math.sqrt(shared.shape[1])
-    save_file(tensors, file, metadata={"format": "pt"})
+    del shared  # load_file's tensors are copies, but a model may still map the file: replace it, never rewrite it
+    with replacing(file) as temporary:
+        save_file(tensors, temporary, metadata={"format": "pt"})
     return path
 
 

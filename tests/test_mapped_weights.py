@@ -1,0 +1,79 @@
+"""Weights stored in the dtype asked for are the checkpoint's own pages (checkpoint.py): nothing copied at load, the
+file never written through them, and a checkpoint rewritten under a live model replaced, not overwritten."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+import minivb
+from minivb.checkpoint import replacing
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "weights", "vicuna-tiny")  # stored in bfloat16
+
+
+def mapped_files(tensor: torch.Tensor) -> list[str]:
+    """The files (or [heap]) whose mapping in this process holds `tensor`'s first byte."""
+    address, files = tensor.data_ptr(), []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if start <= address < end and len(fields) == 6:
+                files.append(fields[5])
+    return files
+
+
+def test_weights_in_the_stored_dtype_are_the_files_pages(tmp_path):
+    path = shutil.copytree(TINY, tmp_path / "tiny")
+    file = os.path.realpath(path / "model.safetensors")
+    model = minivb.load_model(path, dtype=torch.bfloat16)
+    weights = dict(model.named_parameters())
+    assert all(mapped_files(p) == [file] for p in weights.values())
+    cast = minivb.load_model(path, dtype=torch.float32)  # a cast copy: the process's own memory
+    assert all(file not in mapped_files(p) for p in cast.parameters())
+    # Mapped or copied, the same numbers.
+    for name, param in cast.named_parameters():
+        assert torch.equal(param, weights[name].float()), name
+
+
+def test_writing_a_mapped_weight_never_writes_the_file(tmp_path):
+    path = shutil.copytree(TINY, tmp_path / "tiny")
+    before = (path / "model.safetensors").read_bytes()
+    model = minivb.load_model(path, dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.query_tokens.add_(1.0)  # what an optimizer step does to a trained parameter: a private copy of the page
+    assert (path / "model.safetensors").read_bytes() == before
+    again = minivb.load_model(path, dtype=torch.bfloat16)
+    assert torch.equal(again.query_tokens + 1.0, model.query_tokens)
+
+
+def test_saving_over_the_checkpoint_a_model_maps(tmp_path):
+    path = shutil.copytree(TINY, tmp_path / "tiny")
+    model = minivb.load_model(path, dtype=torch.bfloat16)
+    old = {name: p.clone() for name, p in model.named_parameters()}
+    changed = minivb.load_model(path, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for param in changed.parameters():
+            param.mul_(-1)
+    # Written beside and renamed over: the live model keeps the old file's pages (written in place, the file's
+    # new bytes would show through them, or a shorter file kill the process with SIGBUS).
+    minivb.save_checkpoint(changed, path)
+    for name, param in model.named_parameters():
+        assert torch.equal(param, old[name]), name
+    reloaded = minivb.load_model(path, dtype=torch.bfloat16)
+    for name, param in reloaded.named_parameters():
+        assert torch.equal(param, -old[name]), name
+    assert sorted(os.listdir(path)) == sorted(os.listdir(TINY))  # no temporary file left behind
+
+
+def test_a_failed_write_leaves_the_file_whole(tmp_path):
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(b"the old checkpoint")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with replacing(file) as temporary:
+            open(temporary, "wb").write(b"half of the new")
+            raise RuntimeError("disk full")
+    assert file.read_bytes() == b"the old checkpoint" and os.listdir(tmp_path) == ["model.safetensors"]
