@@ -234,8 +234,9 @@ def load_model(path, dtype: torch.dtype | str = torch.float32, device="cpu", pro
                   file=sys.stderr)
     elif dtype == "auto":
         dtype = torch.bfloat16
-    # Build on the meta device (no memory, no random init), then allocate once in the target dtype: with the
-    # loader casting each tensor as it reads it, peak memory stays near one copy of the weights.
+    # Build on the meta device (no memory, no random init), then give each parameter storage in the target dtype
+    # (empty: untouched pages hold no memory). The loader swaps in the file's own tensor where it is stored in that
+    # dtype and casts into the storage otherwise: peak memory stays near one copy of the weights.
     model = build_on_meta(config, dtype, quantize).to_empty(device=device)
     load_state(model, str(path), progress=progress)
     return model.eval()

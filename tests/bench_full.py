@@ -6,7 +6,8 @@ runs alternate (transformers, minivb, minivb int8, again) and each figure is the
 
     load           seconds to a model ready to generate, and the peak anonymous memory meanwhile (RssAnon from
                    /proc/self/status every 20 ms: the process's own pages, not the page cache the checkpoint is
-                   read through), beside the bf16 weights
+                   read through or mapped from), beside the bf16 weights; and from cold, load then the first
+                   token, which reads the mapped weights
     first token    generate(max_new_tokens=1) on one video of 4 frames: vision, Q-Former, prefill. Its floor: the
                    FLOPs of that call (counted by torch.utils.flop_counter on a last, untimed call) over the best
                    matrix-product rate this machine reaches, bf16 or fp32, measured in the same process
@@ -53,8 +54,10 @@ class Memory:
     """Peaks of the process's resident memory, sampled by a thread every 20 ms (torch releases the GIL in its
     kernels): `anon`, RssAnon, its own pages; `mapped`, RssAnon + RssFile, adding the pages of files it maps.
 
-    The second matters for transformers: it maps the safetensors files (copy-on-write) and uses the mapped pages as
-    its weights, so they count as file pages, read from disk when first touched, not as anonymous memory.
+    The second matters because both libraries map the safetensors files (copy-on-write) and use the mapped pages as
+    weights where the file stores the dtype asked for (minivb bf16: all of them; int8: all but the quantized
+    linears): they count as file pages, read from the page cache or the disk when first touched, not as anonymous
+    memory, and loading reads none of them.
     """
 
     def __init__(self, interval=0.02):

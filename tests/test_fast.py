@@ -193,3 +193,17 @@ def test_decode_attention_equals_sdpa(num_kv_heads):
     assert (got.float() - expected).abs().max() <= 2**-8 * expected.abs().max()  # one bf16 rounding
     fused = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=num_kv_heads != 4)
     assert (got.float() - fused.float()).abs().max() <= 2**-7 * expected.abs().max()
+
+
+def test_compiled_quantization_equals_the_reference(monkeypatch):
+    from minivb.quant import quantize_rows
+
+    monkeypatch.setattr(fast, "QUANTIZE_COMPILE_MIN", 1)  # compiled at this size too
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(300, 257, generator=generator) * torch.logspace(-4, 1, 300)[:, None]  # rows of every scale
+    weight[7] = 0  # a zero row keeps its tiny scale
+    for dtype in (torch.bfloat16, torch.float32):
+        compiled, reference = fast.quantize_rows(weight.to(dtype)), quantize_rows(weight.to(dtype))
+        assert torch.equal(compiled[0], reference[0]) and torch.equal(compiled[1], reference[1])
+        assert compiled[0].dtype == torch.int8 and compiled[0].abs().amax(dim=1)[8:].eq(127).all()
+    assert not fast._compile_failed and (fast._compiled(quantize_rows) is not None) == fast._compiler_found()
