@@ -18,8 +18,10 @@ checkpoint file beside its target and renames it over (`replacing`); the old fil
 
 import contextlib
 import json
+import mmap
 import os
 import re
+import struct
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -175,6 +177,42 @@ def _read(handle, file: str, key: str) -> torch.Tensor:
         raise ValueError(f"cannot read tensor {key!r} from {file}: the file is truncated or corrupt ({e})") from None
 
 
+def _header(file: str) -> tuple[dict, int]:
+    """A safetensors file's header ({key: {"dtype", "shape", "data_offsets"}}) and where its data starts: an 8-byte
+    little-endian length, then that many bytes of JSON, then the tensors' bytes."""
+    with open(file, "rb") as f:
+        length = struct.unpack("<Q", f.read(8))[0]
+        return json.loads(f.read(length)), 8 + length
+
+
+def _read_once(file: str, entry: dict, data_start: int, key: str) -> torch.Tensor:
+    """One tensor through a mapping of its own bytes, unmapped as soon as the tensor is freed: for a tensor cast or
+    quantized as it is read. Through safetensors' mapping of the whole file, the pages read would stay mapped, and
+    resident, until the last tensor of the file is freed: a 7B's int8 load held 13 GB of them beside its 7 GB of
+    weights, and the kernel, short of memory, spent the load reclaiming them (36-67 s)."""
+    start, end = (data_start + offset for offset in entry["data_offsets"])
+    dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+    if end == start:
+        return torch.empty(entry["shape"], dtype=dtype)
+    page = start - start % mmap.ALLOCATIONGRANULARITY  # a mapping starts on a page
+    try:
+        with open(file, "rb") as f:  # ACCESS_COPY: private and writable, as safetensors maps (torch wants writable)
+            mapped = mmap.mmap(f.fileno(), end - page, offset=page, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read tensor {key!r} from {file}: the file is truncated or corrupt ({e})") from None
+    count = (end - start) // dtype.itemsize
+    return torch.frombuffer(mapped, dtype=dtype, count=count, offset=start - page).view(entry["shape"])
+
+
+def _drop_pages(file: str, entry: dict, data_start: int) -> None:
+    """Drop a tensor's bytes from the page cache (Linux; elsewhere nothing): pages mapped, or shared with a
+    neighbouring tensor, stay."""
+    if hasattr(os, "posix_fadvise"):
+        start, end = entry["data_offsets"]
+        with open(file, "rb") as f:
+            os.posix_fadvise(f.fileno(), data_start + start, end - start, os.POSIX_FADV_DONTNEED)
+
+
 def _mappable(tensor: torch.Tensor, param: torch.Tensor) -> bool:
     """Whether the parameter can be the file's tensor itself: same dtype, on the CPU, contiguous, and aligned to
     its element size (safetensors aligns only the data block, to 8 bytes; a file that mixes dtypes unsorted can
@@ -203,17 +241,23 @@ def load_state(model: torch.nn.Module, path: str, progress=None) -> None:
     filled, unexpected, shared_values = set(), [], {}
     has_lm_head = False
     files = checkpoint_files(path)
+    # Reading a file leaves its pages in the page cache. Where the files cannot stay there beside the model (a 7B in
+    # int8 on 24 GB: 15.8 GB of files and 7 GB of model), the OS must take those pages back to give the model its
+    # memory, and that reclaim is slow: 6 GB allocated took 9.7 s against 2.0 s, most of an int8 load. Then the pages
+    # of each tensor cast or quantized are dropped once it is done with (10 GB in 1 s); where all fits, they stay,
+    # and the next load reads no disk.
+    from .memory import available_bytes, weight_bytes
+
+    available = available_bytes(torch.device("cpu"))  # -1 where unknown: nothing dropped
+    short_of_memory = 0 <= available < sum(map(os.path.getsize, files)) + weight_bytes(model)
     for done, file in enumerate(files):
         if progress is not None:
             progress(done, len(files), file)
-        # Two handles, two mappings of the file. Tensors that become parameters come through `kept`, whose mapping
-        # lives as long as the model. Tensors cast or quantized come through `passing`, whose mapping, with every
-        # page read through it, goes when the shard is done: through `kept`, those pages would stay resident
-        # beside the model (a 7B in int8: 20 GB resident at the load's peak instead of 7).
-        with _open(file) as kept, _open(file) as passing:
-            for key in kept.keys():
+        with _open(file) as handle:  # safetensors checks the whole header here
+            header, data_start = _header(file)
+            for key in handle.keys():
                 if key in ALIASES:
-                    shared_values.setdefault(key, (file, kept.get_slice(key).get_shape()))
+                    shared_values.setdefault(key, (file, handle.get_slice(key).get_shape()))
                     continue
                 ours = map_key(key)
                 if ours is None or ours not in targets:
@@ -222,9 +266,11 @@ def load_state(model: torch.nn.Module, path: str, progress=None) -> None:
                 if ours in filled:
                     raise ValueError(f"checkpoint tensor {key!r} appears twice in {path}")
                 param = targets[ours]
-                stored = SAFETENSORS_DTYPES.get(kept.get_slice(key).get_dtype())
-                handle = kept if ours not in takers and stored == param.dtype else passing
-                tensor = _read(handle, file, key)
+                read_once = ours in takers or SAFETENSORS_DTYPES.get(header[key]["dtype"]) != param.dtype
+                if read_once:
+                    tensor = _read_once(file, header[key], data_start, key)  # to be cast or quantized, then let go
+                else:
+                    tensor = _read(handle, file, key)  # to become the parameter: kept mapped with the file
                 if tuple(tensor.shape) != tuple(param.shape):
                     raise ValueError(
                         f"shape mismatch for {key!r}: checkpoint has {tuple(tensor.shape)}, the model built from "
@@ -240,6 +286,9 @@ def load_state(model: torch.nn.Module, path: str, progress=None) -> None:
                     with torch.no_grad():
                         # copy_ casts element by element as it writes: no cast copy of the tensor is ever made.
                         param.copy_(tensor)
+                if read_once and short_of_memory:
+                    del tensor  # unmapped: the pages can go
+                    _drop_pages(file, header[key], data_start)
                 filled.add(ours)
                 has_lm_head |= key == "language_model.lm_head.weight"
     # transformers 5 writes T5 with lm_head tied to `shared` and leaves lm_head.weight out of the file.

@@ -77,3 +77,21 @@ def test_a_failed_write_leaves_the_file_whole(tmp_path):
             open(temporary, "wb").write(b"half of the new")
             raise RuntimeError("disk full")
     assert file.read_bytes() == b"the old checkpoint" and os.listdir(tmp_path) == ["model.safetensors"]
+
+
+def test_pages_read_once_are_dropped_only_when_memory_is_short(monkeypatch):
+    from minivb import checkpoint, memory
+
+    file = os.path.join(TINY, "model.safetensors")
+    header, start = checkpoint._header(file)
+    checkpoint._drop_pages(file, header["language_model.lm_head.weight"], start)  # the real call runs
+    dropped = []
+    monkeypatch.setattr(checkpoint, "_drop_pages", lambda file, entry, start: dropped.append(entry["shape"]))
+    reference = minivb.load_model(TINY, dtype=torch.bfloat16, quantize="int8")
+    assert dropped == []  # plenty of memory: the file's pages stay cached for the next load
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 10**6)
+    model = minivb.load_model(TINY, dtype=torch.bfloat16, quantize="int8", check_memory=False)
+    int8 = [m for m in model.modules() if isinstance(m, minivb.quant.Int8Linear)]
+    assert sorted(dropped) == sorted([m.out_features, m.in_features] for m in int8)  # mapped weights: never
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), name

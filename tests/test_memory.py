@@ -112,7 +112,7 @@ def test_official_sizes():
     # The weights of the official checkpoints, in the units a user reads on the hub: 7.91 B parameters.
     vicuna = memory.estimate(build_on_meta(load_config(ROOT / "tests/data/official/vicuna-7b"), torch.bfloat16))
     assert 15.8e9 < vicuna.weights < 15.9e9
-    assert vicuna.activations < 0.05 * vicuna.weights
+    assert vicuna.activations < 0.06 * vicuna.weights
     fp32 = memory.estimate(build_on_meta(load_config(ROOT / "tests/data/official/vicuna-7b"), torch.float32))
     assert fp32.weights == 2 * vicuna.weights
 
