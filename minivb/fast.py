@@ -28,7 +28,7 @@ things about CPUs make that slow, and this file answers them without changing wh
    so is the fp32 softmax written op by op: `attention` compiles the latter, so it reads the bf16 cache once.
 
 4. Quantizing while loading (quant.py): op by op, int8 quantization makes five passes over fp32 copies of each
-   block; `quantize_rows` compiles it into two, which takes a 7B's int8 load from ~27 s to ~XX s.
+   block; `quantize_rows` compiles it into two (a 7B's 6.6 G linear weights: 7-13 s of quantizing -> ~3 s).
 
 What was measured where: everything here on the native-bf16 machine (AMD EPYC, AVX-512 with avx512_bf16, 2 cores);
 the AVX2 numbers come from issue 12. The fp32 compute path runs on this machine too (MINIVB_NATIVE_BF16=0), which
