@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from . import data
+from .checkpoint import replacing
 
 PROMPT = "Question: {} Short answer:"
 NUM_BEAMS = 5
@@ -127,11 +128,9 @@ def _key(question_id) -> str:
 
 
 def _rewrite(out: str, records) -> None:
-    temporary = out + ".tmp"
-    with open(temporary, "w", encoding="utf-8") as f:
+    with replacing(out) as temporary, open(temporary, "w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record) + "\n")
-    os.replace(temporary, out)
 
 
 def _check_settings(out: str, settings: dict) -> None:
