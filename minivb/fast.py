@@ -196,6 +196,17 @@ def _compile_failure(error: Exception) -> None:
     _compiled.cache_clear()
 
 
+def _compiled_or_plain(function, *args):
+    """`function(*args)` through its compiled kernel, or run plainly where there is none or compiling fails."""
+    kernel = _compiled(function)
+    if kernel is not None:
+        try:
+            return kernel(*args)
+        except Exception as error:
+            _compile_failure(error)
+    return function(*args)
+
+
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear for one row (..., in) through the compiled kernel (plain F.linear where there is none)."""
     kernel = _compiled(_row_times_matrix)
@@ -323,13 +334,7 @@ def attention(q, k, v, keep: torch.Tensor | None, enable_gqa: bool) -> torch.Ten
     L = q.shape[2]
     if L != 1 or q.dtype == torch.float32 or q.device.type != "cpu" or torch.is_grad_enabled():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=enable_gqa)
-    kernel = _compiled(_explicit_attention)
-    if kernel is not None:
-        try:
-            return kernel(q, k, v, keep)
-        except Exception as error:
-            _compile_failure(error)
-    return _explicit_attention(q, k, v, keep)
+    return _compiled_or_plain(_explicit_attention, q, k, v, keep)
 
 
 # ----------------------------------------------------------------------------- 4. quantizing while loading
@@ -347,10 +352,6 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """quant.quantize_rows (the reference), compiled for large blocks on a CPU."""
     from .quant import quantize_rows as plain
 
-    kernel = _compiled(plain) if weight.numel() >= QUANTIZE_COMPILE_MIN and weight.device.type == "cpu" else None
-    if kernel is not None:
-        try:
-            return kernel(weight)
-        except Exception as error:
-            _compile_failure(error)
-    return plain(weight)
+    if weight.numel() < QUANTIZE_COMPILE_MIN or weight.device.type != "cpu":
+        return plain(weight)
+    return _compiled_or_plain(plain, weight)
