@@ -266,7 +266,8 @@ def load_state(model: torch.nn.Module, path: str, progress=None) -> None:
                 if ours in filled:
                     raise ValueError(f"checkpoint tensor {key!r} appears twice in {path}")
                 param = targets[ours]
-                read_once = ours in takers or SAFETENSORS_DTYPES.get(header[key]["dtype"]) != param.dtype
+                stored = SAFETENSORS_DTYPES.get(header[key]["dtype"])  # None: a dtype only safetensors reads
+                read_once = stored is not None and (ours in takers or stored != param.dtype)
                 if read_once:
                     tensor = _read_once(file, header[key], data_start, key)  # to be cast or quantized, then let go
                 else:

@@ -95,3 +95,15 @@ def test_pages_read_once_are_dropped_only_when_memory_is_short(monkeypatch):
     assert sorted(dropped) == sorted([m.out_features, m.in_features] for m in int8)  # mapped weights: never
     for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_a_dtype_outside_the_table_is_still_read(tmp_path):
+    # _read_once knows the float dtypes of SAFETENSORS_DTYPES; any other tensor goes through safetensors, cast as before.
+    from safetensors.torch import load_file, save_file
+
+    path = shutil.copytree(TINY, tmp_path / "tiny")
+    tensors = load_file(path / "model.safetensors")
+    tensors["language_projection.bias"] = (tensors["language_projection.bias"].float() * 100).round().to(torch.int64)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    model = minivb.load_model(path, dtype=torch.float32)
+    assert torch.equal(model.projection.bias, tensors["language_projection.bias"].float())
