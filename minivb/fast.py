@@ -20,9 +20,9 @@ things about CPUs make that slow, and this file answers them without changing wh
    streams such a matrix at about half the rate the machine can read memory; a fused multiply-and-sum compiled
    by torch.compile (inductor's C++ backend) streams it near that rate. `Linear` takes that kernel for one row
    of a large matrix and the plain F.linear for everything else (prefill, beams, small matrices, no compiler).
-   int8 weights (quant.py) multiply a decode step's rows through torch._weight_int8pack_mm and a prompt's many
-   rows through a bf16 copy of one block of a matrix at a time (`int8_linear`): int8pack_mm's cost grows with the
-   rows.
+   int8 weights (quant.py) multiply one row through a compiled kernel of their own, a few rows (beams) through
+   torch._weight_int8pack_mm and a prompt's many rows through a bf16 copy of one block of a matrix at a time
+   (`int8_linear`): int8pack_mm's cost grows with the rows.
 
 3. The attention of a decode step. PyTorch's CPU flash-attention kernel is slow for one bf16 query a row, and
    so is the fp32 softmax written op by op: `attention` compiles the latter, so it reads the bf16 cache once.
@@ -291,12 +291,38 @@ INT8_MATMUL_ROWS = 8
 # whole copy 74.4, 8 MB blocks 41.2, bf16 F.linear 34.4; 4096 x 11008: 72.9, 44.0, 35.5; 4096 x 4096: 29.1, 15.4,
 # 13.2 (2 MB blocks: 56.0, 41.0, 15.4; 16 MB: 41.6, 42.0, 15.2).
 INT8_BLOCK_BYTES = 8 * 2**20
+# One row (greedy decoding) of an int8 matrix: int8pack_mm streams int8 at 23-25 GB/s, short of the ~34 GB/s this
+# machine reads: on 2 cores it is bound by converting each weight to fp32, not by memory. A compiled
+# multiply-and-sum with the row converted to fp32 once, before the kernel (not at each weight, as when it is bf16),
+# runs 25-28 GB/s for matrices of 4096 columns (4096 x 4096, 11008 x 4096, 32000 x 4096: 5-17 % faster, quiet
+# machine, alternating, best of 5). With 11008 columns (the MLP's down projection) it falls to 15-16 GB/s, where
+# int8pack_mm keeps 25-27: the fp32 row (44 KB) no longer fits the first-level cache beside the streaming weight.
+INT8_FUSED_MAX_IN = 4096
+
+
+def _int8_row_times_matrix(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """row (1, in) fp32 x weight (out, in) int8 -> (1, out) fp32: one vectorized pass over the weight."""
+    return (weight.float() * row).sum(-1)[None]
+
+
+def _int8_one_row(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """row (1, in) bf16 through the compiled kernel above; int8pack_mm where nothing compiles."""
+    kernel = _compiled(_int8_row_times_matrix)
+    if kernel is not None:
+        try:
+            return (kernel(row.float(), weight) * scales).to(row.dtype)  # (1, out)
+        except Exception as error:
+            _compile_failure(error)
+    return torch._weight_int8pack_mm(row, weight, scales.to(row.dtype))
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x (..., in) bf16 on a CPU, weight (out, in) int8, scales (out,) -> x @ (weight * scales).T, (..., out)."""
     rows = x.reshape(-1, x.shape[-1])  # (R, in)
-    if rows.shape[0] <= INT8_MATMUL_ROWS:
+    if (rows.shape[0] == 1 and weight.shape[1] <= INT8_FUSED_MAX_IN and weight.numel() >= FUSED_MIN_WEIGHTS
+            and not torch.is_grad_enabled()):
+        out = _int8_one_row(rows, weight, scales)
+    elif rows.shape[0] <= INT8_MATMUL_ROWS:
         out = torch._weight_int8pack_mm(rows, weight, scales.to(x.dtype))  # (R, out)
     else:
         block = max(64, INT8_BLOCK_BYTES // (2 * weight.shape[1]) // 64 * 64)  # output rows converted at a time

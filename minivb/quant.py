@@ -6,8 +6,9 @@ which is what lets vicuna-13b and flan-t5-xxl fit on a 24 GB machine.
 
 How: for each row of a weight matrix W (out, in), scale = max |W[row]| / 127 and W_int8 = round(W / scale), so
 W ~ W_int8 * scale with an error of at most scale / 2 per weight. The product x @ W.T becomes
-(x @ W_int8.T) * scale, which `torch._weight_int8pack_mm` computes for a decode step's few rows without ever
-materialising W in bf16; a prompt's many rows go through a bf16 copy of 8 MB of W at a time (fast.int8_linear).
+(x @ W_int8.T) * scale, which a decode step computes without ever materialising W in bf16 (a compiled kernel for
+one row, `torch._weight_int8pack_mm` for beams); a prompt's many rows go through a bf16 copy of 8 MB of W at a time
+(fast.int8_linear).
 
 The quantization happens while each shard is read (checkpoint.load_state hands an Int8Linear its tensor through
 `load_weight`), so the bf16 model never exists in memory. Embeddings, norms, the vision encoder, the Q-Former and

@@ -161,6 +161,7 @@ def test_no_compiler_falls_back_with_a_notice(monkeypatch, capsys, fresh_kernel)
 def test_int8_products_equal_the_reference(monkeypatch):
     from minivb.quant import Int8Linear
 
+    monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 1)  # 1 row through the compiled kernel at this size too
     monkeypatch.setattr(fast, "INT8_MATMUL_ROWS", 4)  # 2 rows through int8pack_mm, 9 through a bf16 copy
     monkeypatch.setattr(fast, "INT8_BLOCK_BYTES", 2 * 96 * 64)  # ... converted 64 output rows at a time: 2 blocks
     g = torch.Generator().manual_seed(0)
@@ -168,12 +169,17 @@ def test_int8_products_equal_the_reference(monkeypatch):
     layer.load_weight(torch.randn(100, 96, generator=g))
     with torch.no_grad():
         layer.bias.copy_(torch.randn(100, generator=g))
-        for rows in (2, 9):
+        for rows in (1, 2, 9):
             x = torch.randn(rows, 1, 96, generator=g)
             reference = layer(x)  # fp32: the dequantized weight through F.linear
             got = layer(x.bfloat16())
             assert got.shape == (rows, 1, 100) and got.dtype == torch.bfloat16
             assert (got.float() - reference).abs().max() <= 2e-2 * reference.abs().max()
+        one = x[:1, 0].bfloat16()  # the compiled one-row kernel against int8pack_mm, its fallback
+        packed = torch._weight_int8pack_mm(one, layer.weight, layer.scales)
+        assert (fast.int8_linear(one, layer.weight, layer.scales).float() - packed.float()).abs().max() \
+            <= 2**-7 * packed.float().abs().max()
+    assert not fast._compile_failed
 
 
 @torch.no_grad()
