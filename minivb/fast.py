@@ -295,8 +295,10 @@ INT8_BLOCK_BYTES = 8 * 2**20
 # machine reads: on 2 cores it is bound by converting each weight to fp32, not by memory. A compiled
 # multiply-and-sum with the row converted to fp32 once, before the kernel (not at each weight, as when it is bf16),
 # runs 25-28 GB/s for matrices of 4096 columns (4096 x 4096, 11008 x 4096, 32000 x 4096: 5-17 % faster, quiet
-# machine, alternating, best of 5). With 11008 columns (the MLP's down projection) it falls to 15-16 GB/s, where
-# int8pack_mm keeps 25-27: the fp32 row (44 KB) no longer fits the first-level cache beside the streaming weight.
+# machine, alternating, best of 5). With more columns it loses: 11008 (the MLP's down projection) 15-16 GB/s against
+# int8pack_mm's 25-27, the fp32 row (44 KB) no longer fitting the first-level cache beside the streaming weight;
+# vicuna-13b's 5120 and 13824 (rows cut in chunks of at most FUSED_CHUNK) 14-19 against 22-24. So a 7B's attention,
+# gate and up projections and lm_head take it; its down projections and every 13B matrix stay on int8pack_mm.
 # A greedy step of LLaMA at 7B widths, 4 layers and the lm_head, best of 4 rounds alternating: int8pack_mm everywhere
 # 40.8 ms, this kernel where it pays 37.1 ms, bf16 56.5 ms (1.39x -> 1.52x bf16).
 INT8_FUSED_MAX_IN = 4096
