@@ -186,8 +186,9 @@ def _compiled(function):
 
     cpp.vec_isa_ok: the vector instructions PyTorch detects on this CPU (AVX-512, AVX2) are taken as usable, where
     inductor would first build a probe library for each and load it in a child Python, at the first compile of
-    every process: 0.6-1.4 s of every cold start (a 7B cut to 4 + 4 layers: load and a first token 5.5 s, of which
-    the first compile was 2.8 s). A compiler that cannot target them fails the compile, which falls back below."""
+    every process: 0.6-1.4 s of every cold start (a 7B cut to 4 + 4 layers, load then a first token in a fresh
+    process: 5.0-5.2 s with the probe, 4.1 s without). A compiler that cannot target them fails the compile, which
+    falls back below."""
     if _compile_failed or not _compiler_found():
         return None
     return torch.compile(function, dynamic=True, options={"cpp.vec_isa_ok": True})
@@ -302,7 +303,8 @@ INT8_BLOCK_BYTES = 8 * 2**20
 # runs 25-28 GB/s for matrices of 4096 columns (4096 x 4096, 11008 x 4096, 32000 x 4096: 5-17 % faster, quiet
 # machine, alternating, best of 5). With more columns it loses: 11008 (the MLP's down projection) 15-16 GB/s against
 # int8pack_mm's 25-27, the fp32 row (44 KB) no longer fitting the first-level cache beside the streaming weight;
-# vicuna-13b's 5120 and 13824 (rows cut in chunks of at most FUSED_CHUNK) 14-19 against 22-24. So a 7B's attention,
+# vicuna-13b's 5120 and 13824 columns 6-7 GB/s as whole rows (inductor's slower cascade sum beyond 4096, see
+# FUSED_CHUNK), 14-19 cut in chunks of at most FUSED_CHUNK, against int8pack_mm's 22-24. So a 7B's attention,
 # gate and up projections and lm_head take it; its down projections and every 13B matrix stay on int8pack_mm.
 # A greedy step of LLaMA at 7B widths, 4 layers and the lm_head, best of 4 rounds alternating: int8pack_mm everywhere
 # 40.8 ms, this kernel where it pays 37.1 ms, bf16 56.5 ms (1.39x -> 1.52x bf16).

@@ -150,8 +150,13 @@ def test_fast_decode_generates_the_plain_tokens(bf16_model, monkeypatch):
 
 def test_no_compiler_falls_back_with_a_notice(monkeypatch, capsys, fresh_kernel):
     monkeypatch.setattr(fast.shutil, "which", lambda name: None)
+    monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 1)
     x, w = torch.randn(1, 64), torch.randn(32, 64)
     assert torch.equal(fast.fused_linear(x, w), F.linear(x, w))
+    quantized, scales = fast.quantize_rows(w)  # one row of int8: int8pack_mm, as before the compiled kernel
+    with torch.no_grad():
+        assert torch.equal(fast.int8_linear(x.bfloat16(), quantized, scales.bfloat16()),
+                           torch._weight_int8pack_mm(x.bfloat16(), quantized, scales.bfloat16()))
     q, k = torch.randn(1, 2, 1, 8).bfloat16(), torch.randn(1, 2, 5, 8).bfloat16()
     with torch.no_grad():
         assert torch.equal(fast.attention(q, k, k, None, False), fast._explicit_attention(q, k, k, None))
