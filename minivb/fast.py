@@ -202,15 +202,16 @@ def _compile_failure(error: Exception) -> None:
     _compiled.cache_clear()
 
 
-def _compiled_or_plain(function, *args):
-    """`function(*args)` through its compiled kernel, or run plainly where there is none or compiling fails."""
+def _compiled_or_plain(function, *args, plain=None):
+    """`function(*args)` through its compiled kernel; where there is none or compiling fails, `plain(*args)`: by
+    default `function` itself, run op by op."""
     kernel = _compiled(function)
     if kernel is not None:
         try:
             return kernel(*args)
         except Exception as error:
             _compile_failure(error)
-    return function(*args)
+    return (plain or function)(*args)
 
 
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -311,34 +312,32 @@ INT8_BLOCK_BYTES = 8 * 2**20
 INT8_FUSED_MAX_IN = 4096
 
 
-def _int8_row_times_matrix(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """row (1, in) fp32 x weight (out, in) int8 -> (1, out) fp32: one vectorized pass over the weight."""
-    return (weight.float() * row).sum(-1)[None]
+def _int8_row_times_matrix(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """row (1, in) fp32 x weight (out, in) int8, scaled per output -> (1, out) fp32: one vectorized pass over the
+    weight (the row comes in fp32: converted inside, it would be converted again at every weight)."""
+    return (weight.float() * row).sum(-1)[None] * scales
 
 
-def _int8_one_row(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """row (1, in) bf16 through the compiled kernel above; int8pack_mm where nothing compiles."""
-    kernel = _compiled(_int8_row_times_matrix)
-    if kernel is not None:
-        try:
-            return (kernel(row.float(), weight) * scales).to(row.dtype)  # (1, out)
-        except Exception as error:
-            _compile_failure(error)
-    return torch._weight_int8pack_mm(row, weight, scales.to(row.dtype))
+def _int8pack_row(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The same product where nothing compiles: int8pack_mm, given the row back in the scales' dtype (bf16 -> fp32
+    -> bf16 is exact)."""
+    return torch._weight_int8pack_mm(row.to(scales.dtype), weight, scales).float()
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x (..., in) bf16 on a CPU, weight (out, in) int8, scales (out,) -> x @ (weight * scales).T, (..., out)."""
     rows = x.reshape(-1, x.shape[-1])  # (R, in)
+    scales = scales.to(x.dtype)
     if (rows.shape[0] == 1 and weight.shape[1] <= INT8_FUSED_MAX_IN and weight.numel() >= FUSED_MIN_WEIGHTS
             and not torch.is_grad_enabled()):
-        out = _int8_one_row(rows, weight, scales)
+        out = _compiled_or_plain(_int8_row_times_matrix, rows.float(), weight, scales, plain=_int8pack_row)
+        out = out.to(x.dtype)  # (1, out)
     elif rows.shape[0] <= INT8_MATMUL_ROWS:
-        out = torch._weight_int8pack_mm(rows, weight, scales.to(x.dtype))  # (R, out)
+        out = torch._weight_int8pack_mm(rows, weight, scales)  # (R, out)
     else:
         block = max(64, INT8_BLOCK_BYTES // (2 * weight.shape[1]) // 64 * 64)  # output rows converted at a time
         products = [F.linear(rows, weight[i : i + block].to(x.dtype)) for i in range(0, weight.shape[0], block)]
-        out = torch.cat(products, dim=-1) * scales.to(x.dtype)  # (R, out)
+        out = torch.cat(products, dim=-1) * scales  # (R, out)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
