@@ -177,40 +177,38 @@ def _read(handle, file: str, key: str) -> torch.Tensor:
         raise ValueError(f"cannot read tensor {key!r} from {file}: the file is truncated or corrupt ({e})") from None
 
 
-def _header(file: str) -> tuple[dict, int]:
+def _header(f) -> tuple[dict, int]:
     """A safetensors file's header ({key: {"dtype", "shape", "data_offsets"}}) and where its data starts: an 8-byte
-    little-endian length, then that many bytes of JSON, then the tensors' bytes."""
-    with open(file, "rb") as f:
-        length = struct.unpack("<Q", f.read(8))[0]
-        return json.loads(f.read(length)), 8 + length
+    little-endian length, then that many bytes of JSON, then the tensors' bytes. `f`: the file, opened binary."""
+    f.seek(0)
+    length = struct.unpack("<Q", f.read(8))[0]
+    return json.loads(f.read(length)), 8 + length
 
 
-def _read_once(file: str, entry: dict, data_start: int, key: str) -> torch.Tensor:
+def _read_once(f, file: str, entry: dict, data_start: int, key: str) -> torch.Tensor:
     """One tensor through a mapping of its own bytes, unmapped as soon as the tensor is freed: for a tensor cast or
     quantized as it is read. Through safetensors' mapping of the whole file, the pages read would stay mapped, and
     resident, until the last tensor of the file is freed: a 7B's int8 load held 13 GB of them beside its 7 GB of
-    weights, and the kernel, short of memory, spent the load reclaiming them (36-67 s)."""
+    weights, and the kernel, short of memory, spent the load reclaiming them (36-67 s). `f`: `file`, opened binary."""
     start, end = (data_start + offset for offset in entry["data_offsets"])
     dtype = SAFETENSORS_DTYPES[entry["dtype"]]
     if end == start:
         return torch.empty(entry["shape"], dtype=dtype)
     page = start - start % mmap.ALLOCATIONGRANULARITY  # a mapping starts on a page
-    try:
-        with open(file, "rb") as f:  # ACCESS_COPY: private and writable, as safetensors maps (torch wants writable)
-            mapped = mmap.mmap(f.fileno(), end - page, offset=page, access=mmap.ACCESS_COPY)
+    try:  # ACCESS_COPY: private and writable, as safetensors maps (torch wants writable)
+        mapped = mmap.mmap(f.fileno(), end - page, offset=page, access=mmap.ACCESS_COPY)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read tensor {key!r} from {file}: the file is truncated or corrupt ({e})") from None
     count = (end - start) // dtype.itemsize
     return torch.frombuffer(mapped, dtype=dtype, count=count, offset=start - page).view(entry["shape"])
 
 
-def _drop_pages(file: str, entry: dict, data_start: int) -> None:
+def _drop_pages(f, entry: dict, data_start: int) -> None:
     """Drop a tensor's bytes from the page cache (Linux; elsewhere nothing): pages mapped, or shared with a
-    neighbouring tensor, stay."""
+    neighbouring tensor, stay. `f`: the file, opened binary."""
     if hasattr(os, "posix_fadvise"):
         start, end = entry["data_offsets"]
-        with open(file, "rb") as f:
-            os.posix_fadvise(f.fileno(), data_start + start, end - start, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(f.fileno(), data_start + start, end - start, os.POSIX_FADV_DONTNEED)
 
 
 def _mappable(tensor: torch.Tensor, param: torch.Tensor) -> bool:
@@ -253,8 +251,8 @@ def load_state(model: torch.nn.Module, path: str, progress=None) -> None:
     for done, file in enumerate(files):
         if progress is not None:
             progress(done, len(files), file)
-        with _open(file) as handle:  # safetensors checks the whole header here
-            header, data_start = _header(file)
+        with _open(file) as handle, open(file, "rb") as raw:  # safetensors checks the whole header here
+            header, data_start = _header(raw)
             for key in handle.keys():
                 if key in ALIASES:
                     shared_values.setdefault(key, (file, handle.get_slice(key).get_shape()))
@@ -269,7 +267,7 @@ def load_state(model: torch.nn.Module, path: str, progress=None) -> None:
                 stored = SAFETENSORS_DTYPES.get(header[key]["dtype"])  # None: a dtype only safetensors reads
                 read_once = stored is not None and (ours in takers or stored != param.dtype)
                 if read_once:
-                    tensor = _read_once(file, header[key], data_start, key)  # to be cast or quantized, then let go
+                    tensor = _read_once(raw, file, header[key], data_start, key)  # to be cast or quantized, then let go
                 else:
                     tensor = _read(handle, file, key)  # to become the parameter: kept mapped with the file
                 if tuple(tensor.shape) != tuple(param.shape):
@@ -289,7 +287,7 @@ def load_state(model: torch.nn.Module, path: str, progress=None) -> None:
                         param.copy_(tensor)
                 if read_once and short_of_memory:
                     del tensor  # unmapped: the pages can go
-                    _drop_pages(file, header[key], data_start)
+                    _drop_pages(raw, header[key], data_start)
                 filled.add(ours)
                 has_lm_head |= key == "language_model.lm_head.weight"
     # transformers 5 writes T5 with lm_head tied to `shared` and leaves lm_head.weight out of the file.

@@ -83,10 +83,11 @@ def test_pages_read_once_are_dropped_only_when_memory_is_short(monkeypatch):
     from minivb import checkpoint, memory
 
     file = os.path.join(TINY, "model.safetensors")
-    header, start = checkpoint._header(file)
-    checkpoint._drop_pages(file, header["language_model.lm_head.weight"], start)  # the real call runs
+    with open(file, "rb") as f:
+        header, start = checkpoint._header(f)
+        checkpoint._drop_pages(f, header["language_model.lm_head.weight"], start)  # the real call runs
     dropped = []
-    monkeypatch.setattr(checkpoint, "_drop_pages", lambda file, entry, start: dropped.append(entry["shape"]))
+    monkeypatch.setattr(checkpoint, "_drop_pages", lambda f, entry, start: dropped.append(entry["shape"]))
     reference = minivb.load_model(TINY, dtype=torch.bfloat16, quantize="int8")
     assert dropped == []  # plenty of memory: the file's pages stay cached for the next load
     monkeypatch.setattr(memory, "available_bytes", lambda device: 10**6)
@@ -98,7 +99,8 @@ def test_pages_read_once_are_dropped_only_when_memory_is_short(monkeypatch):
 
 
 def test_a_dtype_outside_the_table_is_still_read(tmp_path):
-    # _read_once knows the float dtypes of SAFETENSORS_DTYPES; any other tensor goes through safetensors, cast as before.
+    # _read_once knows the float dtypes of SAFETENSORS_DTYPES; any other tensor goes through safetensors, cast as
+    # before.
     from safetensors.torch import load_file, save_file
 
     path = shutil.copytree(TINY, tmp_path / "tiny")
