@@ -174,7 +174,11 @@ def _read(handle, file: str, key: str) -> torch.Tensor:
     try:
         return handle.get_tensor(key)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"cannot read tensor {key!r} from {file}: the file is truncated or corrupt ({e})") from None
+        raise _unreadable(key, file, e) from None
+
+
+def _unreadable(key: str, file: str, error: Exception) -> ValueError:
+    return ValueError(f"cannot read tensor {key!r} from {file}: the file is truncated or corrupt ({error})")
 
 
 def _header(f) -> tuple[dict, int]:
@@ -198,7 +202,7 @@ def _read_once(f, file: str, entry: dict, data_start: int, key: str) -> torch.Te
     try:  # ACCESS_COPY: private and writable, as safetensors maps (torch wants writable)
         mapped = mmap.mmap(f.fileno(), end - page, offset=page, access=mmap.ACCESS_COPY)
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read tensor {key!r} from {file}: the file is truncated or corrupt ({e})") from None
+        raise _unreadable(key, file, e) from None
     count = (end - start) // dtype.itemsize
     return torch.frombuffer(mapped, dtype=dtype, count=count, offset=start - page).view(entry["shape"])
 
