@@ -19,7 +19,9 @@ things about CPUs make that slow, and this file answers them without changing wh
 2. One-row products. A greedy decode step multiplies each weight matrix by one row. PyTorch's bf16 F.linear
    streams such a matrix at about half the rate the machine can read memory; a fused multiply-and-sum compiled
    by torch.compile (inductor's C++ backend) streams it near that rate. `Linear` takes that kernel for one row
-   of a large matrix and the plain F.linear for everything else (prefill, beams, small matrices, no compiler).
+   of a large matrix and the plain F.linear for everything else (prefill, small matrices, no compiler). Beams'
+   few rows take a copy of the weight packed once into oneDNN's layout, where memory allows it (section 2b:
+   F.linear repacks a bf16 weight at every call, and MKL's fp32 takes a slow path on AMD).
    int8 weights (quant.py) multiply one row through a compiled kernel of their own, a few rows (beams) through
    torch._weight_int8pack_mm and a prompt's many rows through a bf16 copy of one block of a matrix at a time
    (`int8_linear`): int8pack_mm's cost grows with the rows.
@@ -35,6 +37,7 @@ the AVX2 numbers come from issue 12. The fp32 compute path runs on this machine 
 is how tests/test_fast.py checks it.
 
 MINIVB_NATIVE_BF16=0 or 1 overrides the detection (to test, or to force a choice the flags get wrong).
+MINIVB_PACK=0 or 1 overrides load_model's choice to pack weights for beams (section 2b, memory.room_to_pack).
 """
 
 import contextlib
@@ -245,33 +248,52 @@ def _mkl_on_amd() -> bool:
         return False
 
 
-def decode_route(x: torch.Tensor, weight: torch.Tensor) -> str:
-    """Which product `Linear` uses: "fused", "matrix" (weight @ x.T) or "plain" (F.linear).
+def decode_route(x: torch.Tensor, weight: torch.Tensor, packing: bool = False, packed: bool = False) -> str:
+    """Which product `Linear` uses: "fused", "packed", "matrix" (weight @ x.T) or "plain" (F.linear).
 
     fused   one row (greedy decoding) of a large CPU matrix, outside autograd, both dtypes: measured above.
-    matrix  2-8 rows (beams) of a large fp32 matrix with MKL on AMD: F.linear takes MKL's slow path there, and
-            `weight @ x.T` its matrix-matrix kernel (MATRIX_MIN_WEIGHTS). In bf16, F.linear is the faster one
-            (5 rows x 11008 x 4096: 4.8 ms against 7.9 ms), which is why this route is fp32 only.
+    packed  2-8 rows (beams) of a large CPU matrix in a layer allowed to pack (`packing`, see section 2b), and every
+            larger product of one whose packed copy exists already (`packed`: prompts after the first beam search).
+    matrix  2-8 rows of a large fp32 matrix with MKL on AMD, where packing is not allowed: F.linear takes MKL's slow
+            path there, and `weight @ x.T` its matrix-matrix kernel (MATRIX_MIN_WEIGHTS). In bf16, F.linear is the
+            faster one (5 rows x 11008 x 4096: 4.8 ms against 7.9 ms), which is why this route is fp32 only.
     plain   everything else: prefill, training, GPUs, small matrices.
     """
     rows = x.numel() // x.shape[-1]
-    if (rows > 8 or weight.numel() < FUSED_MIN_WEIGHTS or weight.device.type != "cpu" or x.dtype != weight.dtype
+    if (weight.numel() < FUSED_MIN_WEIGHTS or weight.device.type != "cpu" or x.dtype != weight.dtype
             or torch.is_grad_enabled()):
         return "plain"
     if rows == 1:
         return "fused"
+    if packing and can_pack(weight.dtype) and (rows <= 8 or packed):
+        return "packed"
+    if rows > 8:
+        return "plain"
     if weight.dtype == torch.float32 and weight.numel() >= MATRIX_MIN_WEIGHTS and _mkl_on_amd():
         return "matrix"
     return "plain"
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose few-row products take the faster route of `decode_route`; the same product otherwise."""
+    """nn.Linear whose few-row products take the faster route of `decode_route`; the same product otherwise.
+
+    `packing` (False unless `allow_packing` set it): whether this layer may keep a packed copy of its weight."""
+
+    packing = False
+    _packed = None  # (the weight's _identity when it was packed, the packed copy)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        route = decode_route(x, self.weight)
+        packed = self._packed is not None and self._packed[0] == _identity(self.weight)
+        route = decode_route(x, self.weight, self.packing, packed)
         if route == "fused":
             return fused_linear(x, self.weight, self.bias)
+        if route == "packed":
+            if not packed:
+                self._packed = None  # a stale copy (the weight changed) is freed before its successor is made
+                copy = pack(self.weight)
+                self._packed = None if copy is None else (_identity(self.weight), copy)
+            if self._packed is not None:
+                return packed_linear(x, self._packed[1], self.bias)
         if route == "matrix":
             rows = x.reshape(-1, x.shape[-1])  # (rows, in)
             out = (self.weight @ rows.T).T  # (rows, out)
@@ -279,6 +301,11 @@ class Linear(nn.Linear):
                 out = out + self.bias
             return out.reshape(*x.shape[:-1], out.shape[-1])
         return F.linear(x, self.weight, self.bias)
+
+    def __getstate__(self):
+        """Copies and pickles (copy.deepcopy, torch.save of a module) leave the packed copy behind: it is an opaque
+        oneDNN tensor that neither can read. The copy packs again at its first beam step."""
+        return {**self.__dict__, "_packed": None}
 
 
 # int8 weights (quant.Int8Linear), bf16 rows on a CPU. torch._weight_int8pack_mm reads the int8 matrix as it is,
@@ -339,6 +366,82 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
         products = [F.linear(rows, weight[i : i + block].to(x.dtype)) for i in range(0, weight.shape[0], block)]
         out = torch.cat(products, dim=-1) * scales  # (R, out)
     return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+# ----------------------------------------------------------------------------- 2b. weights packed once, for beams
+
+# F.linear on a CPU hands a few-row product to oneDNN (bf16) or MKL (fp32) with the weight in its plain (out, in)
+# layout. oneDNN's bf16 kernel repacks that weight into its blocked layout at every call (ONEDNN_VERBOSE=1 shows
+# `brg_matmul` reading `wei:bf16::blocked:ba`), and MKL's fp32 kernel takes a generic, slow path on AMD. A weight
+# packed once into oneDNN's layout (`torch.ops.mkldnn._reorder_linear_weight`, the op inductor's freezing pass
+# uses; AB16b64a2b for bf16) and multiplied by `torch.ops.mkldnn._linear_pointwise` gives, native-bf16 machine
+# (AMD EPYC, 2 threads, best of 5, ms a matrix):
+#     5 rows                    bf16 F.linear  packed     fp32 F.linear  weight @ x.T  packed
+#     11008 x 4096                   5.9        3.8            36.2          16.8        7.0
+#     4096 x 4096                    1.8        1.2             9.3           6.2        2.0
+#     2048 x 768                     0.44       0.21            0.88          0.64       0.32
+#     32002 x 768 (an lm_head)       4.7        2.1            21.2          10.3        3.8
+#     150 rows, 11008 x 4096        38.0       35.6           113            -          66.0
+# bf16 products are bit-identical to F.linear's; fp32 ones differ in the order of the sums (~1e-7 relative).
+# One row stays on the fused kernel (faster for 4096 columns: 11008 x 4096 3.5 against packed 4.7 ms).
+# The price: the packed copy is memory of its own, the size of the weight, and packing reads and writes every
+# weight once (11008 x 4096 bf16: ~65 ms, fp32 ~100 ms; the 1.6 GB of a 7B's 4 layers ~1.3 s). A prompt's products
+# gain only 5-10 % in bf16, less than one packing costs; beams gain 1.5-2x at every step. So a layer packs its
+# weight at its first few-row (beam) product, and from then on every product of 2 rows or more uses the copy.
+# Only where `load_model` found room for a second copy of every packed weight (memory.room_to_pack), since a
+# greedy step still reads the plain one; never in autograd (training reads the plain weight, and a weight that
+# changes is packed again at its next use).
+
+
+def can_pack(dtype: torch.dtype) -> bool:
+    """Whether weights of `dtype` are packed: fp32, and bf16 where the CPU multiplies it natively (elsewhere
+    oneDNN's bf16 is emulated: nothing measured there, nothing packed)."""
+    if _pack_failed or not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and has_native_bf16())
+
+
+def _identity(weight: torch.Tensor) -> tuple:
+    """What changes when the weight does: its storage (a new tensor, `.to()`) and its version (an in-place write:
+    an optimizer step, load_state_dict)."""
+    return weight.data_ptr(), weight._version, weight.dtype
+
+
+PACK_ROWS = 5  # the rows oneDNN is told to expect (a beam search's); any number of rows works with the same copy
+_pack_failed = False  # set when oneDNN refused to pack on this machine: F.linear from then on
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor | None:
+    """The weight (out, in) in oneDNN's blocked layout (an opaque tensor) for `packed_linear`; None (said once)
+    where oneDNN refuses it."""
+    global _pack_failed
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS)
+    except (RuntimeError, AttributeError) as error:  # AttributeError: a build of PyTorch without the op
+        print(f"minivb: oneDNN could not pack a weight ({type(error).__name__}: {str(error).splitlines()[0][:100]}):"
+              f" beam steps use F.linear (about 1.5-2x slower)", file=sys.stderr)
+        _pack_failed = True
+        return None
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) with the weight as `pack` left it: x (..., in) -> (..., out)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def packable_bytes(model: nn.Module, allowed_only: bool = False) -> int:
+    """Bytes the packed copies of `model`'s `Linear` weights would take (of those allowed to pack, with
+    `allowed_only`). Works on a meta-device model."""
+    weights = [m.weight for m in model.modules() if isinstance(m, Linear) and (m.packing or not allowed_only)]
+    return sum(w.numel() * w.element_size() for w in weights if w.numel() >= FUSED_MIN_WEIGHTS and can_pack(w.dtype))
+
+
+def allow_packing(model: nn.Module, allowed: bool = True) -> None:
+    """Let (or stop) every `Linear` of `model` pack its weight at its first beam step; stopping frees the copies."""
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.packing = allowed
+            module._packed = module._packed if allowed else None
 
 
 # ----------------------------------------------------------------------------- 3. attention of a decode step

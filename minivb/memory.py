@@ -11,6 +11,8 @@ with no message at all, minutes into loading. So `load_model` first adds up what
                  reads every page of them at each token, so they must stay in memory as much as allocated ones;
     activations  one generation of the default workload (WORKLOAD): the vision encoder on all its frames, the
                  language model's prompt, and the KV cache of every beam;
+    packed       where the model is allowed to pack its language model's weights for beam steps (fast.py, 2b), a
+                 second copy of them. It is never part of a refusal: `room_to_pack` allows it only where it fits;
 
 and compares the sum with what the OS says is available (`MemAvailable` in /proc/meminfo: free memory plus the
 page cache it can drop, which includes the checkpoint's own pages: they count once, as the weights). If it does
@@ -47,10 +49,11 @@ WORKLOAD = Workload()
 class Estimate:
     weights: int  # bytes
     activations: int
+    packed: int = 0  # the copies of weights packed for beam steps (fast.py, 2b), where load_model allowed them
 
     @property
     def total(self) -> int:
-        return self.weights + self.activations
+        return self.weights + self.activations + self.packed
 
 
 class NotEnoughMemory(ValueError):
@@ -115,15 +118,16 @@ COMPILE_BYTES = 120 * 10**6
 
 
 def estimate(model: torch.nn.Module, workload: Workload = WORKLOAD, device="cpu") -> Estimate:
-    """What `model` (on the meta device, already in its dtype and quantization) will need once loaded on `device`."""
-    from .fast import compute_dtype
+    """What `model` (on the meta device, already in its dtype and quantization, its layers allowed to pack or not)
+    will need once loaded on `device`."""
+    from .fast import compute_dtype, packable_bytes
 
     # Activations run in the compute dtype: fp32 for bf16 weights on a CPU without native bf16 (fast.py).
     dtype = model.projection.weight.dtype
     activations = activation_bytes(model.config, compute_dtype(dtype, "prefill", device).itemsize, workload)
     if torch.device(device).type == "cpu" and dtype == torch.bfloat16:
         activations += COMPILE_BYTES
-    return Estimate(weight_bytes(model), activations)
+    return Estimate(weight_bytes(model), activations, packable_bytes(model, allowed_only=True))
 
 
 def available_bytes(device: torch.device) -> int:
@@ -143,6 +147,27 @@ def available_bytes(device: torch.device) -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # macOS and other Unix systems
     except (ValueError, OSError, AttributeError):
         return -1  # unknown: the check is skipped
+
+
+def room_to_pack(model: torch.nn.Module, device="cpu") -> bool:
+    """Whether `model` (on the meta device, in its dtype and quantization) may pack its language model's weights for
+    beam steps (fast.py, 2b): the packed copies are memory of their own, on top of everything `estimate` counts,
+    since a greedy step still reads the plain weights. A 7B in bf16 on 24 GB has no room (15.8 + 13.0 GB); its cut
+    to 4 + 4 layers and the smaller models do. MINIVB_PACK=0 or 1 overrides the choice."""
+    import os
+
+    from .fast import packable_bytes
+
+    override = os.environ.get("MINIVB_PACK")
+    if override is not None:
+        if override not in ("0", "1"):
+            raise ValueError(f"MINIVB_PACK must be 0 or 1, got {override!r}")
+        return override == "1"
+    packed = packable_bytes(model)
+    if packed == 0 or torch.device(device).type != "cpu":
+        return False
+    available = available_bytes(torch.device(device))
+    return available >= 0 and estimate(model, device=device).total + packed <= available
 
 
 # What dtype="auto" loads, fastest first: bf16 (half the bytes of fp32 to read per decoded token), then bf16 with

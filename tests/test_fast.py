@@ -133,7 +133,7 @@ def test_fast_decode_generates_the_plain_tokens(bf16_model, monkeypatch):
     batch = {k: v[:1] for k, v in batch.items() if k != "labels"}  # one row: greedy decoding's one-row products
     monkeypatch.setenv("MINIVB_NATIVE_BF16", "1")  # the prompt in bf16 too, so its last row's lm_head counts below
     plain_routes, plain_fused = fast.decode_route, fast.fused_linear
-    monkeypatch.setattr(fast, "decode_route", lambda x, w: "plain")
+    monkeypatch.setattr(fast, "decode_route", lambda *args: "plain")
     plain, plain_trace = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, return_trace=True)
     monkeypatch.setattr(fast, "decode_route", plain_routes)
     monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)  # every one-row product of the tiny model compiled
@@ -218,3 +218,87 @@ def test_compiled_quantization_equals_the_reference(monkeypatch):
         assert torch.equal(compiled[0], reference[0]) and torch.equal(compiled[1], reference[1])
         assert compiled[0].dtype == torch.int8 and compiled[0].abs().amax(dim=1)[8:].eq(127).all()
     assert not fast._compile_failed and (fast._compiled(quantize_rows) is not None) == fast._compiler_found()
+
+
+# ----------------------------------------------------------------------------- weights packed for beams (2b)
+
+
+def test_packed_routes(monkeypatch):
+    monkeypatch.setenv("MINIVB_NATIVE_BF16", "1")
+    big = torch.zeros(fast.MATRIX_MIN_WEIGHTS // 512, 512)
+    row, beams, prompt = torch.zeros(1, 1, 512), torch.zeros(5, 1, 512), torch.zeros(1, 150, 512)
+    with torch.no_grad():
+        for weight in (big, big.bfloat16()):
+            cast = lambda x: x.to(weight.dtype)  # noqa: E731
+            assert fast.decode_route(cast(beams), weight, packing=True) == "packed"
+            assert fast.decode_route(cast(row), weight, packing=True) == "fused"  # one row: the fused kernel
+            assert fast.decode_route(cast(prompt), weight, packing=True) == "plain"  # a prompt does not pack...
+            assert fast.decode_route(cast(prompt), weight, packing=True, packed=True) == "packed"  # ...but uses a copy
+            assert fast.decode_route(cast(beams), weight) != "packed"  # not allowed
+        monkeypatch.setenv("MINIVB_NATIVE_BF16", "0")  # bf16 without native instructions: never packed
+        assert fast.decode_route(beams.bfloat16(), big.bfloat16(), packing=True) == "plain"
+        assert fast.decode_route(beams, big, packing=True) == "packed"
+    assert fast.decode_route(beams, big, packing=True, packed=True) == "plain"  # autograd
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_products_equal_plain(monkeypatch, dtype):
+    monkeypatch.setenv("MINIVB_NATIVE_BF16", "1")
+    monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)
+    g = torch.Generator().manual_seed(0)
+    layer = fast.Linear(192, 96).to(dtype)
+    fast.allow_packing(layer)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(96, 192, generator=g))
+        layer.bias.copy_(torch.randn(96, generator=g))
+        for x in (torch.randn(5, 1, 192, generator=g), torch.randn(2, 30, 192, generator=g)):  # beams, then a prompt
+            x = x.to(dtype)
+            got, expected = layer(x), F.linear(x, layer.weight, layer.bias)
+            assert layer._packed is not None and got.shape == expected.shape and got.dtype == dtype
+            if dtype == torch.bfloat16:
+                assert torch.equal(got, expected)  # the same oneDNN kernel, without its repacking
+            else:
+                assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()  # sums in another order
+        twin = copy.deepcopy(layer)  # the opaque packed copy cannot be copied: left behind, packed again
+        assert twin._packed is None and torch.equal(twin(x), got)
+        # A weight written in place (an optimizer step, load_state_dict) is packed again at its next use
+        layer.weight.mul_(-2)
+        x = torch.randn(5, 192, generator=g).to(dtype)
+        assert torch.allclose(layer(x).float(), F.linear(x, layer.weight, layer.bias).float(), rtol=1e-2, atol=1e-2)
+        fast.allow_packing(layer, False)
+        assert layer._packed is None and not layer.packing  # stopped: the copy is freed
+
+
+@torch.no_grad()
+def test_packed_beams_generate_the_plain_tokens(bf16_model, monkeypatch):
+    model, batch = bf16_model
+    batch = {k: v for k, v in batch.items() if k != "labels"}
+    monkeypatch.setenv("MINIVB_NATIVE_BF16", "1")
+    monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)  # every product of the tiny model takes the fast routes
+    model = copy.deepcopy(model)
+    plain, plain_trace = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, num_beams=3, return_trace=True)
+    fast.allow_packing(model)
+    packed, packed_trace = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, num_beams=3,
+                                          return_trace=True)
+    layers = [m for m in model.modules() if isinstance(m, fast.Linear)]
+    assert all(m._packed is not None for m in layers)  # every language-model layer packed at the first beam step
+    assert torch.equal(packed, plain)
+    for got, want in zip(packed_trace.scores, plain_trace.scores):
+        assert torch.equal(got, want)  # bf16: bit for bit
+
+
+def test_pack_refused_falls_back_with_a_notice(monkeypatch, capsys):
+    monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)
+
+    def refuse(*args):
+        raise RuntimeError("no oneDNN here")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
+    monkeypatch.setattr(fast, "_pack_failed", False)
+    layer = fast.Linear(64, 32)
+    fast.allow_packing(layer)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+        assert layer._packed is None and not fast.can_pack(torch.float32)
+    assert "could not pack" in capsys.readouterr().err

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import minivb
-from minivb import memory
+from minivb import fast, memory
 from minivb.config import InstructBlipVideoConfig, LlamaConfig, QFormerConfig, VisionConfig, load_config
 from minivb.model import InstructBlipVideo, build_on_meta
 
@@ -76,9 +76,14 @@ def medium(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_estimate_is_within_10_percent_of_the_real_peak(medium, dtype):
-    need = memory.estimate(build_on_meta(load_config(medium), getattr(torch, dtype)))
+@pytest.mark.parametrize("dtype, pack", [("bfloat16", "1"), ("float32", "1"), ("bfloat16", "0")])
+def test_estimate_is_within_10_percent_of_the_real_peak(medium, dtype, pack, monkeypatch):
+    monkeypatch.setenv("MINIVB_PACK", pack)  # with and without the copies packed for beams (fast.py, 2b)
+    model = build_on_meta(load_config(medium), getattr(torch, dtype))
+    if memory.room_to_pack(model):  # as load_model decides it
+        fast.allow_packing(model)
+    need = memory.estimate(model)
+    assert (need.packed > 0.4 * need.weights) == (pack == "1" and fast.can_pack(getattr(torch, dtype)))
     # Compiling in this process (inductor's default pool of workers would hold part of it in other processes when
     # its disk cache is cold: 50 MB less here, for a cache miss).
     env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS="1")
@@ -89,7 +94,7 @@ def test_estimate_is_within_10_percent_of_the_real_peak(medium, dtype):
     # The peak resident memory of the process, allocated and mapped: the weights (bf16 here: stored as asked, they
     # are the checkpoint's own pages; float32: cast copies, nothing stays mapped), the activations, the compiler.
     peak = measured["peak"]
-    assert need.weights > 0.7 * need.total  # the weights dominate, as at real scale (there: > 0.95)
+    assert need.weights + need.packed > 0.7 * need.total  # the weights dominate, as at real scale (there: > 0.95)
     if dtype == "bfloat16":
         # Mapped, a page of the file holds memory once read: all of the weights but the rows of the 66 MB input
         # embedding table no prompt here looked up. The estimate counts the whole table (a prompt may read any
@@ -164,3 +169,23 @@ def test_activations_follow_the_compute_dtype(monkeypatch):
     monkeypatch.setenv("MINIVB_NATIVE_BF16", "1")
     bf16 = memory.estimate(build_on_meta(config, torch.bfloat16)).activations
     assert bf16 == memory.activation_bytes(config, 2) + memory.COMPILE_BYTES and bf16 < 0.6 * fp32
+
+
+def test_packing_only_where_a_second_copy_fits(monkeypatch):
+    model = build_on_meta(load_config(TINY), torch.float32)
+    monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)  # the tiny model's layers count as large
+    packed = fast.packable_bytes(model)
+    need = memory.estimate(model).total
+    assert packed > 0 and memory.estimate(model).packed == 0  # nothing allowed yet, nothing counted
+    monkeypatch.setattr(memory, "available_bytes", lambda device: need + packed)
+    assert memory.room_to_pack(model)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: need + packed - 1)
+    assert not memory.room_to_pack(model)
+    assert not minivb.load_model(TINY).language_model.lm_head.packing  # load_model asks the same question
+    monkeypatch.setenv("MINIVB_PACK", "1")  # the override
+    assert memory.room_to_pack(model) and minivb.load_model(TINY).language_model.lm_head.packing
+    fast.allow_packing(model)
+    assert memory.estimate(model).packed == packed
+    monkeypatch.setenv("MINIVB_PACK", "yes")
+    with pytest.raises(ValueError, match="MINIVB_PACK must be 0 or 1"):
+        memory.room_to_pack(model)
