@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import inspect
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -122,9 +123,10 @@ def read_rate(nbytes=10**9):
     return nbytes / best_seconds(big.sum, repeats=5)
 
 
-def seconds_per_step(model, run, new_tokens) -> float:
+def seconds_per_step(model, run, new_tokens) -> tuple[float, float]:
     """The median time between two consecutive next-token logits in one generate call: a decode step, prefill
-    excluded. The steps are seen by a hook on lm_head, which both libraries call once a step."""
+    excluded; and the first such step (where minivb packs its weights for beams). The steps are seen by a hook on
+    lm_head, which both libraries call once a step."""
     stamps = []
     handle = model.language_model.lm_head.register_forward_hook(lambda *_: stamps.append(time.perf_counter()))
     try:
@@ -133,8 +135,8 @@ def seconds_per_step(model, run, new_tokens) -> float:
         handle.remove()
     if len(stamps) != new_tokens:
         raise RuntimeError(f"lm_head ran {len(stamps)} times for {new_tokens} new tokens: no per-step times")
-    steps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
-    return steps[len(steps) // 2]
+    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return sorted(steps)[len(steps) // 2], steps[0]
 
 
 def decode_bytes(model) -> int:
@@ -148,6 +150,16 @@ def decode_bytes(model) -> int:
         seen.add(tensor.data_ptr())
         total += tensor.numel() * tensor.element_size()
     return total
+
+
+def count_packed_products() -> None:
+    """Teach torch's FLOP counter the op minivb multiplies its packed weights with (fast.py, 2b: after the first beam
+    search, a prompt's products use them too): x (..., in) times a weight (out, in), 2 * rows * out * in."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    op = torch.ops.mkldnn._linear_pointwise
+    if op not in flop_registry:
+        register_flop_formula(op)(lambda x, w, *args, out_shape=None, **kwargs: 2 * math.prod(x) * w[0])
 
 
 def worker(args) -> None:
@@ -209,10 +221,12 @@ def worker(args) -> None:
         with memory.sparse():
             result["first_token_s"] = best_seconds(lambda: generate(1), repeats=2)
             result["read_rate_greedy"] = read_rate()
-            result["greedy_s"] = seconds_per_step(model, lambda: generate(1 + K), 1 + K)
+            result["greedy_s"], _ = seconds_per_step(model, lambda: generate(1 + K), 1 + K)
             result["read_rate_beam"] = read_rate()
-            result["beam_s"] = seconds_per_step(model, lambda: generate(1 + K, beams=5), 1 + K)
+            beams = seconds_per_step(model, lambda: generate(1 + K, beams=5), 1 + K)
+            result["beam_s"], result["first_beam_s"] = beams
         # Counted last: after FlopCounterMode has run, minivb's compiled kernel runs ~10x slower in this process.
+        count_packed_products()
         counter = FlopCounterMode(display=False)
         with counter:
             generate(1)
@@ -282,7 +296,7 @@ def best(runs: list[dict]) -> dict:
         return runs[-1]
     merged = dict(ok[0])
     for key in ("load_s", "load_peak_anon", "load_peak_mapped", "cold_first_token_s", "first_token_s", "greedy_s",
-                "beam_s", "peak_anon", "peak_mapped"):
+                "beam_s", "first_beam_s", "peak_anon", "peak_mapped"):
         merged[key] = min(r[key] for r in ok)
     merged["read_rates"] = [r[key] for r in ok for key in ("read_rate_greedy", "read_rate_beam")]
     merged["matmul_rate"] = max(max(r["matmul_rates"].values()) for r in ok)
@@ -333,6 +347,7 @@ def table(title, columns: dict[str, dict], weights_bf16: int) -> str:
         row(label, lambda r, key=key, rate=rate: f"{1000 * r[key]:.0f} ms/token = "
             f"{100 * r['decode_bytes'] / r[rate] / r[key]:.0f} % of the {1000 * r['decode_bytes'] / r[rate]:.0f} ms "
             f"floor ({r['decode_bytes'] / GB:.2f} GB at {r[rate] / GB:.1f} GB/s)")
+    row("decode, the first 5-beam step of the process", lambda r: f"{1000 * r['first_beam_s']:.0f} ms")
     row("peak anonymous memory, whole run", lambda r: f"{r['peak_anon'] / GB:.2f} GB "
                                                        f"({r['peak_mapped'] / GB:.2f} GB with mapped files)")
     reference = columns.get("transformers bf16", {}).get("logits")
