@@ -19,9 +19,10 @@ things about CPUs make that slow, and this file answers them without changing wh
 2. One-row products. A greedy decode step multiplies each weight matrix by one row. PyTorch's bf16 F.linear
    streams such a matrix at about half the rate the machine can read memory; a fused multiply-and-sum compiled
    by torch.compile (inductor's C++ backend) streams it near that rate. `Linear` takes that kernel for one row
-   of a large matrix and the plain F.linear for everything else (prefill, small matrices, no compiler). Beams'
-   few rows take a copy of the weight packed once into oneDNN's layout, where memory allows it (section 2b:
-   F.linear repacks a bf16 weight at every call, and MKL's fp32 takes a slow path on AMD).
+   of a large matrix and the plain F.linear for everything else (prefill, small matrices, no compiler). Products
+   of several rows that come back (beam steps, a batch's decode steps, later prompts) take a copy of the weight
+   packed once into oneDNN's layout, where memory allows it (section 2b: F.linear repacks a bf16 weight at every
+   call, and MKL's fp32 takes a slow path on AMD).
    int8 weights (quant.py) multiply one row through a compiled kernel of their own, a few rows (beams) through
    torch._weight_int8pack_mm and a prompt's many rows through a bf16 copy of one block of a matrix at a time
    (`int8_linear`): int8pack_mm's cost grows with the rows.
@@ -248,14 +249,14 @@ def _mkl_on_amd() -> bool:
         return False
 
 
-def decode_route(x: torch.Tensor, weight: torch.Tensor, packing: bool = False, packed: bool = False) -> str:
+def decode_route(x: torch.Tensor, weight: torch.Tensor, packing: bool = False) -> str:
     """Which product `Linear` uses: "fused", "packed", "matrix" (weight @ x.T) or "plain" (F.linear).
 
     fused   one row (greedy decoding) of a large CPU matrix, outside autograd, both dtypes: measured above.
-    packed  2-8 rows (beams) of a large CPU matrix in a layer allowed to pack (`packing`, see section 2b), and every
-            larger product of one whose packed copy exists already (`packed`: prompts after the first beam search).
-    matrix  2-8 rows of a large fp32 matrix with MKL on AMD, where packing is not allowed: F.linear takes MKL's slow
-            path there, and `weight @ x.T` its matrix-matrix kernel (MATRIX_MIN_WEIGHTS). In bf16, F.linear is the
+    packed  several rows of a large CPU matrix in a layer allowed to pack (`packing`): beams, a batch's decode
+            steps, prompts, through a copy of the weight packed once for oneDNN (section 2b).
+    matrix  2-8 rows of a large fp32 matrix with MKL on AMD, where nothing is packed: F.linear takes MKL's slow path
+            there, and `weight @ x.T` its matrix-matrix kernel (MATRIX_MIN_WEIGHTS). In bf16, F.linear is the
             faster one (5 rows x 11008 x 4096: 4.8 ms against 7.9 ms), which is why this route is fp32 only.
     plain   everything else: prefill, training, GPUs, small matrices.
     """
@@ -265,11 +266,9 @@ def decode_route(x: torch.Tensor, weight: torch.Tensor, packing: bool = False, p
         return "plain"
     if rows == 1:
         return "fused"
-    if packing and can_pack(weight.dtype) and (rows <= 8 or packed):
+    if packing and can_pack(weight.dtype):
         return "packed"
-    if rows > 8:
-        return "plain"
-    if weight.dtype == torch.float32 and weight.numel() >= MATRIX_MIN_WEIGHTS and _mkl_on_amd():
+    if rows <= 8 and weight.dtype == torch.float32 and weight.numel() >= MATRIX_MIN_WEIGHTS and _mkl_on_amd():
         return "matrix"
     return "plain"
 
@@ -281,19 +280,16 @@ class Linear(nn.Linear):
 
     packing = False
     _packed = None  # (the weight's _identity when it was packed, the packed copy)
+    _seen = None  # the weight's _identity at its first product of several rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self._packed is not None and self._packed[0] == _identity(self.weight)
-        route = decode_route(x, self.weight, self.packing, packed)
+        route = decode_route(x, self.weight, self.packing)
         if route == "fused":
             return fused_linear(x, self.weight, self.bias)
         if route == "packed":
-            if not packed:
-                self._packed = None  # a stale copy (the weight changed) is freed before its successor is made
-                copy = pack(self.weight)
-                self._packed = None if copy is None else (_identity(self.weight), copy)
-            if self._packed is not None:
-                return packed_linear(x, self._packed[1], self.bias)
+            packed = self._packed_weight()
+            if packed is not None:
+                return packed_linear(x, packed, self.bias)
         if route == "matrix":
             rows = x.reshape(-1, x.shape[-1])  # (rows, in)
             out = (self.weight @ rows.T).T  # (rows, out)
@@ -302,9 +298,24 @@ class Linear(nn.Linear):
             return out.reshape(*x.shape[:-1], out.shape[-1])
         return F.linear(x, self.weight, self.bias)
 
+    def _packed_weight(self) -> torch.Tensor | None:
+        """The packed copy of the weight, made at its second product of several rows (see 2b); None at the first
+        (a prompt may never come back) and where oneDNN refuses to pack."""
+        identity = _identity(self.weight)
+        if self._packed is not None and self._packed[0] == identity:
+            return self._packed[1]
+        self._packed = None  # a stale copy (the weight changed) is freed before its successor is made
+        if self._seen != identity:
+            self._seen = identity
+            return None
+        packed = pack(self.weight)
+        if packed is not None:
+            self._packed = (identity, packed)
+        return packed
+
     def __getstate__(self):
         """Copies and pickles (copy.deepcopy, torch.save of a module) leave the packed copy behind: it is an opaque
-        oneDNN tensor that neither can read. The copy packs again at its first beam step."""
+        oneDNN tensor that neither can read. The copy packs again."""
         return {**self.__dict__, "_packed": None}
 
 
@@ -382,15 +393,18 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
 #     2048 x 768                     0.44       0.21            0.88          0.64       0.32
 #     32002 x 768 (an lm_head)       4.7        2.1            21.2          10.3        3.8
 #     150 rows, 11008 x 4096        38.0       35.6           113            -          66.0
-# bf16 products are bit-identical to F.linear's; fp32 ones differ in the order of the sums (~1e-7 relative).
-# One row stays on the fused kernel (faster for 4096 columns: 11008 x 4096 3.5 against packed 4.7 ms).
+# Packed is faster at any number of rows (16 / 80 rows x 11008 x 4096: bf16 6.7 -> 4.7 / 19.8 -> 17.5 ms; fp32
+# 28.5 -> 8.8 / 66 -> 34 ms). bf16 products are bit-identical to F.linear's; fp32 ones differ in the order of the
+# sums (~1e-7 relative). One row stays on the fused kernel (faster for 4096 columns: 11008 x 4096 3.5 against
+# packed 4.7 ms).
 # The price: the packed copy is memory of its own, the size of the weight, and packing reads and writes every
-# weight once (11008 x 4096 bf16: ~65 ms, fp32 ~100 ms; the 1.6 GB of a 7B's 4 layers ~1.3 s). A prompt's products
-# gain only 5-10 % in bf16, less than one packing costs; beams gain 1.5-2x at every step. So a layer packs its
-# weight at its first few-row (beam) product, and from then on every product of 2 rows or more uses the copy.
-# Only where `load_model` found room for a second copy of every packed weight (memory.room_to_pack), since a
-# greedy step still reads the plain one; never in autograd (training reads the plain weight, and a weight that
-# changes is packed again at its next use).
+# weight once (11008 x 4096 bf16: ~65 ms, fp32 ~100 ms; the 1.9 GB of a 7B's 4 layers ~0.8 s). That pays back
+# where a product comes back (beam steps, a batch's decode steps, every later prompt), not for a single prompt
+# (a bf16 prompt of 150 rows gains 2-4 ms a matrix). So a layer packs its weight at its second product of several
+# rows: the first beam step after the prompt, or a batch's first decode step, or the next prompt; from then on all
+# its products of several rows use the copy. Only where `load_model` found room for a second copy of every packed
+# weight (memory.room_to_pack), since a greedy step still reads the plain one; never in autograd (training reads
+# the plain weight, and a weight that changes is packed again, at its second use after the change).
 
 
 def can_pack(dtype: torch.dtype) -> bool:
@@ -437,7 +451,8 @@ def packable_bytes(model: nn.Module, allowed_only: bool = False) -> int:
 
 
 def allow_packing(model: nn.Module, allowed: bool = True) -> None:
-    """Let (or stop) every `Linear` of `model` pack its weight at its first beam step; stopping frees the copies."""
+    """Let (or stop) every `Linear` of `model` pack its weight (at its second product of several rows: 2b);
+    stopping frees the copies."""
     for module in model.modules():
         if isinstance(module, Linear):
             module.packing = allowed
