@@ -396,14 +396,13 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
 # Packed is faster at any number of rows (16 / 80 rows x 11008 x 4096: bf16 6.7 -> 4.7 / 19.8 -> 17.5 ms; fp32
 # 28.5 -> 8.8 / 66 -> 34 ms). bf16 products are bit-identical to F.linear's; fp32 ones differ in the order of the
 # sums (~1e-7 relative). One row stays on the fused kernel (faster for 4096 columns: 11008 x 4096 3.5 against
-# packed 4.7 ms). The vision encoder's layers are `Linear` too: ViT-g's four matrices over 4 frames (1028 rows) take
-# 7-12 % less time packed in bf16 (4224 x 1408: 36.0 -> 31.8 ms, 380 -> 415 GFLOP/s), 12-25 % in fp32.
+# packed 4.7 ms).
 # The price: the packed copy is memory of its own, the size of the weight, and packing reads and writes every
 # weight once (11008 x 4096 bf16: ~65 ms, fp32 ~100 ms; the 1.9 GB of a 7B's 4 layers ~0.8 s). That pays back
 # where a product comes back (beam steps, a batch's decode steps, every later prompt), not for a single prompt
 # (a bf16 prompt of 150 rows gains 2-4 ms a matrix). So a layer packs its weight at its second product of several
-# rows: the first beam step after the prompt, or a batch's first decode step, or the next prompt (the next video, in
-# the vision encoder); from then on all its products of several rows use the copy. Only where `load_model` found room for a second copy of every packed
+# rows: the first beam step after the prompt, or a batch's first decode step, or the next prompt; from then on all
+# its products of several rows use the copy. Only where `load_model` found room for a second copy of every packed
 # weight (memory.room_to_pack), since a greedy step still reads the plain one; never in autograd (training reads
 # the plain weight, and a weight that changes is packed again, at its second use after the change).
 

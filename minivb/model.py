@@ -210,9 +210,9 @@ def load_model(path, dtype: torch.dtype | str = torch.float32, device="cpu", pro
     `check_memory`: before allocating anything, refuse with memory.NotEnoughMemory (a ValueError naming what would
     fit) when the model would need more than the machine has available (see memory.py); False skips the check.
     `dtype="auto"` (the CLI's default): bfloat16 if it fits, else bfloat16 with quantize="int8" (said on stderr).
-    Where a second copy of the weights of the language model and the vision encoder fits in memory
-    (memory.room_to_pack), their layers pack them for oneDNN at their second product of several rows (the first beam
-    step, a batch's first decode step, the next video), which makes beam steps 1.5-2x faster (fast.py, 2b).
+    Where a second copy of the language model's weights fits in memory (memory.room_to_pack), its layers pack their
+    weights for oneDNN at their second product of several rows (the first beam step, a batch's first decode step),
+    which makes beam steps 1.5-2x faster (fast.py, 2b).
     """
     from . import fast, memory
     from .checkpoint import load_state

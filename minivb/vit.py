@@ -23,7 +23,6 @@ from torch import nn
 
 from . import fast
 from .config import VisionConfig
-from .fast import Linear  # nn.Linear; from the second video on, its weight packed for oneDNN (fast.py, 2b)
 
 
 class VisionAttention(nn.Module):
@@ -40,8 +39,8 @@ class VisionAttention(nn.Module):
         self.head_dim = config.hidden_size // config.num_attention_heads
         # The official bias is stored fused as [q_bias, 0, v_bias]: EVA-CLIP learns no key bias (it would shift all
         # scores of a row equally, which softmax ignores), but the zeros are in the checkpoint, so we load it whole.
-        self.qkv = Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
-        self.proj = Linear(config.hidden_size, config.hidden_size)
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, hidden: torch.Tensor, return_attention: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         num_images, num_tokens, channels = hidden.shape  # (N, 1+P, C)
@@ -66,8 +65,8 @@ class VisionMLP(nn.Module):
             raise ValueError(
                 f"vision hidden_act {config.hidden_act!r} is not supported; the official checkpoints use 'gelu'"
             )
-        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # Exact (erf) GELU, as EVA-CLIP was trained: the tanh approximation drifts over 39 layers.

@@ -10,9 +10,7 @@ runs alternate (transformers, minivb, minivb int8, again) and each figure is the
                    token, which reads the mapped weights
     first token    generate(max_new_tokens=1) on one video of 4 frames: vision, Q-Former, prefill. Its floor: the
                    FLOPs of that call (counted by torch.utils.flop_counter on a last, untimed call) over the best
-                   matrix-product rate this machine reaches, bf16 or fp32, measured in the same process. The
-                   best of the third and fourth calls of the process: its second is timed apart, since minivb
-                   packs its weights there where memory allows (minivb/fast.py, 2b)
+                   matrix-product rate this machine reaches, bf16 or fp32, measured in the same process
     decode         seconds per new token, greedy and 5 beams: the median time between consecutive steps of one
                    generate call of 1 + K tokens (EOS forbidden, so every run decodes them all). Its floor: the
                    language model's bytes one step reads (every weight but the embedding table) over the memory
@@ -221,8 +219,6 @@ def worker(args) -> None:
         torch.save(logits.float(), args.result + ".pt")
         K = args.tokens
         with memory.sparse():
-            # The second prompt of the process: where minivb packs its weights, where a second copy fits (fast.py, 2b)
-            result["second_prompt_s"] = best_seconds(lambda: generate(1), repeats=1)
             result["first_token_s"] = best_seconds(lambda: generate(1), repeats=2)
             result["read_rate_greedy"] = read_rate()
             result["greedy_s"], _ = seconds_per_step(model, lambda: generate(1 + K), 1 + K)
@@ -300,7 +296,7 @@ def best(runs: list[dict]) -> dict:
         return runs[-1]
     merged = dict(ok[0])
     for key in ("load_s", "load_peak_anon", "load_peak_mapped", "cold_first_token_s", "first_token_s", "greedy_s",
-                "beam_s", "first_beam_s", "second_prompt_s", "peak_anon", "peak_mapped"):
+                "beam_s", "first_beam_s", "peak_anon", "peak_mapped"):
         merged[key] = min(r[key] for r in ok)
     merged["read_rates"] = [r[key] for r in ok for key in ("read_rate_greedy", "read_rate_beam")]
     merged["matmul_rate"] = max(max(r["matmul_rates"].values()) for r in ok)
@@ -346,7 +342,6 @@ def table(title, columns: dict[str, dict], weights_bf16: int) -> str:
         f"{100 * r['first_token_flops'] / r['matmul_rate'] / r['first_token_s']:.0f} % of the "
         f"{r['first_token_flops'] / r['matmul_rate']:.2f} s floor ({r['first_token_flops'] / 1e12:.2f} TFLOP "
         f"at {r['matmul_rate'] / 1e9:.0f} GFLOP/s)")
-    row("the second first token of a process (where minivb packs)", lambda r: f"{r['second_prompt_s']:.2f} s")
     for label, key, rate in (("decode, greedy", "greedy_s", "read_rate_greedy"), ("decode, 5 beams", "beam_s",
                                                                                      "read_rate_beam")):
         row(label, lambda r, key=key, rate=rate: f"{1000 * r[key]:.0f} ms/token = "
