@@ -287,7 +287,7 @@ class Linear(nn.Linear):
         if route == "fused":
             return fused_linear(x, self.weight, self.bias)
         if route == "packed":
-            packed = self._packed_weight()
+            packed = self._packed_weight(may_pack=x.numel() // x.shape[-1] <= PACK_MAX_ROWS)
             if packed is not None:
                 return packed_linear(x, packed, self.bias)
         if route == "matrix":
@@ -298,14 +298,14 @@ class Linear(nn.Linear):
             return out.reshape(*x.shape[:-1], out.shape[-1])
         return F.linear(x, self.weight, self.bias)
 
-    def _packed_weight(self) -> torch.Tensor | None:
-        """The packed copy of the weight, made at its second product of several rows (see 2b); None at the first
-        (a prompt may never come back) and where oneDNN refuses to pack."""
+    def _packed_weight(self, may_pack: bool) -> torch.Tensor | None:
+        """The packed copy of the weight, made at a product that `may_pack` after another of several rows (see 2b);
+        None before (the first may be a prompt that never comes back) and where oneDNN refuses to pack."""
         identity = _identity(self.weight)
         if self._packed is not None and self._packed[0] == identity:
             return self._packed[1]
         self._packed = None  # a stale copy (the weight changed) is freed before its successor is made
-        if self._seen != identity:
+        if self._seen != identity or not may_pack:
             self._seen = identity
             return None
         packed = pack(self.weight)
@@ -397,14 +397,17 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
 # 28.5 -> 8.8 / 66 -> 34 ms). bf16 products are bit-identical to F.linear's; fp32 ones differ in the order of the
 # sums (~1e-7 relative). One row stays on the fused kernel (faster for 4096 columns: 11008 x 4096 3.5 against
 # packed 4.7 ms).
-# The price: the packed copy is memory of its own, the size of the weight, and packing reads and writes every
-# weight once (11008 x 4096 bf16: ~65 ms, fp32 ~100 ms; the 1.9 GB of a 7B's 4 layers ~0.8 s). That pays back
-# where a product comes back (beam steps, a batch's decode steps, every later prompt), not for a single prompt
-# (a bf16 prompt of 150 rows gains 2-4 ms a matrix). So a layer packs its weight at its second product of several
-# rows: the first beam step after the prompt, or a batch's first decode step, or the next prompt; from then on all
-# its products of several rows use the copy. Only where `load_model` found room for a second copy of every packed
-# weight (memory.room_to_pack), since a greedy step still reads the plain one; never in autograd (training reads
-# the plain weight, and a weight that changes is packed again, at its second use after the change).
+# The price: the packed copy is memory of its own, the size of the weight, and packing reads and writes every weight
+# once (11008 x 4096 bf16: ~65 ms, fp32 ~100 ms; the 1.9 GB of a 7B's 4 layers ~0.8 s). That pays back within one
+# generate call where a product comes back at every step (beams, a batch), not where it comes once per call (a bf16
+# prompt of 150 rows gains 2-4 ms a matrix: ~20 prompts to pay for one packing; with the language model and the ViT
+# packed at a process's second prompt, that prompt took 2.42 s on the 4 + 4 cut, transformers' 2.15). So a layer packs
+# its weight at a product of 2 to PACK_MAX_ROWS rows that follows another product of several rows: the first beam step
+# after the prompt, a batch's first decode step, the next prompt of an image (32 visual tokens). A video's prompt (4
+# frames: 128 visual tokens and the text) never packs, but uses the copy once it exists (5-10 % faster in bf16, 1.7x
+# in fp32). Only where `load_model` found room for a second copy of every packed weight (memory.room_to_pack), since a
+# greedy step still reads the plain one; never in autograd (training reads the plain weight, and a weight that changes
+# is packed again, at its second use after).
 
 
 def can_pack(dtype: torch.dtype) -> bool:
@@ -422,6 +425,7 @@ def _identity(weight: torch.Tensor) -> tuple:
 
 
 PACK_ROWS = 5  # the rows oneDNN is told to expect (a beam search's); any number of rows works with the same copy
+PACK_MAX_ROWS = 128  # the most rows of a product that packs: a decode step of 5 beams x 25 videos
 _pack_failed = False  # set when oneDNN refused to pack on this machine: F.linear from then on
 
 
@@ -451,7 +455,7 @@ def packable_bytes(model: nn.Module, allowed_only: bool = False) -> int:
 
 
 def allow_packing(model: nn.Module, allowed: bool = True) -> None:
-    """Let (or stop) every `Linear` of `model` pack its weight (at its second product of several rows: 2b);
+    """Let (or stop) every `Linear` of `model` pack its weight (at its first beam step or the like: 2b);
     stopping frees the copies."""
     for module in model.modules():
         if isinstance(module, Linear):

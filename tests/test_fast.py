@@ -253,7 +253,12 @@ def test_packed_products_equal_plain(monkeypatch, dtype):
         prompt = torch.randn(2, 30, 192, generator=g).to(dtype)
         assert torch.equal(layer(prompt), F.linear(prompt, layer.weight, layer.bias))
         assert layer._packed is None  # the first product of several rows: a prompt, perhaps never repeated
-        for x in (torch.randn(5, 1, 192, generator=g), prompt):  # beams: packed now; then the prompt again
+        layer._seen = None
+        video = torch.randn(1, fast.PACK_MAX_ROWS + 1, 192, generator=g).to(dtype)
+        for _ in range(2):  # a video's prompt never packs: it comes back once per generate call at most
+            assert torch.equal(layer(video), F.linear(video, layer.weight, layer.bias))
+        assert layer._packed is None
+        for x in (torch.randn(5, 1, 192, generator=g), prompt, video):  # beams: packed now; then the prompts
             x = x.to(dtype)
             got, expected = layer(x), F.linear(x, layer.weight, layer.bias)
             assert layer._packed is not None and got.shape == expected.shape and got.dtype == dtype
