@@ -20,9 +20,9 @@ things about CPUs make that slow, and this file answers them without changing wh
    streams such a matrix at about half the rate the machine can read memory; a fused multiply-and-sum compiled
    by torch.compile (inductor's C++ backend) streams it near that rate. `Linear` takes that kernel for one row
    of a large matrix and the plain F.linear for everything else (prefill, small matrices, no compiler). Products
-   of several rows that come back (beam steps, a batch's decode steps, later prompts) take a copy of the weight
-   packed once into oneDNN's layout, where memory allows it (section 2b: F.linear repacks a bf16 weight at every
-   call, and MKL's fp32 takes a slow path on AMD).
+   of several rows that come back at every step (beams, a batch's decode steps) take a copy of the weight packed
+   once into oneDNN's layout, where memory allows it (section 2b: F.linear repacks a bf16 weight at every call,
+   and MKL's fp32 takes a slow path on AMD).
    int8 weights (quant.py) multiply one row through a compiled kernel of their own, a few rows (beams) through
    torch._weight_int8pack_mm and a prompt's many rows through a bf16 copy of one block of a matrix at a time
    (`int8_linear`): int8pack_mm's cost grows with the rows.
@@ -254,7 +254,7 @@ def decode_route(x: torch.Tensor, weight: torch.Tensor, packing: bool = False) -
 
     fused   one row (greedy decoding) of a large CPU matrix, outside autograd, both dtypes: measured above.
     packed  several rows of a large CPU matrix in a layer allowed to pack (`packing`): beams, a batch's decode
-            steps, prompts, through a copy of the weight packed once for oneDNN (section 2b).
+            steps, and prompts once the copy exists, through the weight packed once for oneDNN (section 2b).
     matrix  2-8 rows of a large fp32 matrix with MKL on AMD, where nothing is packed: F.linear takes MKL's slow path
             there, and `weight @ x.T` its matrix-matrix kernel (MATRIX_MIN_WEIGHTS). In bf16, F.linear is the
             faster one (5 rows x 11008 x 4096: 4.8 ms against 7.9 ms), which is why this route is fp32 only.

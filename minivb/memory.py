@@ -152,8 +152,8 @@ def available_bytes(device: torch.device) -> int:
 def room_to_pack(model: torch.nn.Module, device="cpu") -> bool:
     """Whether `model` (on the meta device, in its dtype and quantization) may pack its language model's weights for
     beam steps (fast.py, 2b): the packed copies are memory of their own, on top of everything `estimate` counts,
-    since a greedy step still reads the plain weights. A 7B in bf16 on 24 GB has no room (15.8 + 13.0 GB); its cut
-    to 4 + 4 layers and the smaller models do. MINIVB_PACK=0 or 1 overrides the choice."""
+    since a greedy step still reads the plain weights. A 7B in bf16 on 24 GB has no room (16.6 + 13.2 GB); its cut
+    to 4 + 4 layers, flan-t5-xl (8.4 + 5.6 GB) and the smaller models do. MINIVB_PACK=0 or 1 overrides the choice."""
     import os
 
     from .fast import packable_bytes
