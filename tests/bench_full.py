@@ -18,9 +18,11 @@ runs alternate (transformers, minivb, minivb int8, again) and each figure is the
     logits         cosine of the first token's logits to transformers bf16 (int8: also to minivb bf16)
 
 vicuna-13b and flan-t5-xxl do not fit a 24 GB machine in bf16: minivb runs them in int8, after asking for bf16 to
-show the refusal. transformers is run on vicuna-7b only.
+show the refusal. transformers is run on the models that fit in bf16: vicuna-7b and flan-t5-xl (not in the
+default list: `--models flan-t5-xl`).
 
-    python tests/bench_full.py [--models vicuna-7b,vicuna-13b,flan-t5-xxl] [--layers V L] [--repeat 2] [--tokens 8]
+    python tests/bench_full.py [--models vicuna-7b,vicuna-13b,flan-t5-xxl,flan-t5-xl] [--layers V L] [--repeat 2]
+                               [--tokens 8]
                                [--delete]
 """
 
@@ -46,6 +48,7 @@ VIDEO = ROOT / "tests" / "data" / "clock_cc0_1bpp.gif"
 QUESTION = "What is happening in the video?"
 NUM_FRAMES = 4
 GB = 1e9
+FIT_IN_BF16 = ("vicuna-7b", "flan-t5-xl")  # on a 24 GB machine; vicuna-13b and flan-t5-xxl run in int8 only
 
 
 # ----------------------------------------------------------------------------- measuring, inside each run
@@ -374,7 +377,7 @@ def main() -> None:
     parser.add_argument("--folder", default=os.path.join(tempfile.gettempdir(), "minivb-fullsize"))
     parser.add_argument("--delete", action="store_true", help="delete each checkpoint after its runs")
     parser.add_argument("--runs", default="transformers bf16,minivb bf16,minivb int8",
-                        help="which of vicuna-7b's runs (the larger models run minivb only)")
+                        help="which runs of the models that fit in bf16 (the larger ones run minivb only)")
     parser.add_argument("--worker", choices=["minivb", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--batch", help=argparse.SUPPRESS)
@@ -401,7 +404,7 @@ def main() -> None:
             batch_file = os.path.join(workdir, "batch.pt")
             torch.save(minivb.load_processor(path)([QUESTION], videos=[VIDEO], num_frames=NUM_FRAMES), batch_file)
             columns = {}
-            if name == "vicuna-7b":
+            if name in FIT_IN_BF16:
                 plan = [("transformers", None), ("minivb", None)] + [("minivb", "int8")] * has_int8
                 plan = [(impl, q) for impl, q in plan if f"{impl} {q or 'bf16'}" in args.runs.split(",")]
             else:  # transformers cannot hold them in 24 GB; minivb is asked for bf16 once, to show the refusal
