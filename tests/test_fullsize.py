@@ -112,6 +112,11 @@ def test_written_checkpoint_loads_in_minivb_and_transformers(tmp_path, name, pro
     matrix = random_tensor("language_model.model.layers.0.mlp.up_proj.weight", (64, 32), torch.bfloat16)
     assert torch.equal(norm, torch.ones(32, dtype=torch.bfloat16))
     assert 0.015 < matrix.float().std() < 0.025
+    for query in ("language_model.encoder.block.0.layer.0.SelfAttention.q.weight",
+                  "language_model.decoder.block.3.layer.1.EncDecAttention.q.weight"):  # T5's 1/sqrt(d_kv) folded in
+        assert 0.002 < random_tensor(query, (64, 32), torch.bfloat16).float().std() < 0.003
+    key = random_tensor("language_model.encoder.block.0.layer.0.SelfAttention.k.weight", (64, 32), torch.bfloat16)
+    assert 0.015 < key.float().std() < 0.025
     assert torch.equal(random_tensor("language_model.encoder.embed_tokens.weight", (8, 4), torch.float32),
                        random_tensor("language_model.shared.weight", (8, 4), torch.float32))
 
