@@ -21,7 +21,7 @@ things about CPUs make that slow, and this file answers them without changing wh
    by torch.compile (inductor's C++ backend) streams it near that rate. `Linear` takes that kernel for one row
    of a large matrix and the plain F.linear for everything else (prefill, small matrices, no compiler). Products
    of several rows that come back at every step (beams, a batch's decode steps) take a copy of the weight packed
-   once into oneDNN's layout, where memory allows it (section 2b: F.linear repacks a bf16 weight at every call,
+   once into oneDNN's layout, where memory allows it (packing.py: F.linear repacks a bf16 weight at every call,
    and MKL's fp32 takes a slow path on AMD).
    int8 weights (quant.py) multiply one row through a compiled kernel of their own, a few rows (beams) through
    torch._weight_int8pack_mm and a prompt's many rows through a bf16 copy of one block of a matrix at a time
@@ -38,7 +38,7 @@ the AVX2 numbers come from issue 12. The fp32 compute path runs on this machine 
 is how tests/test_fast.py checks it.
 
 MINIVB_NATIVE_BF16=0 or 1 overrides the detection (to test, or to force a choice the flags get wrong).
-MINIVB_PACK=0 or 1 overrides load_model's choice to pack weights for beams (section 2b, memory.room_to_pack).
+MINIVB_PACK=0 or 1 overrides load_model's choice to pack weights for beams (packing.py, memory.room_to_pack).
 """
 
 import contextlib
@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+
+from . import packing
 
 # ----------------------------------------------------------------------------- 1. the compute dtype
 
@@ -254,7 +256,7 @@ def decode_route(x: torch.Tensor, weight: torch.Tensor, packing: bool = False) -
 
     fused   one row (greedy decoding) of a large CPU matrix, outside autograd, both dtypes: measured above.
     packed  several rows of a large CPU matrix in a layer allowed to pack (`packing`): beams, a batch's decode
-            steps, and prompts once the copy exists, through the weight packed once for oneDNN (section 2b).
+            steps, and prompts once the copy exists, through the weight packed once for oneDNN (packing.py).
     matrix  2-8 rows of a large fp32 matrix with MKL on AMD, where nothing is packed: F.linear takes MKL's slow path
             there, and `weight @ x.T` its matrix-matrix kernel (MATRIX_MIN_WEIGHTS). In bf16, F.linear is the
             faster one (5 rows x 11008 x 4096: 4.8 ms against 7.9 ms), which is why this route is fp32 only.
@@ -276,20 +278,18 @@ def decode_route(x: torch.Tensor, weight: torch.Tensor, packing: bool = False) -
 class Linear(nn.Linear):
     """nn.Linear whose few-row products take the faster route of `decode_route`; the same product otherwise.
 
-    `packing` (False unless `allow_packing` set it): whether this layer may keep a packed copy of its weight."""
+    `packed`: a packing.PackedWeight where `allow_packing` let this layer keep a packed copy of its weight."""
 
-    packing = False
-    _packed = None  # (the weight's _identity when it was packed, the packed copy)
-    _seen = None  # the weight's _identity at its first product of several rows
+    packed = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        route = decode_route(x, self.weight, self.packing)
+        route = decode_route(x, self.weight, self.packed is not None)
         if route == "fused":
             return fused_linear(x, self.weight, self.bias)
         if route == "packed":
-            packed = self._packed_weight(may_pack=x.numel() // x.shape[-1] <= PACK_MAX_ROWS)
-            if packed is not None:
-                return packed_linear(x, packed, self.bias)
+            copy = self.packed.get(self.weight, rows=x.numel() // x.shape[-1])
+            if copy is not None:
+                return packing.linear(x, copy, self.bias)
         if route == "matrix":
             rows = x.reshape(-1, x.shape[-1])  # (rows, in)
             out = (self.weight @ rows.T).T  # (rows, out)
@@ -297,26 +297,6 @@ class Linear(nn.Linear):
                 out = out + self.bias
             return out.reshape(*x.shape[:-1], out.shape[-1])
         return F.linear(x, self.weight, self.bias)
-
-    def _packed_weight(self, may_pack: bool) -> torch.Tensor | None:
-        """The packed copy of the weight, made at a product that `may_pack` after another of several rows (see 2b);
-        None before (the first may be a prompt that never comes back) and where oneDNN refuses to pack."""
-        identity = _identity(self.weight)
-        if self._packed is not None and self._packed[0] == identity:
-            return self._packed[1]
-        self._packed = None  # a stale copy (the weight changed) is freed before its successor is made
-        if self._seen != identity or not may_pack:
-            self._seen = identity
-            return None
-        packed = pack(self.weight)
-        if packed is not None:
-            self._packed = (identity, packed)
-        return packed
-
-    def __getstate__(self):
-        """Copies and pickles (copy.deepcopy, torch.save of a module) leave the packed copy behind: it is an opaque
-        oneDNN tensor that neither can read. The copy packs again."""
-        return {**self.__dict__, "_packed": None}
 
 
 # int8 weights (quant.Int8Linear), bf16 rows on a CPU. torch._weight_int8pack_mm reads the int8 matrix as it is,
@@ -381,86 +361,28 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
 
 # ----------------------------------------------------------------------------- 2b. weights packed once, for beams
 
-# F.linear on a CPU hands a few-row product to oneDNN (bf16) or MKL (fp32) with the weight in its plain (out, in)
-# layout. oneDNN's bf16 kernel repacks that weight into its blocked layout at every call (ONEDNN_VERBOSE=1 shows
-# `brg_matmul` reading `wei:bf16::blocked:ba`), and MKL's fp32 kernel takes a generic, slow path on AMD. A weight
-# packed once into oneDNN's layout (`torch.ops.mkldnn._reorder_linear_weight`, the op inductor's freezing pass
-# uses; AB16b64a2b for bf16) and multiplied by `torch.ops.mkldnn._linear_pointwise` gives, native-bf16 machine
-# (AMD EPYC, 2 threads, best of 5, ms a matrix):
-#     5 rows                    bf16 F.linear  packed     fp32 F.linear  weight @ x.T  packed
-#     11008 x 4096                   5.9        3.8            36.2          16.8        7.0
-#     4096 x 4096                    1.8        1.2             9.3           6.2        2.0
-#     2048 x 768                     0.44       0.21            0.88          0.64       0.32
-#     32002 x 768 (an lm_head)       4.7        2.1            21.2          10.3        3.8
-#     150 rows, 11008 x 4096        38.0       35.6           113            -          66.0
-# Packed is faster at any number of rows (16 / 80 rows x 11008 x 4096: bf16 6.7 -> 4.7 / 19.8 -> 17.5 ms; fp32
-# 28.5 -> 8.8 / 66 -> 34 ms). bf16 products are bit-identical to F.linear's; fp32 ones differ in the order of the
-# sums (~1e-7 relative). One row stays on the fused kernel (faster for 4096 columns: 11008 x 4096 3.5 against
-# packed 4.7 ms).
-# The price: the packed copy is memory of its own, the size of the weight, and packing reads and writes every weight
-# once (11008 x 4096 bf16: ~65 ms, fp32 ~100 ms; the 1.9 GB of a 7B's 4 layers ~0.8 s). That pays back within one
-# generate call where a product comes back at every step (beams, a batch), not where it comes once per call (a bf16
-# prompt of 150 rows gains 2-4 ms a matrix: ~20 prompts to pay for one packing; with the language model and the ViT
-# packed at a process's second prompt, that prompt took 2.42 s on the 4 + 4 cut, transformers' 2.15). So a layer packs
-# its weight at a product of 2 to PACK_MAX_ROWS rows that follows another product of several rows: the first beam step
-# after the prompt, a batch's first decode step, the next prompt of an image (32 visual tokens). A video's prompt (4
-# frames: 128 visual tokens and the text) never packs, but uses the copy once it exists (5-10 % faster in bf16, 1.7x
-# in fp32). Only where `load_model` found room for a second copy of every packed weight (memory.room_to_pack), since a
-# greedy step still reads the plain one; never in autograd (training reads the plain weight, and a weight that changes
-# is packed again, at its second use after).
-
 
 def can_pack(dtype: torch.dtype) -> bool:
-    """Whether weights of `dtype` are packed: fp32, and bf16 where the CPU multiplies it natively (elsewhere
-    oneDNN's bf16 is emulated: nothing measured there, nothing packed)."""
-    if _pack_failed or not torch.backends.mkldnn.is_available():
+    """Whether weights of `dtype` are packed (packing.py): fp32, and bf16 where the CPU multiplies it natively
+    (elsewhere oneDNN's bf16 is emulated: nothing measured there, nothing packed)."""
+    if packing.refused or not torch.backends.mkldnn.is_available():
         return False
     return dtype == torch.float32 or (dtype == torch.bfloat16 and has_native_bf16())
-
-
-def _identity(weight: torch.Tensor) -> tuple:
-    """What changes when the weight does: its storage (a new tensor, `.to()`) and its version (an in-place write:
-    an optimizer step, load_state_dict)."""
-    return weight.data_ptr(), weight._version, weight.dtype
-
-
-PACK_ROWS = 5  # the rows oneDNN is told to expect (a beam search's); any number of rows works with the same copy
-PACK_MAX_ROWS = 128  # the most rows of a product that packs: a decode step of 5 beams x 25 videos
-_pack_failed = False  # set when oneDNN refused to pack on this machine: F.linear from then on
-
-
-def pack(weight: torch.Tensor) -> torch.Tensor | None:
-    """The weight (out, in) in oneDNN's blocked layout (an opaque tensor) for `packed_linear`; None (said once)
-    where oneDNN refuses it."""
-    global _pack_failed
-    try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS)
-    except (RuntimeError, AttributeError) as error:  # AttributeError: a build of PyTorch without the op
-        print(f"minivb: oneDNN could not pack a weight ({type(error).__name__}: {str(error).splitlines()[0][:100]}):"
-              f" beam steps use F.linear (about 1.5-2x slower)", file=sys.stderr)
-        _pack_failed = True
-        return None
-
-
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, weight, bias) with the weight as `pack` left it: x (..., in) -> (..., out)."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def packable_bytes(model: nn.Module, allowed_only: bool = False) -> int:
     """Bytes the packed copies of `model`'s `Linear` weights would take (of those allowed to pack, with
     `allowed_only`). Works on a meta-device model."""
-    weights = [m.weight for m in model.modules() if isinstance(m, Linear) and (m.packing or not allowed_only)]
+    weights = [m.weight for m in model.modules()
+               if isinstance(m, Linear) and (m.packed is not None or not allowed_only)]
     return sum(w.numel() * w.element_size() for w in weights if w.numel() >= FUSED_MIN_WEIGHTS and can_pack(w.dtype))
 
 
 def allow_packing(model: nn.Module, allowed: bool = True) -> None:
-    """Let (or stop) every `Linear` of `model` pack its weight (at its first beam step or the like: 2b);
-    stopping frees the copies."""
+    """Let (or stop) every `Linear` of `model` pack its weight (packing.py); stopping frees the copies."""
     for module in model.modules():
         if isinstance(module, Linear):
-            module.packing = allowed
-            module._packed = module._packed if allowed else None
+            module.packed = (module.packed or packing.PackedWeight()) if allowed else None
 
 
 # ----------------------------------------------------------------------------- 3. attention of a decode step

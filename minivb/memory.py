@@ -11,7 +11,7 @@ with no message at all, minutes into loading. So `load_model` first adds up what
                  reads every page of them at each token, so they must stay in memory as much as allocated ones;
     activations  one generation of the default workload (WORKLOAD): the vision encoder on all its frames, the
                  language model's prompt, and the KV cache of every beam;
-    packed       where the model is allowed to pack its language model's weights for beam steps (fast.py, 2b), a
+    packed       where the model is allowed to pack its language model's weights for beam steps (packing.py), a
                  second copy of them. It is never part of a refusal: `room_to_pack` allows it only where it fits;
 
 and compares the sum with what the OS says is available (`MemAvailable` in /proc/meminfo: free memory plus the
@@ -49,7 +49,7 @@ WORKLOAD = Workload()
 class Estimate:
     weights: int  # bytes
     activations: int
-    packed: int = 0  # the copies of weights packed for beam steps (fast.py, 2b), where load_model allowed them
+    packed: int = 0  # the copies of weights packed for beam steps (packing.py), where load_model allowed them
 
     @property
     def total(self) -> int:
@@ -151,7 +151,7 @@ def available_bytes(device: torch.device) -> int:
 
 def room_to_pack(model: torch.nn.Module, device="cpu") -> bool:
     """Whether `model` (on the meta device, in its dtype and quantization) may pack its language model's weights for
-    beam steps (fast.py, 2b): the packed copies are memory of their own, on top of everything `estimate` counts,
+    beam steps (packing.py): the packed copies are memory of their own, on top of everything `estimate` counts,
     since a greedy step still reads the plain weights. A 7B in bf16 on 24 GB has no room (16.6 + 13.2 GB); its cut
     to 4 + 4 layers, flan-t5-xl (8.4 + 5.6 GB) and the smaller models do. MINIVB_PACK=0 or 1 overrides the choice."""
     import os

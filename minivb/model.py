@@ -212,7 +212,7 @@ def load_model(path, dtype: torch.dtype | str = torch.float32, device="cpu", pro
     `dtype="auto"` (the CLI's default): bfloat16 if it fits, else bfloat16 with quantize="int8" (said on stderr).
     Where a second copy of the language model's weights fits in memory (memory.room_to_pack), its layers pack their
     weights for oneDNN at their first product of 2-128 rows after the prompt (the first beam step, a batch's first
-    decode step), which makes beam steps 1.5-2x faster (fast.py, 2b).
+    decode step), which makes beam steps 1.5-2x faster (packing.py).
     """
     from . import fast, memory
     from .checkpoint import load_state
@@ -242,7 +242,7 @@ def load_model(path, dtype: torch.dtype | str = torch.float32, device="cpu", pro
     # dtype and casts into the storage otherwise: peak memory stays near one copy of the weights.
     model = build_on_meta(config, dtype, quantize)
     if memory.room_to_pack(model, device):
-        fast.allow_packing(model)  # beams multiply a copy of each weight packed once for oneDNN (fast.py, 2b)
+        fast.allow_packing(model)  # beams multiply a copy of each weight packed once for oneDNN (packing.py)
     model = model.to_empty(device=device)
     load_state(model, str(path), progress=progress)
     return model.eval()

@@ -156,7 +156,7 @@ def decode_bytes(model) -> int:
 
 
 def count_packed_products() -> None:
-    """Teach torch's FLOP counter the op minivb multiplies its packed weights with (fast.py, 2b: after the first beam
+    """Teach torch's FLOP counter the op minivb multiplies its packed weights with (packing.py: after the first beam
     search, a prompt's products use them too): x (..., in) times a weight (out, in), 2 * rows * out * in."""
     from torch.utils.flop_counter import flop_registry, register_flop_formula
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import minivb
-from minivb import fast
+from minivb import fast, packing
 from tests import tiny
 
 
@@ -220,7 +220,7 @@ def test_compiled_quantization_equals_the_reference(monkeypatch):
     assert not fast._compile_failed and (fast._compiled(quantize_rows) is not None) == fast._compiler_found()
 
 
-# ----------------------------------------------------------------------------- weights packed for beams (2b)
+# ----------------------------------------------------------------------------- weights packed for beams (packing.py)
 
 
 def test_packed_routes(monkeypatch):
@@ -252,31 +252,31 @@ def test_packed_products_equal_plain(monkeypatch, dtype):
         layer.bias.copy_(torch.randn(96, generator=g))
         prompt = torch.randn(2, 30, 192, generator=g).to(dtype)
         assert torch.equal(layer(prompt), F.linear(prompt, layer.weight, layer.bias))
-        assert layer._packed is None  # the first product of several rows: a prompt, perhaps never repeated
-        layer._seen = None
-        video = torch.randn(1, fast.PACK_MAX_ROWS + 1, 192, generator=g).to(dtype)
+        assert layer.packed.copy is None  # the first product of several rows: a prompt, perhaps never repeated
+        layer.packed.seen = None
+        video = torch.randn(1, packing.PACK_MAX_ROWS + 1, 192, generator=g).to(dtype)
         for _ in range(2):  # a video's prompt never packs: it comes back once per generate call at most
             assert torch.equal(layer(video), F.linear(video, layer.weight, layer.bias))
-        assert layer._packed is None
+        assert layer.packed.copy is None
         for x in (torch.randn(5, 1, 192, generator=g), prompt, video):  # beams: packed now; then the prompts
             x = x.to(dtype)
             got, expected = layer(x), F.linear(x, layer.weight, layer.bias)
-            assert layer._packed is not None and got.shape == expected.shape and got.dtype == dtype
+            assert layer.packed.copy is not None and got.shape == expected.shape and got.dtype == dtype
             if dtype == torch.bfloat16:
                 assert torch.equal(got, expected)  # the same oneDNN kernel, without its repacking
             else:
                 assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()  # sums in another order
         twin = copy.deepcopy(layer)  # the opaque packed copy cannot be copied: left behind, packed again
-        assert twin._packed is None and torch.equal(twin(x), got)
+        assert twin.packed.copy is None and torch.equal(twin(x), got)
         # A weight written in place (an optimizer step, load_state_dict) is not multiplied through its old copy
         layer.weight.mul_(-2)
         x = torch.randn(5, 192, generator=g).to(dtype)
         for _ in range(2):  # the first product after the change drops the stale copy, the second packs again
             assert torch.allclose(layer(x).float(), F.linear(x, layer.weight, layer.bias).float(), rtol=1e-2,
                                   atol=1e-2)
-        assert layer._packed is not None
+        assert layer.packed.copy is not None
         fast.allow_packing(layer, False)
-        assert layer._packed is None and not layer.packing  # stopped: the copy is freed
+        assert layer.packed is None  # stopped: the copy is freed
 
 
 @torch.no_grad()
@@ -291,7 +291,7 @@ def test_packed_beams_generate_the_plain_tokens(bf16_model, monkeypatch):
     packed, packed_trace = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, num_beams=3,
                                           return_trace=True)
     layers = [m for m in model.modules() if isinstance(m, fast.Linear)]
-    assert all(m._packed is not None for m in layers)  # every language-model layer: at the first beam step
+    assert all(m.packed.copy is not None for m in layers)  # every language-model layer: at the first beam step
     assert torch.equal(packed, plain)
     for got, want in zip(packed_trace.scores, plain_trace.scores):
         assert torch.equal(got, want)  # bf16: bit for bit
@@ -304,12 +304,12 @@ def test_pack_refused_falls_back_with_a_notice(monkeypatch, capsys):
         raise RuntimeError("no oneDNN here")
 
     monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
-    monkeypatch.setattr(fast, "_pack_failed", False)
+    monkeypatch.setattr(packing, "refused", False)
     layer = fast.Linear(64, 32)
     fast.allow_packing(layer)
     x = torch.randn(5, 64)
     with torch.no_grad():
         for _ in range(2):  # the second product of several rows packs
             assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
-        assert layer._packed is None and not fast.can_pack(torch.float32)
+        assert layer.packed.copy is None and not fast.can_pack(torch.float32)
     assert "could not pack" in capsys.readouterr().err

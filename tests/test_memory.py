@@ -78,7 +78,7 @@ def medium(tmp_path_factory):
 
 @pytest.mark.parametrize("dtype, pack", [("bfloat16", "1"), ("float32", "1"), ("bfloat16", "0")])
 def test_estimate_is_within_10_percent_of_the_real_peak(medium, dtype, pack, monkeypatch):
-    monkeypatch.setenv("MINIVB_PACK", pack)  # with and without the copies packed for beams (fast.py, 2b)
+    monkeypatch.setenv("MINIVB_PACK", pack)  # with and without the copies packed for beams (packing.py)
     model = build_on_meta(load_config(medium), getattr(torch, dtype))
     if memory.room_to_pack(model):  # as load_model decides it
         fast.allow_packing(model)
@@ -181,9 +181,9 @@ def test_packing_only_where_a_second_copy_fits(monkeypatch):
     assert memory.room_to_pack(model)
     monkeypatch.setattr(memory, "available_bytes", lambda device: need + packed - 1)
     assert not memory.room_to_pack(model)
-    assert not minivb.load_model(TINY).language_model.lm_head.packing  # load_model asks the same question
+    assert minivb.load_model(TINY).language_model.lm_head.packed is None  # load_model asks the same question
     monkeypatch.setenv("MINIVB_PACK", "1")  # the override
-    assert memory.room_to_pack(model) and minivb.load_model(TINY).language_model.lm_head.packing
+    assert memory.room_to_pack(model) and minivb.load_model(TINY).language_model.lm_head.packed is not None
     fast.allow_packing(model)
     assert memory.estimate(model).packed == packed
     monkeypatch.setenv("MINIVB_PACK", "yes")

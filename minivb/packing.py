@@ -1,0 +1,93 @@
+"""Weights packed once into oneDNN's blocked layout, for the products that come back at every decode step (beams, a
+batch): `fast.Linear` keeps a `PackedWeight` where `load_model` allowed it (memory.room_to_pack).
+
+F.linear on a CPU hands a few-row product to oneDNN (bf16) or MKL (fp32) with the weight in its plain (out, in)
+layout. oneDNN's bf16 kernel repacks that weight into its blocked layout at every call (ONEDNN_VERBOSE=1 shows
+`brg_matmul` reading `wei:bf16::blocked:ba`), and MKL's fp32 kernel takes a generic, slow path on AMD. A weight
+packed once into oneDNN's layout (`torch.ops.mkldnn._reorder_linear_weight`, the op inductor's freezing pass
+uses; AB16b64a2b for bf16) and multiplied by `torch.ops.mkldnn._linear_pointwise` gives, native-bf16 machine
+(AMD EPYC, 2 threads, best of 5, ms a matrix):
+    5 rows                    bf16 F.linear  packed     fp32 F.linear  weight @ x.T  packed
+    11008 x 4096                   5.9        3.8            36.2          16.8        7.0
+    4096 x 4096                    1.8        1.2             9.3           6.2        2.0
+    2048 x 768                     0.44       0.21            0.88          0.64       0.32
+    32002 x 768 (an lm_head)       4.7        2.1            21.2          10.3        3.8
+    150 rows, 11008 x 4096        38.0       35.6           113            -          66.0
+Packed is faster at any number of rows (16 / 80 rows x 11008 x 4096: bf16 6.7 -> 4.7 / 19.8 -> 17.5 ms; fp32
+28.5 -> 8.8 / 66 -> 34 ms). bf16 products are bit-identical to F.linear's; fp32 ones differ in the order of the
+sums (~1e-7 relative). One row stays on the fused kernel (faster for 4096 columns: 11008 x 4096 3.5 against
+packed 4.7 ms).
+The price: the packed copy is memory of its own, the size of the weight, and packing reads and writes every weight
+once (11008 x 4096 bf16: ~65 ms, fp32 ~100 ms; the 1.9 GB of a 7B's 4 layers ~0.8 s). That pays back within one
+generate call where a product comes back at every step (beams, a batch), not where it comes once per call (a bf16
+prompt of 150 rows gains 2-4 ms a matrix: ~20 prompts to pay for one packing; with the language model and the ViT
+packed at a process's second prompt, that prompt took 2.42 s on the 4 + 4 cut, transformers' 2.15). So a layer packs
+its weight at a product of 2 to PACK_MAX_ROWS rows that follows another product of several rows: the first beam step
+after the prompt, a batch's first decode step, the next prompt of an image (32 visual tokens). A video's prompt (4
+frames: 128 visual tokens and the text) never packs, but uses the copy once it exists (5-10 % faster in bf16, 1.7x
+in fp32). Only where `load_model` found room for a second copy of every packed weight (memory.room_to_pack), since a
+greedy step still reads the plain one; never in autograd (training reads the plain weight, and a weight that changes
+is packed again, at its second use after).
+"""
+
+import sys
+
+import torch
+
+PACK_ROWS = 5  # the rows oneDNN is told to expect (a beam search's); any number of rows works with the same copy
+PACK_MAX_ROWS = 128  # the most rows of a product that packs: a decode step of 5 beams x 25 videos
+refused = False  # set when oneDNN refused to pack on this machine: F.linear from then on
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor | None:
+    """The weight (out, in) in oneDNN's blocked layout (an opaque tensor) for `linear`; None (said once) where
+    oneDNN refuses it."""
+    global refused
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS)
+    except (RuntimeError, AttributeError) as error:  # AttributeError: a build of PyTorch without the op
+        print(f"minivb: oneDNN could not pack a weight ({type(error).__name__}: {str(error).splitlines()[0][:100]}):"
+              f" beam steps use F.linear (about 1.5-2x slower)", file=sys.stderr)
+        refused = True
+        return None
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) with the weight as `pack` left it: x (..., in) -> (..., out)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _identity(weight: torch.Tensor) -> tuple:
+    """What changes when the weight does: its storage (a new tensor, `.to()`) and its version (an in-place write:
+    an optimizer step, load_state_dict)."""
+    return weight.data_ptr(), weight._version, weight.dtype
+
+
+class PackedWeight:
+    """One layer's packed copy of its weight, made at a product of 2 to PACK_MAX_ROWS rows that follows another
+    product of several rows (the first beam step after the prompt), and made again after the weight changes.
+
+    Copies and pickles of the layer (copy.deepcopy, torch.save of a module) get an empty PackedWeight: the copy is an
+    opaque oneDNN tensor that neither can read, and packs again."""
+
+    def __init__(self):
+        self.copy = None  # (the weight's _identity when it was packed, the packed tensor)
+        self.seen = None  # the weight's _identity at its last product of several rows without a copy
+
+    def __reduce__(self):
+        return PackedWeight, ()
+
+    def get(self, weight: torch.Tensor, rows: int) -> torch.Tensor | None:
+        """The packed copy for a product of `rows` rows by `weight`; None while there is none to use (the first
+        product may be a prompt that never comes back) and where oneDNN refuses to pack."""
+        identity = _identity(weight)
+        if self.copy is not None and self.copy[0] == identity:
+            return self.copy[1]
+        self.copy = None  # a stale copy (the weight changed) is freed before its successor is made
+        if self.seen != identity or rows > PACK_MAX_ROWS:
+            self.seen = identity
+            return None
+        packed = pack(weight)
+        if packed is not None:
+            self.copy = (identity, packed)
+        return packed
