@@ -59,13 +59,19 @@ from . import packing
 PHASES = ("vision", "prefill", "decode")  # vision: ViT + Q-Former; prefill: the language model over the prompt
 
 
+def override(name: str) -> bool | None:
+    """The switch environment variable `name` sets: True for 1, False for 0, None where it is unset."""
+    value = os.environ.get(name)
+    if value is not None and value not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return None if value is None else value == "1"
+
+
 def has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices natively (MINIVB_NATIVE_BF16=0/1 overrides the detection)."""
-    override = os.environ.get("MINIVB_NATIVE_BF16")
-    if override is not None:
-        if override not in ("0", "1"):
-            raise ValueError(f"MINIVB_NATIVE_BF16 must be 0 or 1, got {override!r}")
-        return override == "1"
+    forced = override("MINIVB_NATIVE_BF16")
+    if forced is not None:
+        return forced
     return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})  # "bf16": Arm's Features line
 
 

@@ -154,15 +154,11 @@ def room_to_pack(model: torch.nn.Module, device="cpu") -> bool:
     beam steps (packing.py): the packed copies are memory of their own, on top of everything `estimate` counts,
     since a greedy step still reads the plain weights. A 7B in bf16 on 24 GB has no room (16.6 + 13.2 GB); its cut
     to 4 + 4 layers, flan-t5-xl (8.4 + 5.6 GB) and the smaller models do. MINIVB_PACK=0 or 1 overrides the choice."""
-    import os
+    from .fast import override, packable_bytes
 
-    from .fast import packable_bytes
-
-    override = os.environ.get("MINIVB_PACK")
-    if override is not None:
-        if override not in ("0", "1"):
-            raise ValueError(f"MINIVB_PACK must be 0 or 1, got {override!r}")
-        return override == "1"
+    forced = override("MINIVB_PACK")
+    if forced is not None:
+        return forced
     packed = packable_bytes(model)
     if packed == 0 or torch.device(device).type != "cpu":
         return False
