@@ -5,6 +5,7 @@
     python -m minivb info DIR
     python -m minivb info VIDEO        (duration, frame count, codec, and the frames that would be sampled)
     python -m minivb eval --model DIR --annotations FILE --videos DIR [--out preds.jsonl]   (see evaluate.py)
+    python -m minivb quantize --model DIR --out DIR      (an int8 copy of the checkpoint, see quant.py)
     python -m minivb toy-dataset --out DIR --clips N     (a video-QA dataset of toy clips, see data.py)
     python -m minivb finetune --model DIR --annotations FILE --videos DIR --out DIR     (see finetune.py; the same
                                        under torchrun --nproc_per_node N -m minivb finetune ...)
@@ -20,7 +21,7 @@ import torch
 
 from . import evaluate, finetune
 from .data import write_toy_dataset
-from .quant import QUANTIZE_CHOICES
+from .quant import QUANTIZE_CHOICES, save_quantized
 from .video import VIDEO_EXTENSIONS, read_video, video_info
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -62,6 +63,11 @@ def main(argv=None) -> int:
     finetune.add_arguments(commands.add_parser(
         "finetune", help="train the Q-Former, queries and projection on an annotation file (the InstructBLIP recipe)"))
 
+    quantize = commands.add_parser("quantize", help="write an int8 copy of a checkpoint (its language model's linear "
+                                                    "weights), which then loads without quantizing again")
+    quantize.add_argument("--model", required=True, help="checkpoint directory (official layout)")
+    quantize.add_argument("--out", required=True, help="folder to write the int8 checkpoint to")
+
     info = commands.add_parser("info", help="architecture and parameter counts of a checkpoint, or what a video holds")
     info.add_argument("model", help="checkpoint directory (official layout), or a video file (mp4 webm mkv avi mov)")
     info.add_argument("--frames", type=int, default=4, help="for a video: frames that would be sampled (default 4)")
@@ -78,6 +84,8 @@ def main(argv=None) -> int:
             summary = finetune.finetune(args)
             if summary:  # process 0 alone, under torchrun
                 print(summary)
+        elif args.command == "quantize":
+            print(run_quantize(args.model, args.out))
         elif args.command == "toy-dataset":
             path = write_toy_dataset(args.out, args.clips, args.seed, args.answers)
             print(f"wrote {path} and {os.path.join(args.out, 'videos')}")
@@ -116,6 +124,15 @@ def run_ask(args) -> str:
                          repetition_penalty=args.repetition_penalty, length_penalty=args.length_penalty,
                          eos_token_id=processor.eos_token_id, pad_token_id=processor.pad_token_id)
     return processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
+
+
+def run_quantize(source, out) -> str:
+    def progress(done, total, file):
+        print(f"quantizing {os.path.basename(file)} ({done + 1}/{total})", file=sys.stderr, flush=True)
+
+    save_quantized(source, out, progress=progress)
+    return (f"wrote {out}: {_checkpoint_bytes(out) / 1e9:.2f} GB of safetensors (from {_checkpoint_bytes(source) / 1e9:.2f}"
+            f" GB); load it as any checkpoint, e.g. python -m minivb ask --model {out} ...")
 
 
 def add_load_arguments(parser) -> None:
@@ -168,7 +185,8 @@ def run_info(path) -> str:
         "projection": (f"linear {q.hidden_size} -> {text.hidden_size}", model.projection),
         "language_model": (language, model.language_model),
     }
-    lines = [f"{path}: {config.model_type}, placeholder token {config.placeholder_token_id}"]
+    lines = [f"{path}: {config.model_type}, placeholder token {config.placeholder_token_id}"
+             + (f", language model's linear weights in {config.quantization}" if config.quantization else "")]
     total = 0
     for name, (description, module) in parts.items():
         count = sum(p.numel() for p in module.parameters())

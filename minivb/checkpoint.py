@@ -18,6 +18,7 @@ checkpoint file beside its target and renames it over (`replacing`); the old fil
 
 import contextlib
 import json
+import math
 import mmap
 import os
 import re
@@ -27,7 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 # {i} stands for a layer number. Each line maps an official module (or parameter) name to minivb's; the suffix
-# `.weight` / `.bias` carries over unchanged.
+# `.weight` / `.bias` carries over unchanged (and `.weight_scale`, the scales of an int8 checkpoint: quant.py).
 KEY_TABLE = [
     # --- learned queries and the projection into the language model
     ("query_tokens", "query_tokens"),
@@ -106,7 +107,7 @@ def _compile(pattern: str) -> re.Pattern:
     regex = re.escape(pattern)
     for placeholder, group in _PLACEHOLDERS.items():
         regex = regex.replace(re.escape(placeholder), group)  # each placeholder appears at most once a pattern
-    return re.compile(rf"^{regex}(?P<suffix>\.weight|\.bias)?$")
+    return re.compile(rf"^{regex}(?P<suffix>\.weight|\.bias|\.weight_scale)?$")
 
 
 _COMPILED = [(_compile(official), ours) for official, ours in KEY_TABLE]
@@ -135,7 +136,19 @@ def map_key(official_name: str) -> str | None:
 
 
 # The dtype names safetensors headers use (read here; fullsize.py writes headers with the same table).
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I8": torch.int8}
+
+
+DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # torch.bfloat16 -> "BF16"
+# torch._weight_int8pack_mm reads an int8 weight with aligned vector loads: one that starts 8 bytes past a 64-byte
+# boundary (where safetensors' own writer may put it) crashes the process (SIGSEGV, torch 2.13). minivb's files
+# start their data, and their int8 weights, on 64-byte boundaries; the loader copies an int8 weight that does not.
+ALIGN = 64
+
+
+def _mappable_address(tensor: torch.Tensor) -> bool:
+    return tensor.data_ptr() % (ALIGN if tensor.dtype == torch.int8 else tensor.element_size()) == 0
 
 
 def checkpoint_files(path: str) -> list[str]:
@@ -218,10 +231,11 @@ def _drop_pages(f, entry: dict, data_start: int) -> None:
 def _mappable(tensor: torch.Tensor, param: torch.Tensor) -> bool:
     """Whether the parameter can be the file's tensor itself: same dtype, on the CPU, contiguous, and aligned to
     its element size (safetensors aligns only the data block, to 8 bytes; a file that mixes dtypes unsorted can
-    leave an fp32 tensor on an odd address). Alignment beyond that does not matter: the fused decode kernel reads
-    an 11008 x 4096 bf16 matrix in 2.3 ms at any 8-byte offset, as from a 64-byte aligned copy."""
+    leave an fp32 tensor on an odd address), int8 weights to ALIGN. Alignment beyond that does not matter for
+    floats: the fused decode kernel reads an 11008 x 4096 bf16 matrix in 2.3 ms at any 8-byte offset, as from a
+    64-byte aligned copy."""
     return (param.device.type == "cpu" and tensor.dtype == param.dtype and tensor.is_contiguous()
-            and tensor.data_ptr() % tensor.element_size() == 0)
+            and _mappable_address(tensor))
 
 
 def _format_list(names) -> str:
@@ -237,9 +251,14 @@ def load_state(model: torch.nn.Module, path: str, progress=None) -> None:
     `progress(done, total, file)`, if given, is called before each safetensors file is read.
     """
     params = dict(model.named_parameters())
-    # Modules that keep their weight in another form (quant.Int8Linear: int8 + scales) take it through load_weight.
+    # Modules that keep their weight in another form (quant.Int8Linear: int8 + scales) take a float weight through
+    # load_weight, which quantizes it. A checkpoint written already quantized (quant.save_quantized, its config
+    # says so) stores the int8 weight and its `weight_scale`: those are loaded as any other tensor, mapped.
     takers = {f"{name}.weight": module for name, module in model.named_modules() if hasattr(module, "load_weight")}
     targets = {**params, **{name: module.weight for name, module in takers.items()}}
+    quantized_file = model.config.quantization is not None
+    if quantized_file:
+        targets.update({f"{name[:-len('.weight')]}.weight_scale": m.weight_scale for name, m in takers.items()})
     filled, unexpected, shared_values = set(), [], {}
     has_lm_head = False
     files = checkpoint_files(path)
@@ -269,7 +288,10 @@ def load_state(model: torch.nn.Module, path: str, progress=None) -> None:
                     raise ValueError(f"checkpoint tensor {key!r} appears twice in {path}")
                 param = targets[ours]
                 stored = SAFETENSORS_DTYPES.get(header[key]["dtype"])  # None: a dtype only safetensors reads
-                read_once = stored is not None and (ours in takers or stored != param.dtype)
+                if (stored == torch.int8) != (param.dtype == torch.int8 and quantized_file):
+                    raise ValueError(_int8_mismatch(key, path, stored == torch.int8, quantized_file))
+                quantize = ours in takers and not quantized_file
+                read_once = stored is not None and (quantize or stored != param.dtype)
                 if read_once:
                     tensor = _read_once(raw, file, header[key], data_start, key)  # to be cast or quantized, then let go
                 else:
@@ -278,7 +300,7 @@ def load_state(model: torch.nn.Module, path: str, progress=None) -> None:
                     raise ValueError(
                         f"shape mismatch for {key!r}: checkpoint has {tuple(tensor.shape)}, the model built from "
                         f"config.json expects {tuple(param.shape)}")
-                if ours in takers:
+                if quantize:
                     takers[ours].load_weight(tensor)  # quantized as read: the float weight never stays in memory
                 elif _mappable(tensor, param):
                     # The file's pages become the parameter: nothing read now, each page comes from the page cache
@@ -310,6 +332,17 @@ def load_state(model: torch.nn.Module, path: str, progress=None) -> None:
         raise ValueError(f"checkpoint {path} lacks tensors the model needs: {_format_list(missing)}")
 
 
+def _int8_mismatch(key: str, path: str, stored_int8: bool, quantized_file: bool) -> str:
+    if stored_int8 and not quantized_file:
+        return (f"checkpoint tensor {key!r} is stored as int8, but {path}/config.json has no quantization_config "
+                f"saying the checkpoint is quantized (minivb writes one with `python -m minivb quantize`)")
+    if stored_int8:
+        return (f"checkpoint tensor {key!r} is stored as int8, but minivb quantizes only the language model's "
+                f"linear weights: this one must be a float")
+    return (f"checkpoint tensor {key!r} should be int8: {path}/config.json says the checkpoint is quantized, but the "
+            f"file stores it as a float")
+
+
 def stored_dtypes(path: str) -> dict[str, torch.dtype]:
     """{minivb parameter name: the dtype its tensor has in the checkpoint files}, read from the headers alone.
 
@@ -328,6 +361,29 @@ def stored_dtypes(path: str) -> dict[str, torch.dtype]:
 
 
 # ----------------------------------------------------------------------------- writing: the table read backwards
+
+def safetensors_header(entries) -> bytes:
+    """The start of a safetensors file that stores `entries`, [(key, dtype, shape)], in that order: the header's
+    length (an 8-byte little-endian integer), then the JSON header naming each tensor's dtype, shape and byte range,
+    padded with spaces so that the data starts ALIGN-byte aligned (safetensors' own writer pads to 8)."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0  # transformers refuses files without format "pt"
+    for key, dtype, shape in entries:
+        nbytes = dtype.itemsize * math.prod(shape)
+        header[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-(8 + len(encoded)) % ALIGN)
+    return struct.pack("<Q", len(encoded)) + encoded
+
+
+def write_safetensors(file, tensors: dict[str, torch.Tensor]) -> None:
+    """Write `tensors` as one safetensors file, in the order given, one tensor at a time (mapped ones are read from
+    their file as they are written), through `replacing`: a model may be mapping the old file."""
+    with replacing(file) as temporary, open(temporary, "wb") as f:
+        f.write(safetensors_header([(key, t.dtype, tuple(t.shape)) for key, t in tensors.items()]))
+        for tensor in tensors.values():
+            f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)  # raw bytes
+
 
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "preprocessor_config.json", "processor_config.json", "qformer_tokenizer")
@@ -372,6 +428,9 @@ def save_checkpoint(model, path, processor_from=None,
     """
     from safetensors.torch import save_file
 
+    if model.config.quantization is not None or any(hasattr(m, "load_weight") for m in model.modules()):
+        raise ValueError("save_checkpoint writes float models; an int8 model is written from its source checkpoint by "
+                         "minivb.quant.save_quantized (`python -m minivb quantize`)")
     os.makedirs(path, exist_ok=True)
     tensors = {}
     for name, param in model.named_parameters():  # a tied lm_head is the same Parameter as `shared`: listed once

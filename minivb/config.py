@@ -139,6 +139,9 @@ class InstructBlipVideoConfig:
     # tokens are prepended, see model.py).
     video_token_index: int | None = None
     image_token_index: int | None = None
+    # "int8" for a checkpoint minivb wrote with its language model's linear weights already quantized
+    # (quant.save_quantized; config.json's quantization_config), None for an official, unquantized one.
+    quantization: str | None = None
 
     @property
     def placeholder_token_id(self) -> int | None:
@@ -198,7 +201,23 @@ def config_from_dict(values: dict) -> InstructBlipVideoConfig:
         model_type=model_type,
         video_token_index=values.get("video_token_index"),
         image_token_index=values.get("image_token_index"),
+        quantization=_quantization(values.get("quantization_config")),
     )
+
+
+# The quant_method minivb writes in config.json's quantization_config (quant.save_quantized), and what it means.
+QUANT_METHOD = "minivb-int8"
+
+
+def _quantization(values) -> str | None:
+    if values is None:
+        return None
+    method = values.get("quant_method") if isinstance(values, dict) else None
+    if method != QUANT_METHOD:
+        raise ValueError(f"config.json: quantization_config with quant_method {method!r}: minivb reads unquantized "
+                         f"checkpoints and its own int8 ones (quant_method {QUANT_METHOD!r}, written by "
+                         f"`python -m minivb quantize`)")
+    return "int8"
 
 
 def checkpoint_dir(path) -> str:

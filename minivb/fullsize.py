@@ -22,14 +22,14 @@ tensor at a time (the largest, the 32k x 4096 embedding table, is 0.26 GB in bf1
 import argparse
 import json
 import os
-import struct
 import time
 import zlib
 from pathlib import Path
 
 import torch
 
-from .checkpoint import ALIASES, PROCESSOR_FILES, SAFETENSORS_DTYPES, copy_processor_files, official_key, replacing
+from .checkpoint import (ALIASES, PROCESSOR_FILES, copy_processor_files, official_key, replacing,
+                         safetensors_header)
 from .config import config_from_dict
 
 # ----------------------------------------------------------------------------- the official configs
@@ -134,7 +134,6 @@ VIDEO_TOKEN = {"vicuna": 32002, "flan-t5": 32101}
 # GB of float32 are 4 shards. The writer streams, so a shard's size costs disk, never memory.
 SHARD_BYTES = 10 * 10**9
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # torch.bfloat16 -> "BF16"
 
 
 def official_config(name: str, layers: tuple[int, int] | None = None, dtype: torch.dtype = torch.bfloat16) -> dict:
@@ -229,21 +228,12 @@ def plan_shards(tensors, element_size: int, shard_bytes: int) -> list[list[tuple
 def write_safetensors(file, tensors, dtype: torch.dtype, seed: int = 0) -> int:
     """Write one safetensors file: the header from the shapes first, then each tensor drawn and written in turn.
     Returns the bytes of tensor data written."""
-    element_size = torch.empty((), dtype=dtype).element_size()
-    header, offset = {"__metadata__": {"format": "pt"}}, 0  # transformers refuses files without format "pt"
-    for key, shape in tensors:
-        nbytes = element_size * _numel(shape)
-        header[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors' own writer pads it
     with replacing(file) as temporary, open(temporary, "wb") as f:  # a model may be mapping the old file
-        f.write(struct.pack("<Q", len(encoded)))  # little-endian u64: the header's length
-        f.write(encoded)
+        f.write(safetensors_header([(key, dtype, shape) for key, shape in tensors]))
         for key, shape in tensors:
             tensor = random_tensor(key, shape, dtype, seed)
             f.write(tensor.view(torch.uint8).numpy().data)  # the raw little-endian bytes, no copy
-    return offset
+    return dtype.itemsize * sum(_numel(shape) for _, shape in tensors)
 
 
 def write_checkpoint(config: dict, out, dtype: torch.dtype = torch.bfloat16, processor_from=None, seed: int = 0,

@@ -179,11 +179,12 @@ def choose(config, dtype, quantize: str | None, device: torch.device, path: str)
     """
     from .model import build_on_meta
 
+    auto = [option for option in AUTO if config.quantization in (None, option[1])]  # an int8 checkpoint stays int8
     if dtype == "auto":
-        asked = [(torch.bfloat16, quantize)] if quantize else list(AUTO)
+        asked = [(torch.bfloat16, quantize)] if quantize else auto
     else:
         asked = [(dtype, quantize)]
-    options = dict.fromkeys([*asked, *AUTO])  # the asked ones first, then the alternatives a refusal can name
+    options = dict.fromkeys([*asked, *auto])  # the asked ones first, then the alternatives a refusal can name
     estimates = {option: estimate(build_on_meta(config, *option), device=device) for option in options}
     available = available_bytes(device)
     for option in asked:

@@ -206,7 +206,8 @@ def load_model(path, dtype: torch.dtype | str = torch.float32, device="cpu", pro
 
     `progress(done, total, file)` is called before each safetensors file is read (the CLI prints it).
     `quantize="int8"`: the language model's linear layers in int8 with per-row scales, quantized as each shard is
-    read (quant.py); everything else in `dtype`.
+    read (quant.py); everything else in `dtype`. A checkpoint already quantized (`python -m minivb quantize`) loads
+    in int8 whatever `quantize` says, its int8 weights mapped from the file.
     `check_memory`: before allocating anything, refuse with memory.NotEnoughMemory (a ValueError naming what would
     fit) when the model would need more than the machine has available (see memory.py); False skips the check.
     `dtype="auto"` (the CLI's default): bfloat16 if it fits, else bfloat16 with quantize="int8" (said on stderr).
@@ -229,6 +230,8 @@ def load_model(path, dtype: torch.dtype | str = torch.float32, device="cpu", pro
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for, but torch sees no CUDA GPU on this machine")
     config = load_config(path)
+    if config.quantization is not None:  # written by quant.save_quantized: its int8 weights are mapped, as stored
+        quantize = config.quantization
     if check_memory:  # what fits (dtype="auto": the fastest that fits), estimated before allocating anything
         asked = quantize
         dtype, quantize = memory.choose(config, dtype, quantize, device, str(path))

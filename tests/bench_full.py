@@ -2,7 +2,8 @@
 
 The checkpoints are the official layouts at full size with random weights (minivb.fullsize), written once to
 $TMPDIR/minivb-fullsize/<model> and reused while complete. Each run is a separate process, so its memory is its own;
-runs alternate (transformers, minivb, minivb int8, again) and each figure is the best of --repeat runs.
+runs alternate (transformers, minivb, minivb int8 quantized as it loads, minivb int8 from the checkpoint
+`python -m minivb quantize` wrote once beside it, again) and each figure is the best of --repeat runs.
 
     load           seconds to a model ready to generate, and the peak anonymous memory meanwhile (RssAnon from
                    /proc/self/status every 20 ms: the process's own pages, not the page cache the checkpoint is
@@ -278,6 +279,25 @@ def checkpoint(name, layers, folder: Path) -> Path:
     return path
 
 
+def quantized_checkpoint(path: Path) -> tuple[Path, float | None]:
+    """The int8 checkpoint of `path` (`python -m minivb quantize`), written beside it unless one is there already;
+    with the seconds the writing took (None when reused)."""
+    from minivb.quant import save_quantized
+
+    out = path.parent / (path.name + "-int8")
+    source = json.loads((path / "config.json").read_text())
+    if (out / "config.json").is_file():
+        written = json.loads((out / "config.json").read_text())
+        if written.pop("quantization_config", None) and written == source:
+            print(f"reusing {out}")
+            return out, None
+    start = time.perf_counter()
+    save_quantized(path, out)
+    seconds = time.perf_counter() - start
+    print(f"  quantized into {out} in {seconds:.1f} s")
+    return out, seconds
+
+
 def run(path, impl, quantize, batch_file, tokens, workdir) -> dict:
     result = os.path.join(workdir, f"{impl}-{quantize or 'bf16'}-{time.monotonic_ns()}.json")
     command = [sys.executable, __file__, "--worker", impl, "--path", str(path), "--batch", batch_file,
@@ -376,8 +396,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8, help="new tokens decoded for the per-token figures")
     parser.add_argument("--folder", default=os.path.join(tempfile.gettempdir(), "minivb-fullsize"))
     parser.add_argument("--delete", action="store_true", help="delete each checkpoint after its runs")
-    parser.add_argument("--runs", default="transformers bf16,minivb bf16,minivb int8",
-                        help="which runs of the models that fit in bf16 (the larger ones run minivb only)")
+    parser.add_argument("--runs", default="transformers bf16,minivb bf16,minivb int8,minivb int8 file",
+                        help="which runs of the models that fit in bf16 (the larger ones run minivb only); "
+                             "int8: quantized as it loads; int8 file: from the checkpoint `minivb quantize` wrote")
     parser.add_argument("--worker", choices=["minivb", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--batch", help=argparse.SUPPRESS)
@@ -404,18 +425,26 @@ def main() -> None:
             batch_file = os.path.join(workdir, "batch.pt")
             torch.save(minivb.load_processor(path)([QUESTION], videos=[VIDEO], num_frames=NUM_FRAMES), batch_file)
             columns = {}
+            # (label, implementation, checkpoint, quantize)
+            int8_runs = [("minivb int8", "minivb", path, "int8")] * has_int8
+            if has_int8 and "minivb int8 file" in args.runs.split(","):
+                quantized, seconds = quantized_checkpoint(path)
+                int8_runs.append(("minivb int8 file", "minivb", quantized, "int8"))
+                if seconds is not None:
+                    print(f"  python -m minivb quantize: {seconds:.1f} s", flush=True)
             if name in FIT_IN_BF16:
-                plan = [("transformers", None), ("minivb", None)] + [("minivb", "int8")] * has_int8
-                plan = [(impl, q) for impl, q in plan if f"{impl} {q or 'bf16'}" in args.runs.split(",")]
+                plan = [("transformers bf16", "transformers", path, None), ("minivb bf16", "minivb", path, None),
+                        *int8_runs]
+                plan = [entry for entry in plan if entry[0] in args.runs.split(",")]
             else:  # transformers cannot hold them in 24 GB; minivb is asked for bf16 once, to show the refusal
-                plan = [("minivb", "int8")] * has_int8
+                plan = int8_runs
                 columns["minivb bf16"] = best([run(path, "minivb", None, batch_file, args.tokens, workdir)])
                 print(f"  minivb bf16: {_summary(columns['minivb bf16'])}", flush=True)
             runs = {}
             for _ in range(args.repeat):
-                for impl, quantize in plan:
-                    label = f"{impl} {quantize or 'bf16'}"
-                    runs.setdefault(label, []).append(run(path, impl, quantize, batch_file, args.tokens, workdir))
+                for label, impl, checkpoint_path, quantize in plan:
+                    runs.setdefault(label, []).append(
+                        run(checkpoint_path, impl, quantize, batch_file, args.tokens, workdir))
                     print(f"  {label}: {_summary(runs[label][-1])}", flush=True)
             columns.update({label: best(r) for label, r in runs.items()})
             raw = Path(args.folder) / f"results-{path.name}.json"  # every run's figures, to recompute the table
@@ -426,6 +455,7 @@ def main() -> None:
                   f"{args.repeat} runs each, alternating; {args.tokens} new tokens per decode figure.\n", flush=True)
         if args.delete:
             shutil.rmtree(path)
+            shutil.rmtree(path.parent / (path.name + "-int8"), ignore_errors=True)
 
 
 def _summary(r: dict) -> str:

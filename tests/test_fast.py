@@ -181,8 +181,8 @@ def test_int8_products_equal_the_reference(monkeypatch):
             assert got.shape == (rows, 1, 100) and got.dtype == torch.bfloat16
             assert (got.float() - reference).abs().max() <= 2e-2 * reference.abs().max()
         one = x[:1, 0].bfloat16()  # the compiled one-row kernel against int8pack_mm, its fallback
-        packed = torch._weight_int8pack_mm(one, layer.weight, layer.scales)
-        assert (fast.int8_linear(one, layer.weight, layer.scales).float() - packed.float()).abs().max() \
+        packed = torch._weight_int8pack_mm(one, layer.weight, layer.weight_scale)
+        assert (fast.int8_linear(one, layer.weight, layer.weight_scale).float() - packed.float()).abs().max() \
             <= 2**-7 * packed.float().abs().max()
     assert not fast._compile_failed
 
