@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from . import data
 from .checkpoint import copy_processor_files, replacing, save_checkpoint, stored_dtypes
+from .config import load_config
 from .evaluate import PROMPT  # train with the prompt `eval` asks with
 from .model import load_model
 from .processor import load_processor
@@ -213,6 +214,9 @@ def check_arguments(args) -> None:
     if not args.lr > 0:
         raise ValueError(f"--lr must be a positive learning rate, got {args.lr}")
     data.check_prompt(args.prompt)
+    if load_config(args.model).quantization is not None:  # its int8 weights cannot be written back as a checkpoint
+        raise ValueError(f"--model {args.model} is an int8 checkpoint (`python -m minivb quantize`): fine-tune its "
+                         f"unquantized source, then quantize the result")
     state = os.path.join(args.out, STATE_FILE)
     if args.resume and not os.path.isfile(state):
         raise FileNotFoundError(f"--resume: no {STATE_FILE} in {args.out} (it is written by --save-every)")

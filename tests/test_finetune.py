@@ -233,3 +233,12 @@ def test_bad_arguments_are_refused_before_anything_is_written(dataset, tmp_path,
     error = capsys.readouterr().err.strip()
     assert message in error and error.count("\n") == 0
     assert not (tmp_path / "out").exists()
+
+
+def test_an_int8_checkpoint_is_refused(dataset, tmp_path, capsys):
+    from minivb.quant import save_quantized
+
+    save_quantized(TOY, tmp_path / "int8")
+    assert run(dataset, tmp_path / "out", "--model", str(tmp_path / "int8")) == 2  # the last --model counts
+    assert "is an int8 checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
