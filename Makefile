@@ -26,8 +26,9 @@ bench: setup
 	$(PY) tests/bench_generate.py
 
 # Real size: vicuna-7b against transformers, then vicuna-13b and flan-t5-xxl in int8, on a 24 GB machine. Random
-# weights in the official layout, written once to $TMPDIR/minivb-fullsize and reused (16 + 28 + 25 GB of disk; pass
-# --delete to drop each after its runs). A quick run at real widths: tests/bench_full.py --models vicuna-7b --layers 4 4
+# weights in the official layout, written once to $TMPDIR/minivb-fullsize and reused, each with its int8 checkpoint
+# (python -m minivb quantize) beside it (16 + 7 + 28 + 14 + 25 + 12 GB of disk; pass --delete to drop each after its
+# runs). A quick run at real widths: tests/bench_full.py --models vicuna-7b --layers 4 4
 bench-full: setup
 	$(PY) tests/bench_full.py
 

@@ -131,8 +131,9 @@ def run_quantize(source, out) -> str:
         print(f"quantizing {os.path.basename(file)} ({done + 1}/{total})", file=sys.stderr, flush=True)
 
     save_quantized(source, out, progress=progress)
-    return (f"wrote {out}: {_checkpoint_bytes(out) / 1e9:.2f} GB of safetensors (from {_checkpoint_bytes(source) / 1e9:.2f}"
-            f" GB); load it as any checkpoint, e.g. python -m minivb ask --model {out} ...")
+    written, read = _checkpoint_bytes(out) / 1e9, _checkpoint_bytes(source) / 1e9
+    return (f"wrote {out}: {written:.2f} GB of safetensors (from {read:.2f} GB); load it as any checkpoint, e.g. "
+            f"python -m minivb ask --model {out} ...")
 
 
 def add_load_arguments(parser) -> None:

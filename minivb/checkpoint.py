@@ -135,11 +135,10 @@ def map_key(official_name: str) -> str | None:
 # ----------------------------------------------------------------------------- reading safetensors files
 
 
-# The dtype names safetensors headers use (read here; fullsize.py writes headers with the same table).
+# The dtype names safetensors headers use (read here; written by safetensors_header below, for fullsize.py and
+# quant.py). I8: the weights of an int8 checkpoint (quant.save_quantized).
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I8": torch.int8}
-
-
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # torch.bfloat16 -> "BF16"
 # torch._weight_int8pack_mm reads an int8 weight with aligned vector loads: one that starts 8 bytes past a 64-byte
 # boundary (where safetensors' own writer may put it) crashes the process (SIGSEGV, torch 2.13). minivb's files
