@@ -146,10 +146,6 @@ DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # tor
 ALIGN = 64
 
 
-def _mappable_address(tensor: torch.Tensor) -> bool:
-    return tensor.data_ptr() % (ALIGN if tensor.dtype == torch.int8 else tensor.element_size()) == 0
-
-
 def checkpoint_files(path: str) -> list[str]:
     """The safetensors files of a checkpoint directory: the single file, or the shards its index names."""
     single = os.path.join(path, "model.safetensors")
@@ -234,7 +230,7 @@ def _mappable(tensor: torch.Tensor, param: torch.Tensor) -> bool:
     floats: the fused decode kernel reads an 11008 x 4096 bf16 matrix in 2.3 ms at any 8-byte offset, as from a
     64-byte aligned copy."""
     return (param.device.type == "cpu" and tensor.dtype == param.dtype and tensor.is_contiguous()
-            and _mappable_address(tensor))
+            and tensor.data_ptr() % (ALIGN if tensor.dtype == torch.int8 else tensor.element_size()) == 0)
 
 
 def _format_list(names) -> str:
@@ -427,7 +423,7 @@ def save_checkpoint(model, path, processor_from=None,
     """
     from safetensors.torch import save_file
 
-    if model.config.quantization is not None or any(hasattr(m, "load_weight") for m in model.modules()):
+    if any(hasattr(m, "load_weight") for m in model.modules()):  # quant.Int8Linear: int8 weights, not parameters
         raise ValueError("save_checkpoint writes float models; an int8 model is written from its source checkpoint by "
                          "minivb.quant.save_quantized (`python -m minivb quantize`)")
     os.makedirs(path, exist_ok=True)

@@ -304,9 +304,10 @@ def warm(path: Path) -> None:
     used this checkpoint before. Without it, each run starts with what the one before left there: after the bf16
     runs, the int8 checkpoint's 7 GB were gone, and its mapped load read them from disk (5.5 s, not ~1.5).
     Skipped where the files cannot all stay cached (vicuna-13b's 28 GB)."""
+    from minivb.memory import available_bytes
+
     files = sorted(path.glob("*.safetensors"))
-    available = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
-    if sum(f.stat().st_size for f in files) > 0.8 * available:
+    if sum(f.stat().st_size for f in files) > 0.8 * available_bytes(torch.device("cpu")):
         return
     buffer = bytearray(64 * 2**20)
     for file in files:
