@@ -13,12 +13,11 @@ weights. safetensors only: minivb never unpickles (`pytorch_model.bin` can run c
 
 A mapped model reads its weights from the file while it runs, so a checkpoint must never be rewritten in place
 while a model uses it (a file truncated under a mapping kills the process with SIGBUS): minivb writes every
-checkpoint file beside its target and renames it over (`replacing`); the old file lives on while it is mapped.
+checkpoint file beside its target and renames it over (`saving.replacing`); the old file lives on while it is mapped.
+Writing checkpoints (a trained model, an int8 checkpoint) is saving.py's.
 """
 
-import contextlib
 import json
-import math
 import mmap
 import os
 import re
@@ -132,11 +131,18 @@ def map_key(official_name: str) -> str | None:
     return _translate(official_name, _COMPILED)
 
 
+def official_key(name: str) -> str:
+    """The official checkpoint key of a minivb parameter name: `map_key` read backwards."""
+    official = _translate(name, _REVERSED)
+    if official is None:
+        raise ValueError(f"minivb parameter {name!r} has no entry in the key table")
+    return official
+
+
 # ----------------------------------------------------------------------------- reading safetensors files
 
-
-# The dtype names safetensors headers use (read here; written by safetensors_header below, for fullsize.py and
-# quant.py). I8: the weights of an int8 checkpoint (quant.save_quantized).
+# The dtype names safetensors headers use (read here; written by saving.safetensors_header). I8: the weights of an
+# int8 checkpoint (quant.save_quantized).
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I8": torch.int8}
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # torch.bfloat16 -> "BF16"
@@ -354,115 +360,3 @@ def stored_dtypes(path: str) -> dict[str, torch.dtype]:
                     dtypes[ours] = SAFETENSORS_DTYPES[stored]
     return dtypes
 
-
-# ----------------------------------------------------------------------------- writing: the table read backwards
-
-def safetensors_header(entries) -> bytes:
-    """The start of a safetensors file that stores `entries`, [(key, dtype, shape)], in that order: the header's
-    length (an 8-byte little-endian integer), then the JSON header naming each tensor's dtype, shape and byte range,
-    padded with spaces so that the data starts ALIGN-byte aligned (safetensors' own writer pads to 8)."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0  # transformers refuses files without format "pt"
-    for key, dtype, shape in entries:
-        nbytes = dtype.itemsize * math.prod(shape)
-        header[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-(8 + len(encoded)) % ALIGN)
-    return struct.pack("<Q", len(encoded)) + encoded
-
-
-def write_safetensors(file, tensors: dict[str, torch.Tensor]) -> None:
-    """Write `tensors` as one safetensors file, in the order given, one tensor at a time (mapped ones are read from
-    their file as they are written), through `replacing`: a model may be mapping the old file."""
-    with replacing(file) as temporary, open(temporary, "wb") as f:
-        f.write(safetensors_header([(key, t.dtype, tuple(t.shape)) for key, t in tensors.items()]))
-        for tensor in tensors.values():
-            f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)  # raw bytes
-
-
-PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "preprocessor_config.json", "processor_config.json", "qformer_tokenizer")
-
-
-def official_key(name: str) -> str:
-    """The official checkpoint key of a minivb parameter name: `map_key` read backwards."""
-    official = _translate(name, _REVERSED)
-    if official is None:
-        raise ValueError(f"minivb parameter {name!r} has no entry in the key table")
-    return official
-
-
-def _config_dict(config) -> dict:
-    from dataclasses import asdict
-
-    def clean(values):
-        return {k: v for k, v in values.items() if v is not None}
-
-    video = config.model_type == "instructblipvideo"
-    text = clean(asdict(config.text))
-    values = {
-        "architectures": ["InstructBlipVideoForConditionalGeneration" if video else "InstructBlipForConditionalGeneration"],
-        "model_type": config.model_type,
-        "num_query_tokens": config.num_query_tokens,
-        "use_decoder_only_language_model": not config.is_encoder_decoder,
-        "vision_config": dict(asdict(config.vision), model_type=f"{config.model_type}_vision_model"),
-        "qformer_config": dict(asdict(config.qformer), model_type=f"{config.model_type}_qformer"),
-        "text_config": text,
-    }
-    values.update(clean({"video_token_index": config.video_token_index, "image_token_index": config.image_token_index}))
-    return values
-
-
-def save_checkpoint(model, path, processor_from=None,
-                    dtype: torch.dtype | dict[str, torch.dtype] | None = None) -> None:
-    """Write `model` as an official checkpoint directory: config.json and model.safetensors with the official key
-    names, plus the tokenizer and preprocessor files copied from `processor_from` (a checkpoint directory).
-
-    dtype: one dtype for every tensor; or {minivb parameter name: dtype}, each tensor its own (a fine-tune writes
-    its frozen towers in the dtype they were read in, see `stored_dtypes`); None keeps each parameter's dtype.
-    """
-    from safetensors.torch import save_file
-
-    if any(hasattr(m, "load_weight") for m in model.modules()):  # quant.Int8Linear: int8 weights, not parameters
-        raise ValueError("save_checkpoint writes float models; an int8 model is written from its source checkpoint by "
-                         "minivb.quant.save_quantized (`python -m minivb quantize`)")
-    os.makedirs(path, exist_ok=True)
-    tensors = {}
-    for name, param in model.named_parameters():  # a tied lm_head is the same Parameter as `shared`: listed once
-        target = dtype.get(name, param.dtype) if isinstance(dtype, dict) else dtype or param.dtype
-        tensor = param.detach().to(target, copy=True).contiguous()
-        tensors[official_key(name)] = tensor.cpu()
-    with replacing(os.path.join(path, "model.safetensors")) as temporary:
-        save_file(tensors, temporary, metadata={"format": "pt"})
-    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(_config_dict(model.config), f, indent=2, sort_keys=True)
-        f.write("\n")
-    if processor_from is not None:
-        copy_processor_files(processor_from, path)
-
-
-@contextlib.contextmanager
-def replacing(file):
-    """`with replacing(file) as temporary:` write `temporary`; on success it is renamed over `file` in one step.
-
-    A model that maps the old file (see the top of this file) keeps reading the old pages, which live on until
-    it is gone; writing `file` in place would pull them from under it. A failed write leaves `file` untouched."""
-    temporary = f"{file}.tmp-{os.getpid()}"
-    try:
-        yield temporary
-        os.replace(temporary, file)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-def copy_processor_files(source_dir, target_dir, names=PROCESSOR_FILES) -> None:
-    """Copy the tokenizer and preprocessor files (and qformer_tokenizer/) that `source_dir` has."""
-    import shutil
-
-    for name in names:
-        source, target = os.path.join(source_dir, name), os.path.join(target_dir, name)
-        if os.path.isdir(source):
-            shutil.copytree(source, target, dirs_exist_ok=True)
-        elif os.path.isfile(source):
-            shutil.copyfile(source, target)

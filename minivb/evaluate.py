@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from . import data
-from .checkpoint import replacing
+from .saving import replacing
 
 PROMPT = "Question: {} Short answer:"
 NUM_BEAMS = 5

@@ -41,11 +41,12 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from . import data
-from .checkpoint import copy_processor_files, replacing, save_checkpoint, stored_dtypes
+from .checkpoint import stored_dtypes
 from .config import load_config
 from .evaluate import PROMPT  # train with the prompt `eval` asks with
 from .model import load_model
 from .processor import load_processor
+from .saving import copy_processor_files, replacing, save_checkpoint
 from .train import init_layers, learning_rate, make_batch, make_optimizer, select_trainable, train_loop
 
 # The recipe (the InstructBLIP paper's "Implementation Details"; LAVIS instruction tuning).

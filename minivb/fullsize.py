@@ -21,6 +21,7 @@ tensor at a time (the largest, the 32k x 4096 embedding table, is 0.26 GB in bf1
 
 import argparse
 import json
+import math
 import os
 import time
 import zlib
@@ -28,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (ALIASES, PROCESSOR_FILES, copy_processor_files, official_key, replacing,
-                         safetensors_header)
+from .checkpoint import ALIASES, official_key
+from .saving import PROCESSOR_FILES, copy_processor_files, write_json, write_safetensors
 from .config import config_from_dict
 
 # ----------------------------------------------------------------------------- the official configs
@@ -216,24 +217,13 @@ def plan_shards(tensors, element_size: int, shard_bytes: int) -> list[list[tuple
     """Group tensors in order into shards, as transformers does: a new shard when the next tensor would not fit."""
     shards, current, size = [], [], 0
     for key, shape in tensors:
-        nbytes = element_size * _numel(shape)
+        nbytes = element_size * math.prod(shape)
         if current and size + nbytes > shard_bytes:
             shards.append(current)
             current, size = [], 0
         current.append((key, shape))
         size += nbytes
     return shards + [current] if current else shards
-
-
-def write_safetensors(file, tensors, dtype: torch.dtype, seed: int = 0) -> int:
-    """Write one safetensors file: the header from the shapes first, then each tensor drawn and written in turn.
-    Returns the bytes of tensor data written."""
-    with replacing(file) as temporary, open(temporary, "wb") as f:  # a model may be mapping the old file
-        f.write(safetensors_header([(key, dtype, shape) for key, shape in tensors]))
-        for key, shape in tensors:
-            tensor = random_tensor(key, shape, dtype, seed)
-            f.write(tensor.view(torch.uint8).numpy().data)  # the raw little-endian bytes, no copy
-    return dtype.itemsize * sum(_numel(shape) for _, shape in tensors)
 
 
 def write_checkpoint(config: dict, out, dtype: torch.dtype = torch.bfloat16, processor_from=None, seed: int = 0,
@@ -253,20 +243,18 @@ def write_checkpoint(config: dict, out, dtype: torch.dtype = torch.bfloat16, pro
     for number, shard in enumerate(shards, start=1):
         name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
         start = time.perf_counter()
-        total += write_safetensors(out / name, shard, dtype, seed)
+        shapes = dict(shard)  # each tensor drawn as it is written: memory holds one at a time
+        total += write_safetensors(out / name, [(key, dtype, shape) for key, shape in shard],
+                                   lambda key: random_tensor(key, shapes[key], dtype, seed))
         weight_map.update({key: name for key, _ in shard})
         if progress is not None:
             progress(f"wrote {name}: {len(shard)} tensors, {(out / name).stat().st_size / 1e9:.2f} GB "
                      f"in {time.perf_counter() - start:.1f} s")
-    with open(out / "config.json", "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write("\n")
+    write_json(out / "config.json", config, sort_keys=True)
     if processor_from is not None:
         copy_processor_files(processor_from, out, names=PROCESSOR_FILES + ("generation_config.json",))
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    with open(out / "model.safetensors.index.json", "w", encoding="utf-8") as f:
-        json.dump(index, f, indent=2)
-        f.write("\n")
+    write_json(out / "model.safetensors.index.json", index)
     return index
 
 
@@ -279,13 +267,6 @@ def build(name: str, out, layers: tuple[int, int] | None = None, dtype: torch.dt
         raise FileNotFoundError(f"the official tokenizer files are missing from {processor_from}: "
                                 "minivb.fullsize runs from a checkout of the minivb repository")
     return write_checkpoint(official_config(name, layers, dtype), out, dtype, processor_from, progress=progress)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for size in shape:
-        n *= size
-    return n
 
 
 def main(argv=None) -> None:

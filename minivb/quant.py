@@ -20,7 +20,6 @@ once, as gpt-fast's quantize.py and llama.cpp's llama-quantize do, and writes an
 maps like any other: the int8 weights are the file's pages, nothing quantized, nothing copied (the 7B: 1.3 s).
 """
 
-import json
 import os
 
 import torch
@@ -111,10 +110,10 @@ def save_quantized(source, out, progress=None) -> None:
     quantizing at load. One shard is held at a time (its int8 weights), never the whole model.
     `progress(done, total, file)`, if given, is called before each safetensors file is read.
     """
-    from .checkpoint import (ALIGN, _open, _read, checkpoint_files, copy_processor_files, official_key,
-                             write_safetensors)
+    from .checkpoint import ALIGN, _open, _read, checkpoint_files, official_key
     from .config import QUANT_METHOD, checkpoint_dir, load_config, read_json
     from .model import build_on_meta
+    from .saving import copy_processor_files, write_json, write_tensors
 
     source, out = checkpoint_dir(source), os.fspath(out)
     config = load_config(source)
@@ -150,25 +149,18 @@ def save_quantized(source, out, progress=None) -> None:
             name = os.path.basename(file)
             first = sorted(tensors, key=lambda key: (tensors[key].dtype != torch.int8, tensors[key].nbytes % ALIGN != 0,
                                                      -tensors[key].element_size()))
-            write_safetensors(os.path.join(out, name), {key: tensors[key] for key in first})
+            total_size += write_tensors(os.path.join(out, name), {key: tensors[key] for key in first})
         weight_map.update(dict.fromkeys(tensors, name))
-        total_size += sum(t.numel() * t.element_size() for t in tensors.values())
         del tensors
     missing = sorted(set(layers) - set(weight_map))
     if missing:
         raise ValueError(f"checkpoint {source} lacks weights the model needs: {', '.join(missing[:10])}")
     if os.path.isfile(os.path.join(source, "model.safetensors.index.json")):
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-        _write_json(os.path.join(out, "model.safetensors.index.json"), index)
+        write_json(os.path.join(out, "model.safetensors.index.json"), index)
     values = read_json(os.path.join(source, "config.json"))
     values["quantization_config"] = {
         "quant_method": QUANT_METHOD, "bits": 8, "symmetric": True, "granularity": "one scale per output row",
         "scales": "<weight key>_scale, float32", "modules": "the language model's linear layers (not T5's lm_head)"}
     copy_processor_files(source, out)
-    _write_json(os.path.join(out, "config.json"), values)  # last: a folder cut short of it is no checkpoint
-
-
-def _write_json(file: str, values: dict) -> None:
-    with open(file, "w", encoding="utf-8") as f:
-        json.dump(values, f, indent=2)
-        f.write("\n")
+    write_json(os.path.join(out, "config.json"), values)  # last: a folder cut short of it is no checkpoint

@@ -2,7 +2,7 @@
 
 Where it sits: everything else in minivb runs a trained model; this file makes one. It uses the model's own
 forward with `labels` (model.py computes the loss), the processor the checkpoint ships with (processor.py) and
-`save_checkpoint` (checkpoint.py), so what comes out is an official-layout checkpoint that minivb, the CLI and
+`save_checkpoint` (saving.py), so what comes out is an official-layout checkpoint that minivb, the CLI and
 transformers all read.
 
 Two recipes:
@@ -24,7 +24,6 @@ Shapes: B batch, T frames (4), Q queries per frame, L prompt + answer length, V 
 
 import argparse
 import itertools
-import json
 import math
 import os
 import sys
@@ -35,11 +34,11 @@ import torch
 from tqdm import tqdm
 
 from . import toy
-from .checkpoint import copy_processor_files, save_checkpoint
 from .config import InstructBlipVideoConfig, LlamaConfig, QFormerConfig, VisionConfig
 from .evaluate import is_correct  # the standard VQA answer normalisation, then exact match: `eval`'s one rule
 from .model import InstructBlipVideo, load_model
 from .processor import load_processor
+from .saving import copy_processor_files, save_checkpoint, write_json
 
 # The toy architecture: the official one, shrunk. Vocabularies stay official (the real tokenizers), and they are
 # most of the weights: the 32k x D embedding and lm_head tables. 112 px frames and 14 px patches give an 8 x 8 grid.
@@ -144,9 +143,7 @@ def prepare_folder(out: str, tokenizer_from: str, config: InstructBlipVideoConfi
                     "size": {"height": size, "width": size}}
     processor = {"num_query_tokens": config.num_query_tokens, "processor_class": "InstructBlipVideoProcessor"}
     for name, values in (("preprocessor_config.json", preprocessor), ("processor_config.json", processor)):
-        with open(os.path.join(out, name), "w", encoding="utf-8") as f:
-            json.dump(values, f, indent=2, sort_keys=True)
-            f.write("\n")
+        write_json(os.path.join(out, name), values, sort_keys=True)
 
 
 # ----------------------------------------------------------------------------- batches

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import minivb
-from minivb.checkpoint import replacing
+from minivb.saving import replacing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "weights", "vicuna-tiny")  # stored in bfloat16

@@ -36,3 +36,25 @@ def test_official_key_inverts_map_key():
         assert minivb.map_key(minivb.official_key(name)) == name
     with pytest.raises(ValueError, match="no entry in the key table"):
         minivb.official_key("vision.nothing.weight")
+
+
+def test_safetensors_writer_round_trips_aligned_and_checks_each_tensor(tmp_path):
+    from minivb.checkpoint import ALIGN
+    from minivb.saving import write_safetensors, write_tensors
+
+    tensors = {"a": torch.randn(3, 5, dtype=torch.bfloat16), "b": torch.arange(-64, 64, dtype=torch.int8).reshape(2, 64),
+               "c": torch.randn(7)}
+    file = tmp_path / "x.safetensors"
+    assert write_tensors(file, tensors) == sum(t.nbytes for t in tensors.values())
+    header_length = int.from_bytes(file.read_bytes()[:8], "little")
+    assert (8 + header_length) % ALIGN == 0  # the data starts on a 64-byte boundary
+    with safe_open(file, "pt") as f:  # safetensors' own reader agrees with every byte
+        assert list(f.keys()) == sorted(tensors)
+        for key, tensor in tensors.items():
+            assert torch.equal(f.get_tensor(key), tensor)
+    # A tensor that differs from its header entry is refused, and the old file is left as it was.
+    with pytest.raises(ValueError, match=r"tensor 'a' is torch.float32 \(3, 5\); its header entry says torch.bfloat16"):
+        write_safetensors(file, [("a", torch.bfloat16, (3, 5))], lambda key: torch.zeros(3, 5))
+    with safe_open(file, "pt") as f:
+        assert torch.equal(f.get_tensor("c"), tensors["c"])
+    assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]  # no temporary left behind

@@ -106,7 +106,7 @@ def add_own_lm_head(path, seed=1):
     """Give a saved T5 checkpoint its own `lm_head.weight`, as the official (untied) Flan-T5 checkpoints have."""
     from safetensors.torch import load_file, save_file
 
-    from minivb.checkpoint import replacing
+    from minivb.saving import replacing
 
     file = f"{path}/model.safetensors"
     tensors = load_file(file)
