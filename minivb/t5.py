@@ -124,7 +124,7 @@ class T5Attention(nn.Module):
     def forward(self, x, keys, values, bias) -> torch.Tensor:
         B, L, _ = x.shape
         q = self.heads(self.q(x))  # (B, H, L, Dk)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=1.0)  # (B, H, L, Dk)
+        out = fast.attention(q, keys, values, bias, scale=1.0)  # (B, H, L, Dk); faster for a decode step's query
         return self.o(out.transpose(1, 2).reshape(B, L, self.num_heads * self.d_kv))  # (B, L, D)
 
 

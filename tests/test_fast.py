@@ -206,6 +206,26 @@ def test_decode_attention_equals_sdpa(num_kv_heads):
     assert (got.float() - fused.float()).abs().max() <= 2**-7 * expected.abs().max()
 
 
+@torch.no_grad()
+def test_decode_attention_with_a_position_bias_equals_sdpa():
+    """T5's decode step: no score scaling, a bias per head added to the scores, masked keys at the lowest value."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 1, 16, generator=g).bfloat16()
+    k, v = (torch.randn(2, 4, 7, 16, generator=g).bfloat16() for _ in range(2))
+    positions = torch.randn(1, 4, 1, 7, generator=g).bfloat16() * 4  # self-attention: a bias per head
+    padding = torch.zeros(2, 1, 1, 7, dtype=torch.bfloat16)  # cross-attention: two padded keys
+    padding[..., :2] = torch.finfo(torch.bfloat16).min
+    for bias in (positions, padding):
+        expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias.float(), scale=1.0)
+        got = fast.attention(q, k, v, bias, scale=1.0)  # compiled
+        assert got.dtype == torch.bfloat16
+        assert (got.float() - expected).abs().max() <= 2**-8 * expected.abs().max()  # one bf16 rounding
+        plain = fast._explicit_attention(q, k, v, bias, scale=1.0)
+        assert (got.float() - plain.float()).abs().max() <= 2**-8 * expected.abs().max()
+        unscaled = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias.float())
+        assert (got.float() - unscaled).abs().max() > 0.05 * expected.abs().max()  # the scale is not the default
+
+
 def test_compiled_quantization_equals_the_reference(monkeypatch):
     from minivb.quant import quantize_rows
 
