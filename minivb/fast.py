@@ -48,6 +48,7 @@ import shutil
 import sys
 
 import torch
+import torch.fx.experimental._config  # dynamo's shape switches (use_duck_shape, below)
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -200,10 +201,24 @@ def _compiled(function):
     inductor would first build a probe library for each and load it in a child Python, at the first compile of
     every process: 0.6-1.4 s of every cold start (a 7B cut to 4 + 4 layers, load then a first token in a fresh
     process: 5.0-5.2 s with the probe, 4.1 s without). A compiler that cannot target them fails the compile, which
-    falls back below."""
+    falls back below.
+
+    No duck sizing: by default dynamo gives sizes that happen to be equal when it compiles one symbol, and guards on
+    that equality, so a later call where they differ compiles again. The decode attention compiled at the first
+    token had 32 heads and a batch folded in of 1 x 32: its first 5-beam step (5 x 32) compiled anew, 0.3-0.9 s.
+    The switch is read when a graph is traced, so it is set around each call (6 us)."""
     if _compile_failed or not _compiler_found():
         return None
-    return torch.compile(function, dynamic=True, options={"cpp.vec_isa_ok": True})
+    kernel = torch.compile(function, dynamic=True, options={"cpp.vec_isa_ok": True})
+
+    def run(*args):
+        with _NO_DUCK_SIZING:
+            return kernel(*args)
+
+    return run
+
+
+_NO_DUCK_SIZING = torch.fx.experimental._config.patch(use_duck_shape=False)  # reused: entering a new one costs 21 us
 
 
 def _compile_failure(error: Exception) -> None:
@@ -296,6 +311,7 @@ class Linear(nn.Linear):
             copy = self.packed.get(self.weight, rows=x.numel() // x.shape[-1])
             if copy is not None:
                 return packing.linear(x, copy, self.bias)
+            route = decode_route(x, self.weight)  # not packed (yet): the best route without a copy
         if route == "matrix":
             rows = x.reshape(-1, x.shape[-1])  # (rows, in)
             out = (self.weight @ rows.T).T  # (rows, out)
@@ -393,23 +409,39 @@ def allow_packing(model: nn.Module, allowed: bool = True) -> None:
 
 # ----------------------------------------------------------------------------- 3. attention of a decode step
 
-def _explicit_attention(q, k, v, mask: torch.Tensor | None, scale: float | None = None) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) v in fp32, for one query a row: q (B, H, 1, Dh), k and v (B, Hkv, S, Dh);
-    mask (B or 1, 1 or H, 1, S), bool (True = attend) or added to the scores (T5's position bias); scale
-    defaults to 1 / sqrt(Dh)."""
-    B, H, L, Dh = q.shape
-    Hkv = k.shape[1]
-    queries = q.float().view(B, Hkv, H // Hkv, L, Dh)  # (B, Hkv, H/Hkv, 1, Dh): query heads grouped by kv head
-    keys, values = k.float()[:, :, None], v.float()[:, :, None]  # (B, Hkv, 1, S, Dh)
-    scores = queries @ keys.transpose(-1, -2) * (Dh**-0.5 if scale is None else scale)  # (B, Hkv, H/Hkv, 1, S)
+def _attention_rows(q, k, v, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v in fp32, the batch folded into the heads: q (N, G, Dh), k and v (N, S, Dh)
+    with N = batch x kv heads and G query heads per kv head; mask (N, G or 1, S), bool (True = attend) or added to
+    the scores (T5's position bias)."""
+    scores = q.float() @ k.float().transpose(-1, -2) * scale  # (N, G, S)
     if mask is not None:
-        grouped = mask.unflatten(1, (Hkv, H // Hkv)) if mask.shape[1] == H else mask[:, :, None]  # as the scores
         if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~grouped, float("-inf"))  # a decode token always sees itself
+            scores = scores.masked_fill(~mask, float("-inf"))  # a decode token always sees itself
         else:
-            scores = scores + grouped.float()
-    out = scores.softmax(dim=-1) @ values  # (B, Hkv, H/Hkv, 1, Dh)
-    return out.reshape(B, H, L, Dh).to(q.dtype)
+            scores = scores + mask.float()
+    return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)  # (N, G, Dh)
+
+
+def _explicit_attention(q, k, v, mask: torch.Tensor | None, scale: float | None = None, kernel=None):
+    """F.scaled_dot_product_attention for one query a row, written out: q (B, H, 1, Dh), k and v (B, Hkv, S, Dh),
+    mask (B or 1, 1 or H, 1, S) -> (B, H, 1, Dh). `kernel` runs _attention_rows (by default, op by op).
+
+    The batch is folded into the kv heads (views, nothing copied but the small mask), so a compiled kernel sees the
+    same kind of shapes for 1 row and for 5 beams: with the batch as its own dimension, dynamo specialises a batch
+    of 1 and compiled again at the first beam step (4 + 4 cut of the 7B: 720 of that step's 848 ms; see also
+    `_compiled` on duck sizing)."""
+    B, H, L, Dh = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    # .detach(): the same memory, no longer a view in dynamo's eyes, which would otherwise guard on the tensor each
+    # comes from (the cache's buffer, whose batch and length differ between greedy decoding and beams).
+    queries = q.reshape(B * Hkv, H // Hkv, Dh).detach()  # (N, G, Dh): query heads grouped by kv head
+    keys, values = k.flatten(0, 1).detach(), v.flatten(0, 1).detach()  # (N, S, Dh)
+    if mask is not None:
+        heads = (Hkv, H // Hkv) if mask.shape[1] == H else (Hkv, 1)
+        mask = mask.expand(B, heads[0] * heads[1], L, S).reshape(B * Hkv, heads[1], S)  # (N, G or 1, S)
+        mask = mask.contiguous()  # the same strides for any batch: an expanded view would compile again
+    out = (kernel or _attention_rows)(queries, keys, values, mask, Dh**-0.5 if scale is None else scale)
+    return out.view(B, H, L, Dh)
 
 
 def attention(q, k, v, mask: torch.Tensor | None = None, enable_gqa: bool = False,
@@ -431,7 +463,7 @@ def attention(q, k, v, mask: torch.Tensor | None = None, enable_gqa: bool = Fals
     L = q.shape[2]
     if L != 1 or q.dtype == torch.float32 or q.device.type != "cpu" or torch.is_grad_enabled():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa, scale=scale)
-    return _compiled_or_plain(_explicit_attention, q, k, v, mask, scale)
+    return _explicit_attention(q, k, v, mask, scale, kernel=functools.partial(_compiled_or_plain, _attention_rows))
 
 
 # ----------------------------------------------------------------------------- 4. quantizing while loading

@@ -212,8 +212,8 @@ def load_model(path, dtype: torch.dtype | str = torch.float32, device="cpu", pro
     fit) when the model would need more than the machine has available (see memory.py); False skips the check.
     `dtype="auto"` (the CLI's default): bfloat16 if it fits, else bfloat16 with quantize="int8" (said on stderr).
     Where a second copy of the language model's weights fits in memory (memory.room_to_pack), its layers pack their
-    weights for oneDNN at their first product of 2-128 rows after the prompt (the first beam step, a batch's first
-    decode step), which makes beam steps 1.5-2x faster (packing.py).
+    weights for oneDNN once they have made packing.PACK_AFTER products of 2-128 rows (beam steps, a batch's decode
+    steps), which makes the beam steps after it 1.5-2x faster (packing.py).
     """
     from . import fast, memory
     from .checkpoint import load_state

@@ -18,16 +18,24 @@ Packed is faster at any number of rows (16 / 80 rows x 11008 x 4096: bf16 6.7 ->
 sums (~1e-7 relative). One row stays on the fused kernel (faster for 4096 columns: 11008 x 4096 3.5 against
 packed 4.7 ms).
 The price: the packed copy is memory of its own, the size of the weight, and packing reads and writes every weight
-once (11008 x 4096 bf16: ~65 ms, fp32 ~100 ms; the 1.9 GB of a 7B's 4 layers ~0.8 s). That pays back within one
-generate call where a product comes back at every step (beams, a batch), not where it comes once per call (a bf16
-prompt of 150 rows gains 2-4 ms a matrix: ~20 prompts to pay for one packing; with the language model and the ViT
-packed at a process's second prompt, that prompt took 2.42 s on the 4 + 4 cut, transformers' 2.15). So a layer packs
-its weight at a product of 2 to PACK_MAX_ROWS rows that follows another product of several rows: the first beam step
-after the prompt, a batch's first decode step, the next prompt of an image (32 visual tokens). A video's prompt (4
-frames: 128 visual tokens and the text) never packs, but uses the copy once it exists (5-10 % faster in bf16, 1.7x
-in fp32). Only where `load_model` found room for a second copy of every packed weight (memory.room_to_pack), since a
-greedy step still reads the plain one; never in autograd (training reads the plain weight, and a weight that changes
-is packed again, at its second use after).
+once. Whether that pays depends on how often the product comes back, which no layer knows in advance: an `ask` with
+5 beams makes 10-30 beam steps once, an evaluation makes thousands. Measured (same machine, bf16, 5 rows, ms):
+    matrix               F.linear  packed  gain a product  packing it  products to pay for it
+    11008 x 4096            4.44     2.92       1.52          50.5             33
+    4096 x 4096             1.68     1.03       0.66          19.2             29
+    2048 x 2048             0.44     0.23       0.21           4.8             23
+    5120 x 2048             1.16     0.53       0.63           8.5             13
+    32128 x 2048            7.20     2.95       4.25          75.2             18
+So a layer packs its weight at its PACK_AFTER-th product of 2 to PACK_MAX_ROWS rows without a copy: the rule of
+renting skis until the rent paid equals the price, which never costs more than twice the best choice made knowing
+the future. A beam search of fewer than PACK_AFTER steps, which could not pay for it, never packs; a long one, and
+the later questions of an evaluation, multiply the packed copy from then on. (Packing at the first beam step, the
+rule before, made the first 5-beam step of full-size flan-t5-xl take 9.1 s, against transformers' 0.24 s: 2.9 GB
+packed at once, with the page cache filling the rest of the memory.) A video's prompt (4 frames: 128 visual tokens and
+the text, more than PACK_MAX_ROWS rows) never counts towards packing, but uses the copy once it exists (5-10 %
+faster in bf16, 1.7x in fp32). Only where `load_model` found room for a second copy of every packed weight
+(memory.room_to_pack), since a greedy step still reads the plain one; never in autograd (training reads the plain
+weight, and a weight that changes counts its products anew).
 """
 
 import sys
@@ -36,6 +44,7 @@ import torch
 
 PACK_ROWS = 5  # the rows oneDNN is told to expect (a beam search's); any number of rows works with the same copy
 PACK_MAX_ROWS = 128  # the most rows of a product that packs: a decode step of 5 beams x 25 videos
+PACK_AFTER = 24  # the few-row products a weight makes unpacked before it packs: about what packing costs (above)
 refused = False  # set when oneDNN refused to pack on this machine: F.linear from then on
 
 
@@ -64,28 +73,32 @@ def _identity(weight: torch.Tensor) -> tuple:
 
 
 class PackedWeight:
-    """One layer's packed copy of its weight, made at a product of 2 to PACK_MAX_ROWS rows that follows another
-    product of several rows (the first beam step after the prompt), and made again after the weight changes.
+    """One layer's packed copy of its weight, made at its PACK_AFTER-th product of 2 to PACK_MAX_ROWS rows (beam
+    steps, a batch's decode steps, an image's prompt) without one, and counted anew after the weight changes.
 
     Copies and pickles of the layer (copy.deepcopy, torch.save of a module) get an empty PackedWeight: the copy is an
     opaque oneDNN tensor that neither can read, and packs again."""
 
     def __init__(self):
         self.copy = None  # (the weight's _identity when it was packed, the packed tensor)
-        self.seen = None  # the weight's _identity at its last product of several rows without a copy
+        self.products = (None, 0)  # (the weight's _identity, its few-row products since, made without a copy)
 
     def __reduce__(self):
         return PackedWeight, ()
 
     def get(self, weight: torch.Tensor, rows: int) -> torch.Tensor | None:
-        """The packed copy for a product of `rows` rows by `weight`; None while there is none to use (the first
-        product may be a prompt that never comes back) and where oneDNN refuses to pack."""
+        """The packed copy for a product of `rows` rows by `weight`; None while there is none to use (fewer than
+        PACK_AFTER such products so far) and where oneDNN refuses to pack."""
         identity = _identity(weight)
         if self.copy is not None and self.copy[0] == identity:
             return self.copy[1]
         self.copy = None  # a stale copy (the weight changed) is freed before its successor is made
-        if self.seen != identity or rows > PACK_MAX_ROWS:
-            self.seen = identity
+        if rows > PACK_MAX_ROWS:
+            return None  # a video's prompt: comes back once per generate call at most
+        seen, count = self.products
+        count = count + 1 if seen == identity else 1
+        self.products = (identity, count)
+        if count < PACK_AFTER:
             return None
         packed = pack(weight)
         if packed is not None:

@@ -16,7 +16,9 @@ runs alternate (transformers, minivb, minivb int8 quantized as it loads, minivb 
     decode         seconds per new token, greedy and 5 beams: the median time between consecutive steps of one
                    generate call of 1 + K tokens (EOS forbidden, so every run decodes them all). Its floor: the
                    language model's bytes one step reads (every weight but the embedding table) over the memory
-                   read rate measured right before (a 1 GB sum)
+                   read rate measured right before (a 1 GB sum). Then the first beam step of the process, and the
+                   median of the last K steps of a beam search of 1 + 24 + K tokens: minivb packs its weights
+                   for beams once they have made 24 few-row products (packing.PACK_AFTER), where memory allows
     logits         cosine of the first token's logits to transformers bf16 (int8: also to minivb bf16)
 
 vicuna-13b and flan-t5-xxl do not fit a 24 GB machine in bf16: minivb runs them in int8, after asking for bf16 to
@@ -50,6 +52,7 @@ VIDEO = ROOT / "tests" / "data" / "clock_cc0_1bpp.gif"
 QUESTION = "What is happening in the video?"
 NUM_FRAMES = 4
 GB = 1e9
+PACK_AFTER = 24  # minivb.packing.PACK_AFTER, which a worker of transformers does not import
 FIT_IN_BF16 = ("vicuna-7b", "flan-t5-xl")  # on a 24 GB machine; vicuna-13b and flan-t5-xxl run in int8 only
 
 
@@ -128,10 +131,9 @@ def read_rate(nbytes=10**9):
     return nbytes / best_seconds(big.sum, repeats=5)
 
 
-def seconds_per_step(model, run, new_tokens) -> tuple[float, float]:
-    """The median time between two consecutive next-token logits in one generate call: a decode step, prefill
-    excluded; and the first such step (where minivb packs its weights for beams). The steps are seen by a hook on
-    lm_head, which both libraries call once a step."""
+def step_seconds(model, run, new_tokens) -> list[float]:
+    """The times between consecutive next-token logits in one generate call: its decode steps, prefill excluded.
+    The steps are seen by a hook on lm_head, which both libraries call once a step."""
     stamps = []
     handle = model.language_model.lm_head.register_forward_hook(lambda *_: stamps.append(time.perf_counter()))
     try:
@@ -140,8 +142,11 @@ def seconds_per_step(model, run, new_tokens) -> tuple[float, float]:
         handle.remove()
     if len(stamps) != new_tokens:
         raise RuntimeError(f"lm_head ran {len(stamps)} times for {new_tokens} new tokens: no per-step times")
-    steps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return sorted(steps)[len(steps) // 2], steps[0]
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def decode_bytes(model) -> int:
@@ -226,10 +231,14 @@ def worker(args) -> None:
         with memory.sparse():
             result["first_token_s"] = best_seconds(lambda: generate(1), repeats=2)
             result["read_rate_greedy"] = read_rate()
-            result["greedy_s"], _ = seconds_per_step(model, lambda: generate(1 + K), 1 + K)
+            result["greedy_s"] = median(step_seconds(model, lambda: generate(1 + K), 1 + K))
             result["read_rate_beam"] = read_rate()
-            beams = seconds_per_step(model, lambda: generate(1 + K, beams=5), 1 + K)
-            result["beam_s"], result["first_beam_s"] = beams
+            beams = step_seconds(model, lambda: generate(1 + K, beams=5), 1 + K)
+            result["beam_s"], result["first_beam_s"] = median(beams), beams[0]
+            # A long beam search: minivb's weights pack once they have made PACK_AFTER few-row products (the K
+            # beam steps above count), where memory allows (packing.py); its last K steps.
+            long = 1 + PACK_AFTER + K
+            result["long_beam_s"] = median(step_seconds(model, lambda: generate(long, beams=5), long)[-K:])
         # Counted last: after FlopCounterMode has run, minivb's compiled kernel runs ~10x slower in this process.
         count_packed_products()
         counter = FlopCounterMode(display=False)
@@ -338,7 +347,7 @@ def best(runs: list[dict]) -> dict:
         return runs[-1]
     merged = dict(ok[0])
     for key in ("load_s", "load_peak_anon", "load_peak_mapped", "cold_first_token_s", "first_token_s", "greedy_s",
-                "beam_s", "first_beam_s", "peak_anon", "peak_mapped"):
+                "beam_s", "first_beam_s", "long_beam_s", "peak_anon", "peak_mapped"):
         merged[key] = min(r[key] for r in ok)
     merged["read_rates"] = [r[key] for r in ok for key in ("read_rate_greedy", "read_rate_beam")]
     merged["matmul_rate"] = max(max(r["matmul_rates"].values()) for r in ok)
@@ -384,8 +393,9 @@ def table(title, columns: dict[str, dict], weights_bf16: int) -> str:
         f"{100 * r['first_token_flops'] / r['matmul_rate'] / r['first_token_s']:.0f} % of the "
         f"{r['first_token_flops'] / r['matmul_rate']:.2f} s floor ({r['first_token_flops'] / 1e12:.2f} TFLOP "
         f"at {r['matmul_rate'] / 1e9:.0f} GFLOP/s)")
-    for label, key, rate in (("decode, greedy", "greedy_s", "read_rate_greedy"), ("decode, 5 beams", "beam_s",
-                                                                                     "read_rate_beam")):
+    for label, key, rate in (("decode, greedy", "greedy_s", "read_rate_greedy"),
+                             ("decode, 5 beams", "beam_s", "read_rate_beam"),
+                             ("decode, 5 beams, late in a long search", "long_beam_s", "read_rate_beam")):
         row(label, lambda r, key=key, rate=rate: f"{1000 * r[key]:.0f} ms/token = "
             f"{100 * r['decode_bytes'] / r[rate] / r[key]:.0f} % of the {1000 * r['decode_bytes'] / r[rate]:.0f} ms "
             f"floor ({r['decode_bytes'] / GB:.2f} GB at {r[rate] / GB:.1f} GB/s)")
@@ -433,6 +443,10 @@ def main() -> None:
     from minivb.memory import weight_bytes
     from minivb.model import build_on_meta
 
+    from minivb import packing
+
+    if packing.PACK_AFTER != PACK_AFTER:
+        raise SystemExit(f"PACK_AFTER here is {PACK_AFTER}; minivb.packing's is {packing.PACK_AFTER}: make them agree")
     print(machine())
     has_int8 = "quantize" in inspect.signature(minivb.load_model).parameters
     if not has_int8:

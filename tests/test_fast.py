@@ -226,6 +226,25 @@ def test_decode_attention_with_a_position_bias_equals_sdpa():
         assert (got.float() - unscaled).abs().max() > 0.05 * expected.abs().max()  # the scale is not the default
 
 
+@torch.no_grad()
+def test_beams_reuse_the_decode_attention_compiled_for_one_row(monkeypatch):
+    """The attention compiled at a greedy step serves a 5-beam step too: no compile at the first beam step."""
+    def step(batch, length, room, mask):
+        cache = torch.zeros(batch, 4, room, 16, dtype=torch.bfloat16)  # (B, Hkv, max length, Dh), as KVCache holds
+        q = torch.randn(batch, 1, 8, 16).bfloat16().transpose(1, 2)  # (B, H, 1, Dh) from (B, 1, H, Dh)
+        keep = torch.ones(batch, 1, 1, length, dtype=torch.bool) if mask else None
+        return fast.attention(q, cache[:, :, :length], cache[:, :, :length], keep, enable_gqa=True)
+
+    for mask in (True, False):
+        step(1, 40, 70, mask)  # greedy: compiled here (or earlier in this process)
+    monkeypatch.setattr(fast, "_compile_failed", False)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a compile now fails: the plain path, and a notice
+        steps = ((1, 41, 70, True), (5, 30, 90, True), (5, 31, 90, False), (3, 64, 64, True))  # beams, a batch
+        for batch, length, room, mask in steps:
+            assert step(batch, length, room, mask).shape == (batch, 8, 1, 16)
+    assert not fast._compile_failed
+
+
 def test_compiled_quantization_equals_the_reference(monkeypatch):
     from minivb.quant import quantize_rows
 
@@ -264,6 +283,7 @@ def test_packed_routes(monkeypatch):
 def test_packed_products_equal_plain(monkeypatch, dtype):
     monkeypatch.setenv("MINIVB_NATIVE_BF16", "1")
     monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(packing, "PACK_AFTER", 3)
     g = torch.Generator().manual_seed(0)
     layer = fast.Linear(192, 96).to(dtype)
     fast.allow_packing(layer)
@@ -271,14 +291,14 @@ def test_packed_products_equal_plain(monkeypatch, dtype):
         layer.weight.copy_(torch.randn(96, 192, generator=g))
         layer.bias.copy_(torch.randn(96, generator=g))
         prompt = torch.randn(2, 30, 192, generator=g).to(dtype)
-        assert torch.equal(layer(prompt), F.linear(prompt, layer.weight, layer.bias))
-        assert layer.packed.copy is None  # the first product of several rows: a prompt, perhaps never repeated
-        layer.packed.seen = None
+        for _ in range(2):  # few-row products 1 and 2: fewer than PACK_AFTER, the plain product
+            assert torch.equal(layer(prompt), F.linear(prompt, layer.weight, layer.bias))
+            assert layer.packed.copy is None
         video = torch.randn(1, packing.PACK_MAX_ROWS + 1, 192, generator=g).to(dtype)
-        for _ in range(2):  # a video's prompt never packs: it comes back once per generate call at most
+        for _ in range(5):  # a video's prompt never counts: it comes back once per generate call at most
             assert torch.equal(layer(video), F.linear(video, layer.weight, layer.bias))
         assert layer.packed.copy is None
-        for x in (torch.randn(5, 1, 192, generator=g), prompt, video):  # beams: packed now; then the prompts
+        for x in (torch.randn(5, 1, 192, generator=g), prompt, video):  # beams, the 3rd: packed now; then prompts
             x = x.to(dtype)
             got, expected = layer(x), F.linear(x, layer.weight, layer.bias)
             assert layer.packed.copy is not None and got.shape == expected.shape and got.dtype == dtype
@@ -291,10 +311,10 @@ def test_packed_products_equal_plain(monkeypatch, dtype):
         # A weight written in place (an optimizer step, load_state_dict) is not multiplied through its old copy
         layer.weight.mul_(-2)
         x = torch.randn(5, 192, generator=g).to(dtype)
-        for _ in range(2):  # the first product after the change drops the stale copy, the second packs again
+        for i in range(3):  # the first product after the change drops the stale copy and counts anew
             assert torch.allclose(layer(x).float(), F.linear(x, layer.weight, layer.bias).float(), rtol=1e-2,
                                   atol=1e-2)
-        assert layer.packed.copy is not None
+            assert (layer.packed.copy is not None) == (i == 2)
         fast.allow_packing(layer, False)
         assert layer.packed is None  # stopped: the copy is freed
 
@@ -308,10 +328,16 @@ def test_packed_beams_generate_the_plain_tokens(bf16_model, monkeypatch):
     model = copy.deepcopy(model)
     plain, plain_trace = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, num_beams=3, return_trace=True)
     fast.allow_packing(model)
+    layers = [m for m in model.modules() if isinstance(m, fast.Linear)]
+    short = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, num_beams=3)
+    assert torch.equal(short, plain)
+    assert not any(m.packed.copy is not None for m in layers)  # 6 beam steps: fewer than PACK_AFTER, no packing
+    monkeypatch.setattr(packing, "PACK_AFTER", 2)  # count anew: packed at the first beam step after the prompt
+    for m in layers:
+        m.packed.products = (None, 0)
     packed, packed_trace = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, num_beams=3,
                                           return_trace=True)
-    layers = [m for m in model.modules() if isinstance(m, fast.Linear)]
-    assert all(m.packed.copy is not None for m in layers)  # every language-model layer: at the first beam step
+    assert all(m.packed.copy is not None for m in layers)  # every layer: the tiny ViT and Q-Former make few rows too
     assert torch.equal(packed, plain)
     for got, want in zip(packed_trace.scores, plain_trace.scores):
         assert torch.equal(got, want)  # bf16: bit for bit
@@ -325,11 +351,12 @@ def test_pack_refused_falls_back_with_a_notice(monkeypatch, capsys):
 
     monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
     monkeypatch.setattr(packing, "refused", False)
+    monkeypatch.setattr(packing, "PACK_AFTER", 2)
     layer = fast.Linear(64, 32)
     fast.allow_packing(layer)
     x = torch.randn(5, 64)
     with torch.no_grad():
-        for _ in range(2):  # the second product of several rows packs
+        for _ in range(2):  # the second product of several rows tries to pack
             assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
         assert layer.packed.copy is None and not fast.can_pack(torch.float32)
     assert "could not pack" in capsys.readouterr().err
