@@ -21,14 +21,15 @@ things about CPUs make that slow, and this file answers them without changing wh
    by torch.compile (inductor's C++ backend) streams it near that rate. `Linear` takes that kernel for one row
    of a large matrix and the plain F.linear for everything else (prefill, small matrices, no compiler). Products
    of several rows that come back at every step (beams, a batch's decode steps) take a copy of the weight packed
-   once into oneDNN's layout, where memory allows it (packing.py: F.linear repacks a bf16 weight at every call,
-   and MKL's fp32 takes a slow path on AMD).
+   once into oneDNN's layout, once they have come back often enough to pay for it and where memory allows it
+   (packing.py: F.linear repacks a bf16 weight at every call, and MKL's fp32 takes a slow path on AMD).
    int8 weights (quant.py) multiply one row through a compiled kernel of their own, a few rows (beams) through
    torch._weight_int8pack_mm and a prompt's many rows through a bf16 copy of one block of a matrix at a time
    (`int8_linear`): int8pack_mm's cost grows with the rows.
 
-3. The attention of a decode step. PyTorch's CPU flash-attention kernel is slow for one bf16 query a row, and
-   so is the fp32 softmax written op by op: `attention` compiles the latter, so it reads the bf16 cache once.
+3. The attention of a decode step (LLaMA's and T5's). PyTorch's CPU flash-attention kernel is slow for one bf16
+   query a row, and so is the fp32 softmax written op by op: `attention` compiles the latter, so it reads the bf16
+   cache once, with the batch folded into the heads so that one kernel serves greedy decoding and beams.
 
 4. Quantizing while loading (quant.py): op by op, int8 quantization makes five passes over fp32 copies of each
    block; `quantize_rows` compiles it into two (a 7B's 6.6 G linear weights: 7-13 s of quantizing -> ~3 s).
