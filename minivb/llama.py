@@ -96,8 +96,8 @@ class KVCache:
         if index.shape != (self.batch_size,):
             raise ValueError(f"KVCache.reorder: index must have shape ({self.batch_size},), got {tuple(index.shape)}")
         filled = slice(start, self.length)  # only the filled slots are worth copying
-        self.keys[:, :, :, filled] = self.keys[:, :, :, filled].index_select(1, index)
-        self.values[:, :, :, filled] = self.values[:, :, :, filled].index_select(1, index)
+        for cache in (self.keys, self.values):  # cache[:, :, :, filled] = its .index_select(1, index), in pieces
+            fast.reorder_rows(cache, index, filled)
 
 
 class Attention(nn.Module):

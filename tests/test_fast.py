@@ -245,6 +245,17 @@ def test_beams_reuse_the_decode_attention_compiled_for_one_row(monkeypatch):
     assert not fast._compile_failed
 
 
+@pytest.mark.parametrize("piece_bytes", [1, 3 * (3 * 4 * 6 * 8 * 4), 2**30])  # a layer, three (of 3 x 4 x 6 x 8 fp32), all
+def test_cache_reorder_in_pieces_equals_index_select(monkeypatch, piece_bytes):
+    monkeypatch.setattr(fast, "REORDER_BYTES", piece_bytes)
+    cache = torch.randn(7, 3, 4, 12, 8)  # (layers, B, Hkv, max_length, Dh)
+    index, filled = torch.tensor([2, 0, 0]), slice(3, 9)
+    expected = cache.clone()
+    expected[:, :, :, filled] = cache[:, :, :, filled].index_select(1, index)
+    fast.reorder_rows(cache, index, filled)
+    assert torch.equal(cache, expected)  # the filled slots moved, the prompt's and the empty ones not
+
+
 def test_compiled_quantization_equals_the_reference(monkeypatch):
     from minivb.quant import quantize_rows
 
