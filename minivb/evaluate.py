@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from . import data
-from .saving import replacing
+from .saving import replacing, write_json
 
 PROMPT = "Question: {} Short answer:"
 NUM_BEAMS = 5
@@ -235,9 +235,7 @@ def _write_summary(out, entries, done, settings, asked: int = 0, seconds: float 
     summary["settings"] = settings
     summary["this_run"] = {"asked": asked, "seconds": round(seconds, 3),
                            "questions_per_second": round(asked / seconds, 3) if seconds else None}
-    with open(summary_path(out), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
-        f.write("\n")
+    write_json(summary_path(out), summary)
     return summary
 
 

@@ -423,6 +423,9 @@ def _attention_rows(q, k, v, mask: torch.Tensor | None, scale: float) -> torch.T
     return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)  # (N, G, Dh)
 
 
+_compiled_attention_rows = functools.partial(_compiled_or_plain, _attention_rows)  # or op by op, where nothing compiles
+
+
 def _explicit_attention(q, k, v, mask: torch.Tensor | None, scale: float | None = None, kernel=None):
     """F.scaled_dot_product_attention for one query a row, written out: q (B, H, 1, Dh), k and v (B, Hkv, S, Dh),
     mask (B or 1, 1 or H, 1, S) -> (B, H, 1, Dh). `kernel` runs _attention_rows (by default, op by op).
@@ -464,7 +467,7 @@ def attention(q, k, v, mask: torch.Tensor | None = None, enable_gqa: bool = Fals
     L = q.shape[2]
     if L != 1 or q.dtype == torch.float32 or q.device.type != "cpu" or torch.is_grad_enabled():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa, scale=scale)
-    return _explicit_attention(q, k, v, mask, scale, kernel=functools.partial(_compiled_or_plain, _attention_rows))
+    return _explicit_attention(q, k, v, mask, scale, kernel=_compiled_attention_rows)
 
 
 # ----------------------------------------------------------------------------- 3b. the cache of a beam step
