@@ -1,4 +1,6 @@
 """Speed paths, all in one place: what runs faster than the plain code, on which machine, and the number measured.
+(Two of them live beside what they speed up and are listed here: weights packed for beams in packing.py, and the
+int8 products and quantizing in quant.py's "fast paths of int8" section, both built on this file's kernels.)
 
 The model files compute plainly: every product in the dtype the weights are stored in, through F.linear. Three
 things about CPUs make that slow, and this file answers them without changing what the model files compute:
@@ -23,16 +25,16 @@ things about CPUs make that slow, and this file answers them without changing wh
    of several rows that come back at every step (beams, a batch's decode steps) take a copy of the weight packed
    once into oneDNN's layout, once they have come back often enough to pay for it and where memory allows it
    (packing.py: F.linear repacks a bf16 weight at every call, and MKL's fp32 takes a slow path on AMD).
-   int8 weights (quant.py) multiply one row through a compiled kernel of their own, a few rows (beams) through
+   int8 weights multiply one row through a compiled kernel of their own, a few rows (beams) through
    torch._weight_int8pack_mm and a prompt's many rows through a bf16 copy of one block of a matrix at a time
-   (`int8_linear`): int8pack_mm's cost grows with the rows.
+   (quant.int8_linear): int8pack_mm's cost grows with the rows.
 
 3. The attention of a decode step (LLaMA's and T5's). PyTorch's CPU flash-attention kernel is slow for one bf16
    query a row, and so is the fp32 softmax written op by op: `attention` compiles the latter, so it reads the bf16
    cache once, with the batch folded into the heads so that one kernel serves greedy decoding and beams.
 
-4. Quantizing while loading (quant.py): op by op, int8 quantization makes five passes over fp32 copies of each
-   block; `quantize_rows` compiles it into two (a 7B's 6.6 G linear weights: 7-13 s of quantizing -> ~3 s).
+4. Quantizing while loading: op by op, int8 quantization makes five passes over fp32 copies of each block;
+   quant.quantize_block compiles it into two (a 7B's 6.6 G linear weights: 7-13 s of quantizing -> ~3 s).
 
 What was measured where: everything here on the native-bf16 machine (AMD EPYC, AVX-512 with avx512_bf16, 2 cores);
 the AVX2 numbers come from issue 12. The fp32 compute path runs on this machine too (MINIVB_NATIVE_BF16=0), which
@@ -230,7 +232,7 @@ def _compile_failure(error: Exception) -> None:
     _compiled.cache_clear()
 
 
-def _compiled_or_plain(function, *args, plain=None):
+def compiled_or_plain(function, *args, plain=None):
     """`function(*args)` through its compiled kernel; where there is none or compiling fails, `plain(*args)`: by
     default `function` itself, run op by op."""
     kernel = _compiled(function)
@@ -322,66 +324,6 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-# int8 weights (quant.Int8Linear), bf16 rows on a CPU. torch._weight_int8pack_mm reads the int8 matrix as it is,
-# which is what decoding wants, but its cost grows with the rows where a bf16 matrix product's does not. Above
-# INT8_MATMUL_ROWS rows the int8 matrix is converted to bf16 (exactly: -127..127 are bf16 integers) and multiplied by
-# F.linear's matrix kernel, the scales applied to the (rows, out) product. Measured, 11008 x 4096, 2 threads, quiet
-# native-bf16 machine, ms a matrix (best of 5):
-#     rows                         1     5     8    10    12    16    32    64   100
-#     int8pack_mm                2.3   5.7   5.7   8.4   8.9  11.1  22.9  46.3  73.6
-#     bf16 copy (8 MB blocks)   10.4   7.5   8.5   7.5   8.2  11.0  13.0  21.5  28.9
-#     bf16 F.linear              6.1   5.4   5.9   5.8   8.5   7.4  10.0  17.1  26.3   (bf16 weights, for comparison)
-# (An earlier table, taken at load average 8-11, put the crossing near 64 rows; on a quiet machine it is near 10.)
-INT8_MATMUL_ROWS = 8
-# The copy is made INT8_BLOCK_BYTES of bf16 at a time (a block of output rows), not for the whole matrix at once: a
-# fresh 90 MB tensor on every call pays its page faults and goes out to memory and back, where an 8 MB block is
-# reused by the allocator and still in cache when multiplied. 150 rows (quiet machine, ms a matrix): 11008 x 4096
-# whole copy 74.4, 8 MB blocks 41.2, bf16 F.linear 34.4; 4096 x 11008: 72.9, 44.0, 35.5; 4096 x 4096: 29.1, 15.4,
-# 13.2 (2 MB blocks: 56.0, 41.0, 15.4; 16 MB: 41.6, 42.0, 15.2).
-INT8_BLOCK_BYTES = 8 * 2**20
-# One row (greedy decoding) of an int8 matrix: int8pack_mm streams int8 at 23-25 GB/s, short of the ~34 GB/s this
-# machine reads: on 2 cores it is bound by converting each weight to fp32, not by memory. A compiled
-# multiply-and-sum with the row converted to fp32 once, before the kernel (not at each weight, as when it is bf16),
-# runs 25-28 GB/s for matrices of 4096 columns (4096 x 4096, 11008 x 4096, 32000 x 4096: 5-17 % faster, quiet
-# machine, alternating, best of 5). With more columns it loses: 11008 (the MLP's down projection) 15-16 GB/s against
-# int8pack_mm's 25-27, the fp32 row (44 KB) no longer fitting the first-level cache beside the streaming weight;
-# vicuna-13b's 5120 and 13824 columns 6-7 GB/s as whole rows (inductor's slower cascade sum beyond 4096, see
-# FUSED_CHUNK), 14-19 cut in chunks of at most FUSED_CHUNK, against int8pack_mm's 22-24. So a 7B's attention,
-# gate and up projections and lm_head take it; its down projections and every 13B matrix stay on int8pack_mm.
-# A greedy step of LLaMA at 7B widths, 4 layers and the lm_head, best of 4 rounds alternating: int8pack_mm everywhere
-# 40.8 ms, this kernel where it pays 37.1 ms, bf16 56.5 ms (1.39x -> 1.52x bf16).
-INT8_FUSED_MAX_IN = 4096
-
-
-def _int8_row_times_matrix(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """row (1, in) fp32 x weight (out, in) int8, scaled per output -> (1, out) fp32: one vectorized pass over the
-    weight (the row comes in fp32: converted inside, it would be converted again at every weight)."""
-    return (weight.float() * row).sum(-1)[None] * scales
-
-
-def _int8pack_row(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The same product where nothing compiles: int8pack_mm, given the row back in the scales' dtype (bf16 -> fp32
-    -> bf16 is exact)."""
-    return torch._weight_int8pack_mm(row.to(scales.dtype), weight, scales).float()
-
-
-def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x (..., in) bf16 on a CPU, weight (out, in) int8, scales (out,) -> x @ (weight * scales).T, (..., out)."""
-    rows = x.reshape(-1, x.shape[-1])  # (R, in)
-    scales = scales.to(x.dtype)
-    if (rows.shape[0] == 1 and weight.shape[1] <= INT8_FUSED_MAX_IN and weight.numel() >= FUSED_MIN_WEIGHTS
-            and not torch.is_grad_enabled()):
-        out = _compiled_or_plain(_int8_row_times_matrix, rows.float(), weight, scales, plain=_int8pack_row)
-        out = out.to(x.dtype)  # (1, out)
-    elif rows.shape[0] <= INT8_MATMUL_ROWS:
-        out = torch._weight_int8pack_mm(rows, weight, scales)  # (R, out)
-    else:
-        block = max(64, INT8_BLOCK_BYTES // (2 * weight.shape[1]) // 64 * 64)  # output rows converted at a time
-        products = [F.linear(rows, weight[i : i + block].to(x.dtype)) for i in range(0, weight.shape[0], block)]
-        out = torch.cat(products, dim=-1) * scales  # (R, out)
-    return out.reshape(*x.shape[:-1], weight.shape[0])
-
-
 # ----------------------------------------------------------------------------- 2b. weights packed once, for beams
 
 
@@ -423,7 +365,7 @@ def _attention_rows(q, k, v, mask: torch.Tensor | None, scale: float) -> torch.T
     return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)  # (N, G, Dh)
 
 
-_compiled_attention_rows = functools.partial(_compiled_or_plain, _attention_rows)  # or op by op, where nothing compiles
+_compiled_attention_rows = functools.partial(compiled_or_plain, _attention_rows)  # op by op where none compiles
 
 
 def _explicit_attention(q, k, v, mask: torch.Tensor | None, scale: float | None = None, kernel=None):
@@ -491,23 +433,3 @@ def reorder_rows(cache: torch.Tensor, index: torch.Tensor, filled: slice) -> Non
     for first in range(0, cache.shape[0], step):
         part = cache[first : first + step, :, :, filled]  # (layers, B, Hkv, filled, Dh)
         part.copy_(part.index_select(1, index))
-
-
-# ----------------------------------------------------------------------------- 4. quantizing while loading
-
-# quant.quantize_rows run op by op makes five passes over fp32 copies of each block of rows (float, abs, divide,
-# round, clamp); compiled, it is one pass to find each row's scale and one to quantize it, with the same result bit
-# for bit. A block of 1024 rows x 4096 of bf16 at a time over 11008 x 4096, 2 threads: 0.5-1.0 G weights/s plain,
-# 2.2-2.5 compiled: the 6.6 G weights of a 7B's linears in ~3 s instead of 7-13 (compiling: ~4 s the first time a
-# machine runs it, ~1 s from inductor's disk cache). Blocks under QUANTIZE_COMPILE_MIN weights (the test models)
-# stay plain: compiling would cost more than it saves.
-QUANTIZE_COMPILE_MIN = 1024 * 1024
-
-
-def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """quant.quantize_rows (the reference), compiled for large blocks on a CPU."""
-    from .quant import quantize_rows as plain
-
-    if weight.numel() < QUANTIZE_COMPILE_MIN or weight.device.type != "cpu":
-        return plain(weight)
-    return _compiled_or_plain(plain, weight)

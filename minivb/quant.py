@@ -8,7 +8,7 @@ How: for each row of a weight matrix W (out, in), scale = max |W[row]| / 127 and
 W ~ W_int8 * scale with an error of at most scale / 2 per weight. The product x @ W.T becomes
 (x @ W_int8.T) * scale, which a decode step computes without ever materialising W in bf16 (a compiled kernel for
 one row, `torch._weight_int8pack_mm` for beams); a prompt's many rows go through a bf16 copy of 8 MB of W at a time
-(fast.int8_linear).
+(`int8_linear`).
 
 The quantization happens while each shard is read (checkpoint.load_state hands an Int8Linear its tensor through
 `load_weight`), so the bf16 model never exists in memory. Embeddings, norms, the vision encoder, the Q-Former and
@@ -61,15 +61,15 @@ class Int8Linear(nn.Module):
         """
         for start in range(0, self.out_features, QUANTIZE_ROWS):
             rows = slice(start, start + QUANTIZE_ROWS)
-            quantized, scales = fast.quantize_rows(tensor[rows])  # quantize_rows above, compiled where it pays
+            quantized, scales = quantize_block(tensor[rows])  # quantize_rows, compiled where it pays (below)
             self.weight[rows] = quantized
             self.weight_scale[rows] = scales
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and x.dtype == torch.bfloat16:
-            # The fast path (fast.py): int8 weights read as they are, scaled per row after the product; a prompt's
+            # The fast path (below): int8 weights read as they are, scaled per row after the product; a prompt's
             # many rows through a bf16 copy of this matrix, a block of rows at a time.
-            out = fast.int8_linear(x, self.weight, self.weight_scale)
+            out = int8_linear(x, self.weight, self.weight_scale)
         else:
             # The reference a reader checks the fast path against: dequantize, then an ordinary product
             # (fp32 activations, GPUs; int8pack_mm is slow in fp32 on CPUs: 25 ms against 2.2 ms a 4096 x 11008).
@@ -94,6 +94,84 @@ def quantize_language_model(model: nn.Module) -> None:
 def check_quantize(quantize) -> None:
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be None or one of {QUANTIZE_CHOICES}, got {quantize!r}")
+
+
+# ----------------------------------------------------------------------------- the fast paths of int8 (as fast.py's)
+
+# int8 weights (quant.Int8Linear), bf16 rows on a CPU. torch._weight_int8pack_mm reads the int8 matrix as it is,
+# which is what decoding wants, but its cost grows with the rows where a bf16 matrix product's does not. Above
+# INT8_MATMUL_ROWS rows the int8 matrix is converted to bf16 (exactly: -127..127 are bf16 integers) and multiplied by
+# F.linear's matrix kernel, the scales applied to the (rows, out) product. Measured, 11008 x 4096, 2 threads, quiet
+# native-bf16 machine, ms a matrix (best of 5):
+#     rows                         1     5     8    10    12    16    32    64   100
+#     int8pack_mm                2.3   5.7   5.7   8.4   8.9  11.1  22.9  46.3  73.6
+#     bf16 copy (8 MB blocks)   10.4   7.5   8.5   7.5   8.2  11.0  13.0  21.5  28.9
+#     bf16 F.linear              6.1   5.4   5.9   5.8   8.5   7.4  10.0  17.1  26.3   (bf16 weights, for comparison)
+# (An earlier table, taken at load average 8-11, put the crossing near 64 rows; on a quiet machine it is near 10.)
+INT8_MATMUL_ROWS = 8
+# The copy is made INT8_BLOCK_BYTES of bf16 at a time (a block of output rows), not for the whole matrix at once: a
+# fresh 90 MB tensor on every call pays its page faults and goes out to memory and back, where an 8 MB block is
+# reused by the allocator and still in cache when multiplied. 150 rows (quiet machine, ms a matrix): 11008 x 4096
+# whole copy 74.4, 8 MB blocks 41.2, bf16 F.linear 34.4; 4096 x 11008: 72.9, 44.0, 35.5; 4096 x 4096: 29.1, 15.4,
+# 13.2 (2 MB blocks: 56.0, 41.0, 15.4; 16 MB: 41.6, 42.0, 15.2).
+INT8_BLOCK_BYTES = 8 * 2**20
+# One row (greedy decoding) of an int8 matrix: int8pack_mm streams int8 at 23-25 GB/s, short of the ~34 GB/s this
+# machine reads: on 2 cores it is bound by converting each weight to fp32, not by memory. A compiled
+# multiply-and-sum with the row converted to fp32 once, before the kernel (not at each weight, as when it is bf16),
+# runs 25-28 GB/s for matrices of 4096 columns (4096 x 4096, 11008 x 4096, 32000 x 4096: 5-17 % faster, quiet
+# machine, alternating, best of 5). With more columns it loses: 11008 (the MLP's down projection) 15-16 GB/s against
+# int8pack_mm's 25-27, the fp32 row (44 KB) no longer fitting the first-level cache beside the streaming weight;
+# vicuna-13b's 5120 and 13824 columns 6-7 GB/s as whole rows (inductor's slower cascade sum beyond 4096, see
+# fast.FUSED_CHUNK), 14-19 cut in chunks of at most FUSED_CHUNK, against int8pack_mm's 22-24. So a 7B's attention,
+# gate and up projections and lm_head take it; its down projections and every 13B matrix stay on int8pack_mm.
+# A greedy step of LLaMA at 7B widths, 4 layers and the lm_head, best of 4 rounds alternating: int8pack_mm everywhere
+# 40.8 ms, this kernel where it pays 37.1 ms, bf16 56.5 ms (1.39x -> 1.52x bf16).
+INT8_FUSED_MAX_IN = 4096
+
+
+def _int8_row_times_matrix(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """row (1, in) fp32 x weight (out, in) int8, scaled per output -> (1, out) fp32: one vectorized pass over the
+    weight (the row comes in fp32: converted inside, it would be converted again at every weight)."""
+    return (weight.float() * row).sum(-1)[None] * scales
+
+
+def _int8pack_row(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The same product where nothing compiles: int8pack_mm, given the row back in the scales' dtype (bf16 -> fp32
+    -> bf16 is exact)."""
+    return torch._weight_int8pack_mm(row.to(scales.dtype), weight, scales).float()
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (..., in) bf16 on a CPU, weight (out, in) int8, scales (out,) -> x @ (weight * scales).T, (..., out)."""
+    rows = x.reshape(-1, x.shape[-1])  # (R, in)
+    scales = scales.to(x.dtype)
+    if (rows.shape[0] == 1 and weight.shape[1] <= INT8_FUSED_MAX_IN and weight.numel() >= fast.FUSED_MIN_WEIGHTS
+            and not torch.is_grad_enabled()):
+        out = fast.compiled_or_plain(_int8_row_times_matrix, rows.float(), weight, scales, plain=_int8pack_row)
+        out = out.to(x.dtype)  # (1, out)
+    elif rows.shape[0] <= INT8_MATMUL_ROWS:
+        out = torch._weight_int8pack_mm(rows, weight, scales)  # (R, out)
+    else:
+        block = max(64, INT8_BLOCK_BYTES // (2 * weight.shape[1]) // 64 * 64)  # output rows converted at a time
+        products = [F.linear(rows, weight[i : i + block].to(x.dtype)) for i in range(0, weight.shape[0], block)]
+        out = torch.cat(products, dim=-1) * scales  # (R, out)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+# quantize_rows run op by op makes five passes over fp32 copies of each block of rows (float, abs, divide,
+# round, clamp); compiled, it is one pass to find each row's scale and one to quantize it, with the same result bit
+# for bit. A block of 1024 rows x 4096 of bf16 at a time over 11008 x 4096, 2 threads: 0.5-1.0 G weights/s plain,
+# 2.2-2.5 compiled: the 6.6 G weights of a 7B's linears in ~3 s instead of 7-13 (compiling: ~4 s the first time a
+# machine runs it, ~1 s from inductor's disk cache). Blocks under QUANTIZE_COMPILE_MIN weights (the test models)
+# stay plain: compiling would cost more than it saves.
+QUANTIZE_COMPILE_MIN = 1024 * 1024
+
+
+def quantize_block(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows (the reference, above), compiled for large blocks on a CPU."""
+    if weight.numel() < QUANTIZE_COMPILE_MIN or weight.device.type != "cpu":
+        return quantize_rows(weight)
+    return fast.compiled_or_plain(quantize_rows, weight)
 
 
 # ----------------------------------------------------------------------------- quantize once: an int8 checkpoint

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import minivb
-from minivb import fast, packing
+from minivb import fast, packing, quant
 from tests import tiny
 
 
@@ -153,9 +153,9 @@ def test_no_compiler_falls_back_with_a_notice(monkeypatch, capsys, fresh_kernel)
     monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 1)
     x, w = torch.randn(1, 64), torch.randn(32, 64)
     assert torch.equal(fast.fused_linear(x, w), F.linear(x, w))
-    quantized, scales = fast.quantize_rows(w)  # one row of int8: int8pack_mm, as before the compiled kernel
+    quantized, scales = quant.quantize_block(w)  # one row of int8: int8pack_mm, as before the compiled kernel
     with torch.no_grad():
-        assert torch.equal(fast.int8_linear(x.bfloat16(), quantized, scales.bfloat16()),
+        assert torch.equal(quant.int8_linear(x.bfloat16(), quantized, scales.bfloat16()),
                            torch._weight_int8pack_mm(x.bfloat16(), quantized, scales.bfloat16()))
     q, k = torch.randn(1, 2, 1, 8).bfloat16(), torch.randn(1, 2, 5, 8).bfloat16()
     with torch.no_grad():
@@ -167,8 +167,8 @@ def test_int8_products_equal_the_reference(monkeypatch):
     from minivb.quant import Int8Linear
 
     monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 1)  # 1 row through the compiled kernel at this size too
-    monkeypatch.setattr(fast, "INT8_MATMUL_ROWS", 4)  # 2 rows through int8pack_mm, 9 through a bf16 copy
-    monkeypatch.setattr(fast, "INT8_BLOCK_BYTES", 2 * 96 * 64)  # ... converted 64 output rows at a time: 2 blocks
+    monkeypatch.setattr(quant, "INT8_MATMUL_ROWS", 4)  # 2 rows through int8pack_mm, 9 through a bf16 copy
+    monkeypatch.setattr(quant, "INT8_BLOCK_BYTES", 2 * 96 * 64)  # ... converted 64 output rows at a time: 2 blocks
     g = torch.Generator().manual_seed(0)
     layer = Int8Linear(96, 100, bias=True, dtype=torch.bfloat16)
     layer.load_weight(torch.randn(100, 96, generator=g))
@@ -182,7 +182,7 @@ def test_int8_products_equal_the_reference(monkeypatch):
             assert (got.float() - reference).abs().max() <= 2e-2 * reference.abs().max()
         one = x[:1, 0].bfloat16()  # the compiled one-row kernel against int8pack_mm, its fallback
         packed = torch._weight_int8pack_mm(one, layer.weight, layer.weight_scale)
-        assert (fast.int8_linear(one, layer.weight, layer.weight_scale).float() - packed.float()).abs().max() \
+        assert (quant.int8_linear(one, layer.weight, layer.weight_scale).float() - packed.float()).abs().max() \
             <= 2**-7 * packed.float().abs().max()
     assert not fast._compile_failed
 
@@ -245,7 +245,7 @@ def test_beams_reuse_the_decode_attention_compiled_for_one_row(monkeypatch):
     assert not fast._compile_failed
 
 
-@pytest.mark.parametrize("piece_bytes", [1, 3 * (3 * 4 * 6 * 8 * 4), 2**30])  # a layer, three (of 3 x 4 x 6 x 8 fp32), all
+@pytest.mark.parametrize("piece_bytes", [1, 3 * (3 * 4 * 6 * 8 * 4), 2**30])  # a layer, three, all at once
 def test_cache_reorder_in_pieces_equals_index_select(monkeypatch, piece_bytes):
     monkeypatch.setattr(fast, "REORDER_BYTES", piece_bytes)
     cache = torch.randn(7, 3, 4, 12, 8)  # (layers, B, Hkv, max_length, Dh)
@@ -259,12 +259,12 @@ def test_cache_reorder_in_pieces_equals_index_select(monkeypatch, piece_bytes):
 def test_compiled_quantization_equals_the_reference(monkeypatch):
     from minivb.quant import quantize_rows
 
-    monkeypatch.setattr(fast, "QUANTIZE_COMPILE_MIN", 1)  # compiled at this size too
+    monkeypatch.setattr(quant, "QUANTIZE_COMPILE_MIN", 1)  # compiled at this size too
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(300, 257, generator=generator) * torch.logspace(-4, 1, 300)[:, None]  # rows of every scale
     weight[7] = 0  # a zero row keeps its tiny scale
     for dtype in (torch.bfloat16, torch.float32):
-        compiled, reference = fast.quantize_rows(weight.to(dtype)), quantize_rows(weight.to(dtype))
+        compiled, reference = quant.quantize_block(weight.to(dtype)), quantize_rows(weight.to(dtype))
         assert torch.equal(compiled[0], reference[0]) and torch.equal(compiled[1], reference[1])
         assert compiled[0].dtype == torch.int8 and compiled[0].abs().amax(dim=1)[8:].eq(127).all()
     assert not fast._compile_failed and (fast._compiled(quantize_rows) is not None) == fast._compiler_found()
