@@ -76,6 +76,16 @@ class Int8Linear(nn.Module):
             out = F.linear(x, self.weight.to(x.dtype) * self.weight_scale[:, None].to(x.dtype))
         return out if self.bias is None else out + self.bias
 
+    @staticmethod
+    def products(x: torch.Tensor, layers) -> list[torch.Tensor] | None:
+        """fast.linears' fast path: one bf16 row times several int8 layers in one compiled call, or None where a
+        layer takes another route."""
+        if not (x.device.type == "cpu" and x.dtype == torch.bfloat16 and all(_fused_row(x, m.weight) for m in layers)):
+            return None
+        outs = int8_rows_linears(x.reshape(1, -1), [(m.weight, m.weight_scale.to(x.dtype)) for m in layers])
+        return [(out if m.bias is None else out + m.bias).reshape(*x.shape[:-1], m.out_features)
+                for out, m in zip(outs, layers)]
+
 
 def quantize_language_model(model: nn.Module) -> None:
     """Swap every linear layer of the language model for an Int8Linear (call it on the meta device, before loading).
@@ -130,25 +140,36 @@ INT8_FUSED_MAX_IN = 4096
 
 
 def _int8_row_times_matrix(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """row (1, in) fp32 x weight (out, in) int8, scaled per output -> (1, out) fp32: one vectorized pass over the
-    weight (the row comes in fp32: converted inside, it would be converted again at every weight)."""
-    return (weight.float() * row).sum(-1)[None] * scales
+    """row (1, in) fp32 x weight (out, in) int8, scaled per output -> (1, out) in the scales' dtype: one vectorized
+    pass over the weight (the row comes in fp32: converted inside, it would be converted again at every weight)."""
+    return ((weight.float() * row).sum(-1)[None] * scales).to(scales.dtype)
 
 
-def _int8pack_row(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The same product where nothing compiles: int8pack_mm, given the row back in the scales' dtype (bf16 -> fp32
+def _int8_row_times_matrices(row: torch.Tensor, *weights_and_scales: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """_int8_row_times_matrix for several (weight, scales) of the same width in one compiled call (fast.linears)."""
+    pairs = zip(weights_and_scales[0::2], weights_and_scales[1::2])
+    return tuple(_int8_row_times_matrix(row, weight, scales) for weight, scales in pairs)
+
+
+def _int8pack_rows(row: torch.Tensor, *weights_and_scales: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The same products where nothing compiles: int8pack_mm, given the row back in the scales' dtype (bf16 -> fp32
     -> bf16 is exact)."""
-    return torch._weight_int8pack_mm(row.to(scales.dtype), weight, scales).float()
+    pairs = zip(weights_and_scales[0::2], weights_and_scales[1::2])
+    return tuple(torch._weight_int8pack_mm(row.to(scales.dtype), weight, scales) for weight, scales in pairs)
+
+
+def _fused_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x (..., in) is one row that the compiled int8 kernel multiplies faster than int8pack_mm (above)."""
+    return (x.numel() == x.shape[-1] and weight.shape[1] <= INT8_FUSED_MAX_IN and weight.numel() >= fast.FUSED_MIN_WEIGHTS
+            and not torch.is_grad_enabled())
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x (..., in) bf16 on a CPU, weight (out, in) int8, scales (out,) -> x @ (weight * scales).T, (..., out)."""
     rows = x.reshape(-1, x.shape[-1])  # (R, in)
     scales = scales.to(x.dtype)
-    if (rows.shape[0] == 1 and weight.shape[1] <= INT8_FUSED_MAX_IN and weight.numel() >= fast.FUSED_MIN_WEIGHTS
-            and not torch.is_grad_enabled()):
-        out = fast.compiled_or_plain(_int8_row_times_matrix, rows.float(), weight, scales, plain=_int8pack_row)
-        out = out.to(x.dtype)  # (1, out)
+    if _fused_row(x, weight):
+        out = int8_rows_linears(rows, [(weight, scales)])[0]  # (1, out)
     elif rows.shape[0] <= INT8_MATMUL_ROWS:
         out = torch._weight_int8pack_mm(rows, weight, scales)  # (R, out)
     else:
@@ -156,6 +177,13 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
         products = [F.linear(rows, weight[i : i + block].to(x.dtype)) for i in range(0, weight.shape[0], block)]
         out = torch.cat(products, dim=-1) * scales  # (R, out)
     return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def int8_rows_linears(row: torch.Tensor, weights_and_scales: list) -> list[torch.Tensor]:
+    """One bf16 row (1, in) times several int8 (weight, scales) of the same width -> [(1, out)], in one call of the
+    compiled kernel (int8pack_mm where none compiles)."""
+    flat = [tensor for pair in weights_and_scales for tensor in pair]
+    return list(fast.compiled_or_plain(_int8_row_times_matrices, row.float(), *flat, plain=_int8pack_rows))
 
 
 # quantize_rows run op by op makes five passes over fp32 copies of each block of rows (float, abs, divide,

@@ -121,11 +121,18 @@ class T5Attention(nn.Module):
     def keys_values(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.heads(self.k(states)), self.heads(self.v(states))  # (B, H, length, Dk) each
 
-    def forward(self, x, keys, values, bias) -> torch.Tensor:
-        B, L, _ = x.shape
-        q = self.heads(self.q(x))  # (B, H, L, Dk)
+    def queries_keys_values(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Self-attention's three products of the same x (one call for a decode step's row): (B, H, L, Dk) each."""
+        return [self.heads(p) for p in fast.linears(x, self.q, self.k, self.v)]
+
+    def attend(self, q, keys, values, bias) -> torch.Tensor:
+        """q (B, H, L, Dk) -> (B, L, D)."""
+        B, _, L, _ = q.shape
         out = fast.attention(q, keys, values, bias, scale=1.0)  # (B, H, L, Dk); faster for a decode step's query
         return self.o(out.transpose(1, 2).reshape(B, L, self.num_heads * self.d_kv))  # (B, L, D)
+
+    def forward(self, x, keys, values, bias) -> torch.Tensor:
+        return self.attend(self.heads(self.q(x)), keys, values, bias)  # x (B, L, D): the queries' side
 
 
 class T5FeedForward(nn.Module):
@@ -146,7 +153,8 @@ class T5FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
-            return self.wo(self.act(self.wi_0(x)) * self.wi_1(x))  # (B, length, F) -> (B, length, D)
+            gate, linear = fast.linears(x, self.wi_0, self.wi_1)  # (B, length, F) each
+            return self.wo(self.act(gate) * linear)  # (B, length, D)
         return self.wo(self.act(self.wi(x)))
 
 
@@ -173,11 +181,10 @@ class T5Block(nn.Module):
         return cache.cross[self.layer_idx]
 
     def forward(self, h, bias, cache=None, encoder_hidden=None, cross_bias=None) -> torch.Tensor:
-        x = self.attn_norm(h)
-        keys, values = self.attn.keys_values(x)  # (B, H, L, Dk)
+        q, keys, values = self.attn.queries_keys_values(self.attn_norm(h))  # (B, H, L, Dk) each
         if cache is not None:
             keys, values = cache.update(self.layer_idx, keys, values)  # (B, H, K, Dk)
-        h = h + self.attn(x, keys, values, bias)
+        h = h + self.attn.attend(q, keys, values, bias)
         if encoder_hidden is not None:
             keys, values = self.cross_keys_values(encoder_hidden, cache)  # (B, H, S, Dk)
             h = h + self.cross_attn(self.cross_attn_norm(h), keys, values, cross_bias)

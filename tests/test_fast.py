@@ -128,19 +128,68 @@ def test_fast_products_equal_plain(monkeypatch, dtype, tol):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_products_equal_one_at_a_time(monkeypatch, dtype):
+    """fast.linears: a layer's q, k and v (here three widths out, one with a bias) in one compiled call for one row,
+    the same numbers as three calls; several rows go one layer at a time."""
+    monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)
+    g = torch.Generator().manual_seed(0)
+    layers = [fast.Linear(128, out, bias=bias).to(dtype) for out, bias in ((96, False), (64, True), (32, False))]
+    for layer in layers:
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=g))
+    kernels = []
+    monkeypatch.setattr(fast, "fused_linears", lambda x, w, b, plain=fast.fused_linears: kernels.append(len(w)) or
+                        plain(x, w, b))
+    for rows in (1, 5):
+        x = torch.randn(rows, 1, 128, generator=g).to(dtype)
+        kernels.clear()
+        grouped = fast.linears(x, *layers)
+        assert kernels == ([3] if rows == 1 else [])  # one call for the three products of one row
+        for got, layer in zip(grouped, layers):
+            assert got.shape == (rows, 1, layer.out_features) and got.dtype == dtype
+            assert torch.equal(got, layer(x))  # the same dot products, summed in the same order
+
+
+@torch.no_grad()
+def test_grouped_int8_products_equal_one_at_a_time(monkeypatch):
+    from minivb.quant import Int8Linear
+
+    monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 1)
+    g = torch.Generator().manual_seed(0)
+    layers = [Int8Linear(96, out, bias=bias, dtype=torch.bfloat16) for out, bias in ((100, True), (40, False))]
+    for layer in layers:
+        layer.load_weight(torch.randn(layer.out_features, 96, generator=g))
+        if layer.bias is not None:
+            layer.bias.copy_(torch.randn(layer.out_features, generator=g))
+    calls = []
+    monkeypatch.setattr(quant, "int8_rows_linears", lambda row, pairs, plain=quant.int8_rows_linears:
+                        calls.append(len(pairs)) or plain(row, pairs))
+    one = torch.randn(1, 1, 96, generator=g).bfloat16()
+    grouped = fast.linears(one, *layers)
+    assert calls == [2]
+    for got, layer in zip(grouped, layers):
+        assert got.shape == (1, 1, layer.out_features) and torch.equal(got, layer(one))
+    calls.clear()  # fp32 rows: the reference, one layer at a time
+    assert all(torch.equal(got, m(one.float())) for got, m in zip(fast.linears(one.float(), *layers), layers))
+    assert calls == [] and not fast._compile_failed
+
+
+@torch.no_grad()
 def test_fast_decode_generates_the_plain_tokens(bf16_model, monkeypatch):
     model, batch = bf16_model
     batch = {k: v[:1] for k, v in batch.items() if k != "labels"}  # one row: greedy decoding's one-row products
     monkeypatch.setenv("MINIVB_NATIVE_BF16", "1")  # the prompt in bf16 too, so its last row's lm_head counts below
-    plain_routes, plain_fused = fast.decode_route, fast.fused_linear
+    plain_routes, plain_fused = fast.decode_route, fast.fused_linears
     monkeypatch.setattr(fast, "decode_route", lambda *args: "plain")
     plain, plain_trace = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, return_trace=True)
     monkeypatch.setattr(fast, "decode_route", plain_routes)
     monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)  # every one-row product of the tiny model compiled
     calls = []
-    monkeypatch.setattr(fast, "fused_linear", lambda *args: calls.append(1) or plain_fused(*args))
+    monkeypatch.setattr(fast, "fused_linears", lambda x, w, b: calls.append(len(w)) or plain_fused(x, w, b))
     fused, fused_trace = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, return_trace=True)
-    assert len(calls) == 5 * 15 + 1  # 5 decode steps x (2 layers x 7 products + lm_head), the prompt's lm_head
+    # 5 decode steps x (2 layers x 7 products + lm_head), the prompt's lm_head; a layer's q, k, v and gate, up in one
+    # call each: 2 x 4 calls + lm_head a step
+    assert sum(calls) == 5 * 15 + 1 and len(calls) == 5 * 9 + 1
     assert torch.equal(fused, plain)
     for got, want in zip(fused_trace.scores, plain_trace.scores):
         finite = want.isfinite()  # EOS is -inf until min_new_tokens
