@@ -1,6 +1,7 @@
 """Speed paths, all in one place: what runs faster than the plain code, on which machine, and the number measured.
-(Two of them live beside what they speed up and are listed here: weights packed for beams in packing.py, and the
-int8 products and quantizing in quant.py's "fast paths of int8" section, both built on this file's kernels.)
+(Three live beside what they speed up and are listed here: weights packed for beams in packing.py, the int8 products
+and quantizing in quant.py's "fast paths of int8" section, both built on this file's kernels, and moving the KV cache
+of a beam step a few layers at a time in llama.KVCache.reorder.)
 
 The model files compute plainly: every product in the dtype the weights are stored in, through F.linear. Three
 things about CPUs make that slow, and this file answers them without changing what the model files compute:
@@ -21,7 +22,8 @@ things about CPUs make that slow, and this file answers them without changing wh
 2. One-row products. A greedy decode step multiplies each weight matrix by one row. PyTorch's bf16 F.linear
    streams such a matrix at about half the rate the machine can read memory; a fused multiply-and-sum compiled
    by torch.compile (inductor's C++ backend) streams it near that rate. `Linear` takes that kernel for one row
-   of a large matrix and the plain F.linear for everything else (prefill, small matrices, no compiler). Products
+   of a large matrix and the plain F.linear for everything else (prefill, small matrices, no compiler); `linears`
+   multiplies one row by a layer's q, k and v (gate and up) in one call, each call costing tens of us. Products
    of several rows that come back at every step (beams, a batch's decode steps) take a copy of the weight packed
    once into oneDNN's layout, once they have come back often enough to pay for it and where memory allows it
    (packing.py: F.linear repacks a bf16 weight at every call, and MKL's fp32 takes a slow path on AMD).
@@ -31,14 +33,14 @@ things about CPUs make that slow, and this file answers them without changing wh
 
 3. The attention of a decode step (LLaMA's and T5's). PyTorch's CPU flash-attention kernel is slow for one bf16
    query a row, and so is the fp32 softmax written op by op: `attention` compiles the latter, so it reads the bf16
-   cache once, with the batch folded into the heads so that one kernel serves greedy decoding and beams.
+   cache once, with the batch folded into the heads so that one kernel serves greedy decoding and beams, its
+   products written as multiply-and-sum.
 
 4. Quantizing while loading: op by op, int8 quantization makes five passes over fp32 copies of each block;
    quant.quantize_block compiles it into two (a 7B's 6.6 G linear weights: 7-13 s of quantizing -> ~3 s).
 
 What was measured where: everything here on the native-bf16 machine (AMD EPYC, AVX-512 with avx512_bf16, 2 cores);
-the AVX2 numbers come from issue 12. The fp32 compute path runs on this machine too (MINIVB_NATIVE_BF16=0), which
-is how tests/test_fast.py checks it.
+the AVX2 numbers come from issue 12. tests/test_fast.py checks the fp32 compute path here (MINIVB_NATIVE_BF16=0).
 
 MINIVB_NATIVE_BF16=0 or 1 overrides the detection (to test, or to force a choice the flags get wrong).
 MINIVB_PACK=0 or 1 overrides load_model's choice to pack weights for beams (packing.py, memory.room_to_pack).
@@ -198,18 +200,15 @@ def _compiled(function):
     """`function` compiled by inductor, or None where it cannot build C++ on this machine.
 
     dynamic=True: one kernel for every shape (a few more for the size-1 specialisations), not one per matrix or
-    per cache length. Compiling takes 1-3 s at the first use in a process (inductor caches it on disk).
-
+    per cache length. Compiling takes 1-3 s at the first use in a process (inductor caches it on disk). Each call
+    costs ~40-80 us of dynamo's guards and wrappers beside the kernel (see `linears`).
     cpp.vec_isa_ok: the vector instructions PyTorch detects on this CPU (AVX-512, AVX2) are taken as usable, where
-    inductor would first build a probe library for each and load it in a child Python, at the first compile of
-    every process: 0.6-1.4 s of every cold start (a 7B cut to 4 + 4 layers, load then a first token in a fresh
-    process: 5.0-5.2 s with the probe, 4.1 s without). A compiler that cannot target them fails the compile, which
-    falls back below.
-
-    No duck sizing: by default dynamo gives sizes that happen to be equal when it compiles one symbol, and guards on
-    that equality, so a later call where they differ compiles again. The decode attention compiled at the first
-    token had 32 heads and a batch folded in of 1 x 32: its first 5-beam step (5 x 32) compiled anew, 0.3-0.9 s.
-    The switch is read when a graph is traced, so it is set around each call (6 us)."""
+    inductor would first build a probe library for each and load it in a child Python: 0.6-1.4 s of every cold
+    start (4 + 4 cut of a 7B, load then a first token: 5.0-5.2 s with the probe, 4.1 s without). A compiler that
+    cannot target them fails the compile, which falls back below.
+    No duck sizing: by default dynamo gives sizes that happen to be equal one symbol and guards on that equality.
+    The decode attention compiled at the first token (32 heads, a batch folded in of 1 x 32) compiled again at the
+    first 5-beam step (5 x 32), 0.3-0.9 s. The switch is read when a graph is traced: set around each call (6 us)."""
     if _compile_failed or not _compiler_found():
         return None
     kernel = torch.compile(function, dynamic=True, options={"cpp.vec_isa_ok": True})
@@ -249,27 +248,22 @@ def _row_times_matrices(row: torch.Tensor, *weights: torch.Tensor) -> tuple[torc
     return tuple(_row_times_matrix(row, weight) for weight in weights)
 
 
-def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for one row (..., in) through the compiled kernel (plain F.linear where there is none)."""
-    return fused_linears(x, [weight], [bias])[0]
+def _plain_rows_times_matrices(row: torch.Tensor, *weights: torch.Tensor):
+    """The same products through F.linear, where nothing compiles."""
+    outs = tuple(F.linear(row.flatten(1), weight.flatten(1)) for weight in weights)
+    return outs[0] if len(outs) == 1 else outs
 
 
 def fused_linears(x: torch.Tensor, weights: list, biases: list) -> list[torch.Tensor]:
     """[F.linear(x, w, b) for w, b in zip(weights, biases)] for one row (..., in) and weights of the same width,
     through one call of the compiled kernel (plain F.linear where there is none)."""
-    function = _row_times_matrix if len(weights) == 1 else _row_times_matrices
-    kernel = _compiled(function)
-    if kernel is None:
-        return [F.linear(x, weight, bias) for weight, bias in zip(weights, biases)]
     in_features = weights[0].shape[1]
     chunks = next(n for n in range(1, in_features + 1) if in_features % n == 0 and in_features // n <= FUSED_CHUNK)
     if in_features // chunks < 256:
         chunks = 1  # an awkward (prime-like) width: one long row and the cascade sum, rather than tiny chunks
-    try:
-        outs = kernel(x.reshape(1, chunks, -1), *(weight.reshape(weight.shape[0], chunks, -1) for weight in weights))
-    except Exception as error:
-        _compile_failure(error)
-        return [F.linear(x, weight, bias) for weight, bias in zip(weights, biases)]
+    function = _row_times_matrix if len(weights) == 1 else _row_times_matrices
+    outs = compiled_or_plain(function, x.reshape(1, chunks, -1), *(w.reshape(w.shape[0], chunks, -1) for w in weights),
+                             plain=_plain_rows_times_matrices)
     outs = [outs] if len(weights) == 1 else outs  # (1, out) each
     return [(out if bias is None else out + bias).reshape(*x.shape[:-1], out.shape[-1])
             for out, bias in zip(outs, biases)]
@@ -321,7 +315,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         route = decode_route(x, self.weight, self.packed is not None)
         if route == "fused":
-            return fused_linear(x, self.weight, self.bias)
+            return fused_linears(x, [self.weight], [self.bias])[0]
         if route == "packed":
             copy = self.packed.get(self.weight, rows=x.numel() // x.shape[-1])
             if copy is not None:
@@ -344,12 +338,11 @@ class Linear(nn.Linear):
         return fused_linears(x, [layer.weight for layer in layers], [layer.bias for layer in layers])
 
 
-# Measured, native-bf16 machine, 2 threads, the matrices streamed from memory: each call of a compiled function costs
-# ~40-80 us of dynamo's guards and wrappers beside its kernel. A decoder layer of flan-t5-xl makes ten of them a token
-# (~1 ms a layer of Python and dispatch around ~2.3 ms of products, 24 layers, int8). Its q, k and v (and its wi_0
-# and wi_1; LLaMA's q, k, v and gate, up) multiply the same input: one call for each group saves those calls, and
-# the matrices' dot products interleave in the loop (int8, ms a matrix, one call each / three a call: 2048 x 2048
-# 0.168 / 0.149; 11008 x 4096 1.55 / 1.46).
+# A decoder layer of flan-t5-xl made ten compiled calls a token (~1 ms a layer of Python and dispatch around ~2.3 ms of
+# products, int8). Its q, k and v (wi_0 and wi_1; LLaMA's q, k, v and gate, up) multiply the same input: one call a
+# group saves calls, and the dot products interleave in the loop (native-bf16 machine, int8, ms a matrix, one a call /
+# three: 2048 x 2048 0.168 / 0.149; 11008 x 4096 1.55 / 1.46). flan-t5-xl cut to 8
+# decoder layers, a greedy step: 29.3-29.9 -> 28.4-28.9 ms.
 def linears(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
     """[layer(x) for layer in layers]: the products of one input with several layers (a layer's q, k, v projections).
 
@@ -372,14 +365,6 @@ def can_pack(dtype: torch.dtype) -> bool:
     if packing.refused or not torch.backends.mkldnn.is_available():
         return False
     return dtype == torch.float32 or (dtype == torch.bfloat16 and has_native_bf16())
-
-
-def packable_bytes(model: nn.Module, allowed_only: bool = False) -> int:
-    """Bytes the packed copies of `model`'s `Linear` weights would take (of those allowed to pack, with
-    `allowed_only`). Works on a meta-device model."""
-    weights = [m.weight for m in model.modules()
-               if isinstance(m, Linear) and (m.packed is not None or not allowed_only)]
-    return sum(w.numel() * w.element_size() for w in weights if w.numel() >= FUSED_MIN_WEIGHTS and can_pack(w.dtype))
 
 
 def allow_packing(model: nn.Module, allowed: bool = True) -> None:
@@ -409,17 +394,15 @@ def _attention_rows(q, k, v, mask: torch.Tensor | None, scale: float) -> torch.T
 
 
 def _attention_rows_summed(q, k, v, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """_attention_rows with its two products written as multiply-and-sum: what is compiled. Inductor makes these
-    loops over the bf16 cache, faster than what it makes of the matrix products (native-bf16 machine, us a layer,
-    the matrix products / these: flan-t5-xl cross-attention, 32 heads of 64, 160 keys: 136 / 91 at 1 row, 410 / 217
-    at 5 beams; a 7B's self-attention, 32 heads of 128, 160 keys: 153 / 139, 600 keys: 361 / 329). Run op by op
-    they would hold (N, G, S, Dh) products in memory: the plain path keeps the matrix products."""
+    """_attention_rows with its products written as multiply-and-sum, what is compiled: faster loops over the bf16
+    cache (native-bf16 machine, us a layer, matrix products / these: flan-t5-xl cross-attention, 32 heads of 64,
+    160 keys: 136 / 91 at 1 row, 410 / 217 at 5 beams; a 7B's, 32 heads of 128, 160 keys: 153 / 139, 600 keys:
+    361 / 329). Op by op they would hold (N, G, S, Dh) products in memory: the plain path keeps matrix products."""
     scores = (q[:, :, None].float() * k[:, None].float()).sum(-1) * scale  # (N, G, S): each query . each key
     weights = _masked_softmax(scores, mask)  # (N, G, S)
     return (weights[..., None] * v[:, None].float()).sum(-2).to(q.dtype)  # (N, G, Dh)
 
 
-# op by op (_attention_rows) where nothing compiles
 _compiled_attention_rows = functools.partial(compiled_or_plain, _attention_rows_summed, plain=_attention_rows)
 
 
@@ -459,32 +442,9 @@ def attention(q, k, v, mask: torch.Tensor | None = None, enable_gqa: bool = Fals
     The error against an fp32 reference is that of one bf16 rounding (~1e-3). At 32 layers that is ~35 ms of
     every 7B token, ~140 ms of every 5-beam step. T5 (flan-t5-xl: 24 decoder layers, self- and cross-attention,
     32 heads of 64): SDPA took 25 of a greedy step's ~97 ms in int8 (0.5 ms a call). The prompt (L > 1), fp32
-    and GPUs keep the fused kernel.
-    """
+    and GPUs keep the fused kernel."""
     L = q.shape[2]
     if L != 1 or q.dtype == torch.float32 or q.device.type != "cpu" or torch.is_grad_enabled():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa, scale=scale)
     return _explicit_attention(q, k, v, mask, scale, kernel=_compiled_attention_rows)
 
-
-# ----------------------------------------------------------------------------- 3b. the cache of a beam step
-
-# A beam step moves the cache of every beam it keeps: cache[:, :, :, filled] = cache[:, :, :, filled].index_select(1,
-# index), over all layers (num_layers, B, Hkv, filled, Dh). At once, index_select's copy of a 7B's keys with 5 beams
-# and 33 generated tokens is 86 MB, a fresh allocation written out to memory and read back: 86 ms a step (keys and
-# values), which made the late steps of a long beam search slower than transformers'. A few layers at a time, the
-# copy stays in the processor's caches (ms a step, keys and values, 7B widths, 5 beams; generated tokens 1 / 8 / 33 /
-# 100): all layers at once 0.6 / 5.5 / 86 / 181; one layer at a time 0.7 / 9.1 / 23 / 47; 16 MB at a time 0.2 / 5.9 /
-# 24 / 43.
-REORDER_BYTES = 16 * 2**20
-
-
-def reorder_rows(cache: torch.Tensor, index: torch.Tensor, filled: slice) -> None:
-    """cache[:, :, :, filled] = cache[:, :, :, filled].index_select(1, index), REORDER_BYTES of it at a time.
-
-    cache (num_layers, B, Hkv, max_length, Dh): row b of every layer becomes old row index[b]."""
-    layer_bytes = cache[0, :, :, filled].numel() * cache.element_size()
-    step = max(1, REORDER_BYTES // max(1, layer_bytes))  # layers moved at a time
-    for first in range(0, cache.shape[0], step):
-        part = cache[first : first + step, :, :, filled]  # (layers, B, Hkv, filled, Dh)
-        part.copy_(part.index_select(1, index))

@@ -117,10 +117,20 @@ def activation_bytes(config, element_size: int, workload: Workload = WORKLOAD) -
 COMPILE_BYTES = 120 * 10**6
 
 
+def packable_bytes(model: torch.nn.Module, allowed_only: bool = False) -> int:
+    """Bytes the packed copies of `model`'s fast.Linear weights would take (packing.py; of those allowed to pack, with
+    `allowed_only`). Works on a meta-device model."""
+    from .fast import FUSED_MIN_WEIGHTS, Linear, can_pack
+
+    weights = [m.weight for m in model.modules()
+               if isinstance(m, Linear) and (m.packed is not None or not allowed_only)]
+    return sum(w.numel() * w.element_size() for w in weights if w.numel() >= FUSED_MIN_WEIGHTS and can_pack(w.dtype))
+
+
 def estimate(model: torch.nn.Module, workload: Workload = WORKLOAD, device="cpu") -> Estimate:
     """What `model` (on the meta device, already in its dtype and quantization, its layers allowed to pack or not)
     will need once loaded on `device`."""
-    from .fast import compute_dtype, packable_bytes
+    from .fast import compute_dtype
 
     # Activations run in the compute dtype: fp32 for bf16 weights on a CPU without native bf16 (fast.py).
     dtype = model.projection.weight.dtype
@@ -154,7 +164,7 @@ def room_to_pack(model: torch.nn.Module, device="cpu") -> bool:
     beam steps (packing.py): the packed copies are memory of their own, on top of everything `estimate` counts,
     since a greedy step still reads the plain weights. A 7B in bf16 on 24 GB has no room (16.6 + 13.2 GB); its cut
     to 4 + 4 layers, flan-t5-xl (8.4 + 5.6 GB) and the smaller models do. MINIVB_PACK=0 or 1 overrides the choice."""
-    from .fast import override, packable_bytes
+    from .fast import override
 
     forced = override("MINIVB_PACK")
     if forced is not None:

@@ -160,8 +160,8 @@ def _int8pack_rows(row: torch.Tensor, *weights_and_scales: torch.Tensor) -> tupl
 
 def _fused_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether x (..., in) is one row that the compiled int8 kernel multiplies faster than int8pack_mm (above)."""
-    return (x.numel() == x.shape[-1] and weight.shape[1] <= INT8_FUSED_MAX_IN and weight.numel() >= fast.FUSED_MIN_WEIGHTS
-            and not torch.is_grad_enabled())
+    return (x.numel() == x.shape[-1] and weight.shape[1] <= INT8_FUSED_MAX_IN
+            and weight.numel() >= fast.FUSED_MIN_WEIGHTS and not torch.is_grad_enabled())
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

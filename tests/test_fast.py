@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import minivb
-from minivb import fast, packing, quant
+from minivb import fast, llama, packing, quant
 from tests import tiny
 
 
@@ -201,7 +201,7 @@ def test_no_compiler_falls_back_with_a_notice(monkeypatch, capsys, fresh_kernel)
     monkeypatch.setattr(fast.shutil, "which", lambda name: None)
     monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 1)
     x, w = torch.randn(1, 64), torch.randn(32, 64)
-    assert torch.equal(fast.fused_linear(x, w), F.linear(x, w))
+    assert torch.equal(fast.fused_linears(x, [w], [None])[0], F.linear(x, w))
     quantized, scales = quant.quantize_block(w)  # one row of int8: int8pack_mm, as before the compiled kernel
     with torch.no_grad():
         assert torch.equal(quant.int8_linear(x.bfloat16(), quantized, scales.bfloat16()),
@@ -296,13 +296,15 @@ def test_beams_reuse_the_decode_attention_compiled_for_one_row(monkeypatch):
 
 @pytest.mark.parametrize("piece_bytes", [1, 3 * (3 * 4 * 6 * 8 * 4), 2**30])  # a layer, three, all at once
 def test_cache_reorder_in_pieces_equals_index_select(monkeypatch, piece_bytes):
-    monkeypatch.setattr(fast, "REORDER_BYTES", piece_bytes)
-    cache = torch.randn(7, 3, 4, 12, 8)  # (layers, B, Hkv, max_length, Dh)
-    index, filled = torch.tensor([2, 0, 0]), slice(3, 9)
-    expected = cache.clone()
-    expected[:, :, :, filled] = cache[:, :, :, filled].index_select(1, index)
-    fast.reorder_rows(cache, index, filled)
-    assert torch.equal(cache, expected)  # the filled slots moved, the prompt's and the empty ones not
+    monkeypatch.setattr(llama, "REORDER_BYTES", piece_bytes)
+    cache = llama.KVCache(7, 3, 4, 12, 8, torch.float32, "cpu")  # (layers, B, Hkv, max_length, Dh)
+    cache.keys.normal_(), cache.values.normal_()
+    cache.length, index, filled = 9, torch.tensor([2, 0, 0]), slice(3, 9)
+    expected = [tensor.clone() for tensor in (cache.keys, cache.values)]
+    for tensor in expected:
+        tensor[:, :, :, filled] = tensor[:, :, :, filled].index_select(1, index)
+    cache.reorder(index, start=3)
+    assert torch.equal(cache.keys, expected[0]) and torch.equal(cache.values, expected[1])  # prompt, empty slots kept
 
 
 def test_compiled_quantization_equals_the_reference(monkeypatch):

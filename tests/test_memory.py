@@ -174,7 +174,7 @@ def test_activations_follow_the_compute_dtype(monkeypatch):
 def test_packing_only_where_a_second_copy_fits(monkeypatch):
     model = build_on_meta(load_config(TINY), torch.float32)
     monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)  # the tiny model's layers count as large
-    packed = fast.packable_bytes(model)
+    packed = memory.packable_bytes(model)
     need = memory.estimate(model).total
     assert packed > 0 and memory.estimate(model).packed == 0  # nothing allowed yet, nothing counted
     monkeypatch.setattr(memory, "available_bytes", lambda device: need + packed)
