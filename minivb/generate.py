@@ -93,7 +93,7 @@ def prefill(model, inputs_embeds, attention_mask, copies, max_new_tokens, use_ca
         attention_mask = attention_mask.repeat_interleave(copies, dim=0)  # (R, L)
         R = attention_mask.shape[0]
         start = torch.full((R, 1), model.config.text.decoder_start_token_id, device=attention_mask.device)
-        cache = lm.new_cache(R, max_new_tokens) if use_cache else None
+        cache = lm.new_cache(R, max_new_tokens, rows_per_example=copies) if use_cache else None
         state = DecodeState(cache, encoder_hidden=encoder_hidden, encoder_mask=attention_mask, inputs=start)
         return lm.decode(start, encoder_hidden, attention_mask, cache=cache, only_last_logits=True)[:, -1], state
     inputs_embeds = inputs_embeds.repeat_interleave(copies, dim=0)  # (R, L, D)

@@ -192,6 +192,26 @@ def test_reorder_matches_full_recomputation():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("index, moves", [([1, 1, 2, 3], False), ([2, 0, 1, 3], True)])
+def test_beams_of_one_example_keep_their_cross_attention(index, moves):
+    """2 examples x 2 beams, each example's encoder output repeated for its beams (as generate does): rows that stay
+    among their example's rows keep the cross-attention in place; rows that leave it move it."""
+    _, ours = build("t5")
+    embeds, mask = encoder_batch(batch_size=2)
+    encoder_hidden = ours.encode(embeds, mask).repeat_interleave(2, dim=0)  # (4, S, D)
+    mask = mask.repeat_interleave(2, dim=0)
+    ids = decoder_ids(batch_size=4, length=6)
+    cache = ours.new_cache(batch_size=4, max_length=8, rows_per_example=2)
+    ours.decode(ids[:, :5], encoder_hidden, mask, cache=cache)
+    cross, index = list(cache.cross), torch.tensor(index)
+    cache.reorder(index)
+    assert all((new is old) != moves for new, old in zip(cache.cross, cross))
+    last = ours.decode(ids[:, 5:], encoder_hidden[index], mask[index], cache=cache)
+    full = ours.decode(torch.cat([ids[index, :5], ids[:, 5:]], dim=1), encoder_hidden[index], mask[index])
+    assert (last - full[:, -1:]).abs().max() <= TOL
+
+
+@torch.no_grad()
 def test_bf16_matches_transformers(monkeypatch):
     monkeypatch.setenv("MINIVB_NATIVE_BF16", "1")  # bf16 arithmetic, as transformers does it (see fast.py)
     # Against transformers' default (sdpa) attention, which runs the same kernel: on CPU the bf16 logits agree bit
