@@ -341,8 +341,8 @@ class Linear(nn.Linear):
 # A decoder layer of flan-t5-xl made ten compiled calls a token (~1 ms a layer of Python and dispatch around ~2.3 ms of
 # products, int8). Its q, k and v (wi_0 and wi_1; LLaMA's q, k, v and gate, up) multiply the same input: one call a
 # group saves calls, and the dot products interleave in the loop (native-bf16 machine, int8, ms a matrix, one a call /
-# three: 2048 x 2048 0.168 / 0.149; 11008 x 4096 1.55 / 1.46). flan-t5-xl cut to 8
-# decoder layers, a greedy step: 29.3-29.9 -> 28.4-28.9 ms.
+# three: 2048 x 2048 0.168 / 0.149; 11008 x 4096 1.55 / 1.46). flan-t5-xl cut to 8 decoder layers, a greedy int8
+# step: 29.3-29.9 -> 28.4-28.9 ms; a 7B cut to 4 + 4: no change measured (larger matrices, fewer calls per byte).
 def linears(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
     """[layer(x) for layer in layers]: the products of one input with several layers (a layer's q, k, v projections).
 

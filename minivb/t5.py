@@ -264,7 +264,8 @@ class T5(nn.Module):
         """Share lm_head's weight with `shared`: transformers 5 writes T5 that way and leaves lm_head out of the file."""
         self.lm_head.weight = self.shared.weight
 
-    def new_cache(self, batch_size: int, max_length: int, dtype=None, device=None, rows_per_example=1) -> T5Cache:
+    def new_cache(self, batch_size: int, max_length: int, dtype=None, device=None,
+                  rows_per_example: int = 1) -> T5Cache:
         """An empty T5Cache for up to max_length decoder tokens; dtype and device default to the model's;
         rows_per_example: rows sharing one encoder output (T5Cache)."""
         c, weight = self.config, self.shared.weight
