@@ -410,10 +410,10 @@ def _explicit_attention(q, k, v, mask: torch.Tensor | None, scale: float | None 
     """F.scaled_dot_product_attention for one query a row, written out: q (B, H, 1, Dh), k and v (B, Hkv, S, Dh),
     mask (B or 1, 1 or H, 1, S) -> (B, H, 1, Dh). `kernel` runs _attention_rows (by default, op by op).
 
-    The batch is folded into the kv heads (views, nothing copied but the small mask), so a compiled kernel sees the
-    same kind of shapes for 1 row and for 5 beams: with the batch as its own dimension, dynamo specialises a batch
-    of 1 and compiled again at the first beam step (4 + 4 cut of the 7B: 720 of that step's 848 ms; see also
-    `_compiled` on duck sizing)."""
+    The batch is folded into the kv heads (views of k and v held contiguous, as the caches hold them; the small mask
+    is copied), so a kernel sees the same kind of shapes for 1 row and for 5 beams: with the batch as its own
+    dimension, dynamo specialised a batch of 1 and compiled again at the first beam step (4 + 4 cut of the 7B: 720 of
+    that step's 848 ms; see also `_compiled` on duck sizing)."""
     B, H, L, Dh = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     # .detach(): the same memory, no longer a view in dynamo's eyes, which would otherwise guard on the tensor each
