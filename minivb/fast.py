@@ -4,7 +4,8 @@ and quantizing in quant.py's "fast paths of int8" section, both built on this fi
 of a beam step a few layers at a time in llama.KVCache.reorder.)
 
 The model files compute plainly: every product in the dtype the weights are stored in, through F.linear. Three
-things about CPUs make that slow, and this file answers them without changing what the model files compute:
+things about CPUs make that slow, and this file answers them without changing what the model files compute (measured
+on the native-bf16 machine, AMD EPYC with avx512_bf16, 2 cores; the AVX2 numbers come from issue 12):
 
 1. The compute dtype. bf16 weights halve memory and the bytes each decoded token reads, but only CPUs with
    native bf16 instructions (x86 `avx512_bf16` or `amx_bf16`, Arm `bf16`) multiply bf16 matrices fast. Prefill-sized
@@ -13,36 +14,27 @@ things about CPUs make that slow, and this file answers them without changing wh
        AVX2 machine without native bf16 (from issue 12)         bf16  ~16 GFLOP/s   fp32  ~69 GFLOP/s
    So without native bf16 the matrix-heavy phases (vision, Q-Former, prefill) compute in fp32 while the weights
    stay bf16 in memory: `computing_in(torch.float32)` upcasts each weight at the call that uses it (one layer at a
-   time, never the whole model). Decoding reads every weight once per token for one row: it is bound by memory
-   bandwidth, not arithmetic, and stays in bf16 on both kinds of machine: an upcast reads the bf16 weight, writes
-   and reads an fp32 copy (one row x 11008 x 4096, native-bf16 machine: bf16 F.linear 5.1 ms, upcast then fp32
-   62 ms; the AVX2 machine was not measured here, its bf16 F.linear takes 6.0 ms per issue 12).
-   `compute_dtype` is that rule.
+   time, never the whole model). Decoding, bound by memory bandwidth, stays in bf16 on both kinds of machine: an
+   upcast would write and read an fp32 copy of each weight (one row x 11008 x 4096, native-bf16 machine: bf16
+   F.linear 5.1 ms, upcast then fp32 62 ms; issue 12's AVX2 machine: bf16 F.linear 6.0 ms). `compute_dtype` is that
+   rule.
 
 2. One-row products. A greedy decode step multiplies each weight matrix by one row. PyTorch's bf16 F.linear
-   streams such a matrix at about half the rate the machine can read memory; a fused multiply-and-sum compiled
-   by torch.compile (inductor's C++ backend) streams it near that rate. `Linear` takes that kernel for one row
-   of a large matrix and the plain F.linear for everything else (prefill, small matrices, no compiler); `linears`
-   multiplies one row by a layer's q, k and v (gate and up) in one call, each call costing tens of us. Products
-   of several rows that come back at every step (beams, a batch's decode steps) take a copy of the weight packed
-   once into oneDNN's layout, once they have come back often enough to pay for it and where memory allows it
-   (packing.py: F.linear repacks a bf16 weight at every call, and MKL's fp32 takes a slow path on AMD).
-   int8 weights multiply one row through a compiled kernel of their own, a few rows (beams) through
-   torch._weight_int8pack_mm and a prompt's many rows through a bf16 copy of one block of a matrix at a time
-   (quant.int8_linear): int8pack_mm's cost grows with the rows.
+   streams such a matrix at about half the rate the machine reads memory; a multiply-and-sum compiled by
+   torch.compile (inductor's C++ backend) streams it near that rate. `Linear` takes it for one row of a large matrix,
+   F.linear for everything else (prefill, small matrices, no compiler); `linears` does a layer's q, k and v (gate
+   and up) in one call, with the pre-norm that feeds them. The few rows of beams take a weight packed once for
+   oneDNN (packing.py); int8 weights take kernels of their own (quant.int8_linear).
 
-3. The attention of a decode step (LLaMA's and T5's). PyTorch's CPU flash-attention kernel is slow for one bf16
-   query a row, and so is the fp32 softmax written op by op: `attention` compiles the latter, so it reads the bf16
-   cache once, with the batch folded into the heads so that one kernel serves greedy decoding and beams, its
-   products written as multiply-and-sum.
+3. The attention of a decode step (LLaMA's and T5's): PyTorch's CPU flash-attention kernel is slow for one bf16
+   query a row; `attention` compiles the softmax written out, the batch folded into the heads (one kernel for
+   greedy decoding and beams).
 
-4. Quantizing while loading: op by op, int8 quantization makes five passes over fp32 copies of each block;
-   quant.quantize_block compiles it into two (a 7B's 6.6 G linear weights: 7-13 s of quantizing -> ~3 s).
+4. Quantizing while loading: quant.quantize_block compiles int8 quantization's five passes over fp32 copies of each
+   block into two (a 7B's 6.6 G linear weights: 7-13 s -> ~3 s).
 
-What was measured where: everything here on the native-bf16 machine (AMD EPYC, AVX-512 with avx512_bf16, 2 cores);
-the AVX2 numbers come from issue 12. tests/test_fast.py checks the fp32 compute path here (MINIVB_NATIVE_BF16=0).
-
-MINIVB_NATIVE_BF16=0 or 1 overrides the detection (to test, or to force a choice the flags get wrong).
+MINIVB_NATIVE_BF16=0 or 1 overrides the detection (to test, or to force a choice the flags get wrong; tests/test_fast.py
+checks the fp32 compute path with MINIVB_NATIVE_BF16=0).
 MINIVB_PACK=0 or 1 overrides load_model's choice to pack weights for beams (packing.py, memory.room_to_pack).
 """
 
@@ -95,8 +87,7 @@ def compute_dtype(weight_dtype: torch.dtype, phase: str, device, native_bf16: bo
 
     fp32 weights and GPUs: the weights' own dtype (so parity with transformers is untouched). bf16 weights on a
     CPU: bf16 where the CPU has native bf16 or the phase is decode (bandwidth-bound), fp32 otherwise.
-    native_bf16 defaults to `has_native_bf16()`.
-    """
+    native_bf16 defaults to `has_native_bf16()`."""
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
     if torch.device(device).type != "cpu" or weight_dtype != torch.bfloat16 or phase == "decode":
@@ -111,11 +102,9 @@ class computing_in(TorchFunctionMode):
     Their floating arguments (activations, weights, biases, attention masks) are cast to `dtype` at the call, so a
     bf16 weight is upcast only while its layer runs and freed right after. Embedding lookups cast the rows they
     return, not the table. Every other operation keeps PyTorch's type promotion (fp32 activation * bf16 norm
-    weight = fp32).
-    Measured, native-bf16 machine, 150 x 4096 x 11008: fp32 with bf16 weights upcast at each call 87 GFLOP/s,
-    against 129 with fp32 weights: the upcast costs a third at 150 rows, less with more rows (the ViT's 1028 for
-    4 frames); on the AVX2 machine it still wins ~3-4x over its 16 GFLOP/s bf16.
-    """
+    weight = fp32). Native-bf16 machine, 150 x 4096 x 11008: bf16 weights upcast at each call 87 GFLOP/s, fp32
+    weights 129: the upcast costs a third at 150 rows, less with more (the ViT's 1028 for 4 frames); on the AVX2
+    machine it still wins ~3-4x over its 16 GFLOP/s bf16."""
 
     UPCAST = {F.linear, F.conv2d, F.layer_norm, F.scaled_dot_product_attention}
 
@@ -153,12 +142,10 @@ def phase(name: str, weight: torch.Tensor):
 
 # ----------------------------------------------------------------------------- 2. few-row products while decoding
 
-# Measured on the native-bf16 machine (AMD EPYC, 2 cores; a 128 MB sum reads ~34 GB/s), one row times a bf16
-# 11008 x 4096 matrix: F.linear 4.8 ms (19 GB/s), weight @ row.repeat(2, 1).T 8.2 ms, torch.mv 8.2 ms, the fused
-# kernel below 2.3-2.8 ms (32-39 GB/s). Medium matrices streamed from memory one after the other, as a decode
-# step reads them (1 thread): bf16 2048 x 768 F.linear 418 us, fused 215 us; fp32 533 us, fused 331 us.
-# Below FUSED_MIN_WEIGHTS elements (a 1 MB bf16 matrix) the matrices of a model fit in cache and F.linear is as
-# fast; the tiny test models never compile anything.
+# One row times a bf16 11008 x 4096 matrix (a 128 MB sum reads ~34 GB/s): F.linear 4.8 ms (19 GB/s), weight @
+# row.repeat(2, 1).T and torch.mv 8.2 ms, the fused kernel below 2.3-2.8 ms (32-39 GB/s). Medium matrices streamed one
+# after the other, as a decode step reads them (1 thread): bf16 2048 x 768 F.linear 418 us, fused 215 us; fp32 533 us,
+# fused 331 us. Below FUSED_MIN_WEIGHTS (a 1 MB bf16 matrix) a model's matrices fit in cache and F.linear is as fast.
 FUSED_MIN_WEIGHTS = 512 * 1024
 # 5 rows x fp32 matrices (1 thread): 2048 x 768 F.linear 419 us, weight @ x.T 531 us; 32002 x 768 (a lm_head)
 # F.linear 17.3 ms, weight @ x.T 10.1 ms. The matrix route pays only for large matrices.
@@ -169,12 +156,10 @@ FUSED_CHUNK = 4096
 
 
 def _row_times_matrix(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """row (1, n, c) x weight (out, n, c) -> (1, out), accumulated in fp32. Written as one multiply-and-sum so
-    that inductor fuses it into a single vectorized pass over the weight, split over the cores.
-
-    Only for one row: the generated loop computes each output as one dot product, so R rows convert and multiply
-    each weight row R times (5 rows x 11008 x 4096 bf16, loaded machine, 2 threads: 33 ms against F.linear's 16;
-    with the R sums unrolled into one loop, 74 against 38), where F.linear's matrix kernel reads it once."""
+    """row (1, n, c) x weight (out, n, c) -> (1, out), accumulated in fp32: one multiply-and-sum, which inductor
+    fuses into a single vectorized pass over the weight, split over the cores. Only for one row: each output is one
+    dot product, so R rows would convert and multiply each weight row R times (5 rows x 11008 x 4096 bf16, loaded
+    machine: 33 ms against F.linear's 16; the R sums unrolled into one loop, 74 against 38)."""
     return (weight[None].float() * row[:, None].float()).sum(-1).sum(-1).to(row.dtype)
 
 
@@ -182,8 +167,7 @@ _compile_failed = False  # set when compiling failed on this machine: the plain 
 
 
 def _plain_instead(reason: str) -> None:
-    print(f"minivb: {reason}: decode steps use plain PyTorch (decoding about 1.5-2x slower at 7B sizes)",
-          file=sys.stderr)
+    print(f"minivb: {reason}: decode steps use plain PyTorch (decoding ~1.5-2x slower at 7B sizes)", file=sys.stderr)
 
 
 @functools.cache
@@ -199,19 +183,20 @@ def _compiler_found() -> bool:
 def _compiled(function):
     """`function` compiled by inductor, or None where it cannot build C++ on this machine.
 
-    dynamic=True: one kernel for every shape (a few more for the size-1 specialisations), not one per matrix or
-    per cache length. Compiling takes 1-3 s at the first use in a process (inductor caches it on disk). Each call
-    costs ~40-80 us of dynamo's guards and wrappers beside the kernel (see `linears`).
-    cpp.vec_isa_ok: the vector instructions PyTorch detects on this CPU (AVX-512, AVX2) are taken as usable, where
-    inductor would first build a probe library for each and load it in a child Python: 0.6-1.4 s of every cold
-    start (4 + 4 cut of a 7B, load then a first token: 5.0-5.2 s with the probe, 4.1 s without). A compiler that
-    cannot target them fails the compile, which falls back below.
-    No duck sizing: by default dynamo gives sizes that happen to be equal one symbol and guards on that equality.
-    The decode attention compiled at the first token (32 heads, a batch folded in of 1 x 32) compiled again at the
-    first 5-beam step (5 x 32), 0.3-0.9 s. The switch is read when a graph is traced: set around each call (6 us)."""
+    dynamic=True: one kernel for every shape (and a few size-1 specialisations), not one per matrix or cache length.
+    Compiling takes 1-3 s at the first use in a process (inductor caches it on disk); each call costs ~40-80 us of
+    dynamo's guards and wrappers beside the kernel (see `linears`). cpp.vec_isa_ok: the vector instructions PyTorch
+    detects (AVX-512, AVX2) are taken as usable, where inductor would build and load a probe for each in a child
+    Python, 0.6-1.4 s of every cold start (a 7B's 4 + 4 cut, load then a first token: 5.0-5.2 s, 4.1 without); a
+    compiler that cannot target them fails the compile, which falls back below. No duck sizing: dynamo would give
+    equal sizes one symbol and guard on it (the decode attention of 1 x 32 heads compiled again for 5 beams x 32,
+    0.3-0.9 s); read at tracing, the switch is set around each call (6 us)."""
     if _compile_failed or not _compiler_found():
         return None
-    kernel = torch.compile(function, dynamic=True, options={"cpp.vec_isa_ok": True})
+    options = {"cpp.vec_isa_ok": True}
+    if function in _NORMED:
+        options.update(_NORMED_OPTIONS)
+    kernel = torch.compile(function, dynamic=True, options=options)
 
     def run(*args):
         with _NO_DUCK_SIZING:
@@ -254,17 +239,39 @@ def _plain_rows_times_matrices(row: torch.Tensor, *weights: torch.Tensor):
     return outs[0] if len(outs) == 1 else outs
 
 
-def fused_linears(x: torch.Tensor, weights: list, biases: list) -> list[torch.Tensor]:
-    """[F.linear(x, w, b) for w, b in zip(weights, biases)] for one row (..., in) and weights of the same width,
-    through one call of the compiled kernel (plain F.linear where there is none)."""
+def _normed_row_times_matrices(norm: nn.Module, row: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """norm(row) (1, in) times each matrix (out, n, c), the norm in the same compiled call (see `linears`)."""
+    return _row_times_matrices(norm(row).reshape(1, *weights[0].shape[1:]), *weights)
+
+
+def _plain_normed_rows_times_matrices(norm: nn.Module, row: torch.Tensor, *weights: torch.Tensor):  # no compiler
+    return tuple(F.linear(norm(row), weight.flatten(1)) for weight in weights)
+
+
+# A pre-norm in the products' compiled call (`linears`' norm=) saves its ~8 ops run one by one. As written, inductor
+# recomputes the normed row in each product's loop, at every weight (int8, one row x 3 x 2048 x 2048 with a
+# T5LayerNorm: 0.63 ms, 0.49 op by op); these options compute each intermediate once (0.35 ms), rounded where the
+# code rounds. flan-t5-xl cut to 8 decoder layers, greedy, ms a step: bf16 34.3-34.9 -> 30.7-30.9, int8 28.0-28.3 ->
+# 27.3-27.5.
+_NORMED_OPTIONS = {"realize_reads_threshold": 1, "realize_opcount_threshold": 1, "emulate_precision_casts": True}
+_NORMED = {_normed_row_times_matrices}  # the kernels compiled with them (quant.py adds its own)
+
+
+def fused_linears(x: torch.Tensor, weights: list, biases: list, norm: nn.Module | None = None) -> list[torch.Tensor]:
+    """[F.linear(norm(x), w, b) for w, b in zip(weights, biases)] for one row (..., in) and weights of the same width,
+    through one call of the compiled kernel (plain F.linear where there is none); norm None: x as it is."""
     in_features = weights[0].shape[1]
     chunks = next(n for n in range(1, in_features + 1) if in_features % n == 0 and in_features // n <= FUSED_CHUNK)
     if in_features // chunks < 256:
         chunks = 1  # an awkward (prime-like) width: one long row and the cascade sum, rather than tiny chunks
-    function = _row_times_matrix if len(weights) == 1 else _row_times_matrices
-    outs = compiled_or_plain(function, x.reshape(1, chunks, -1), *(w.reshape(w.shape[0], chunks, -1) for w in weights),
-                             plain=_plain_rows_times_matrices)
-    outs = [outs] if len(weights) == 1 else outs  # (1, out) each
+    matrices = [w.reshape(w.shape[0], chunks, -1) for w in weights]  # (out, chunks, in / chunks)
+    if norm is not None:
+        outs = compiled_or_plain(_normed_row_times_matrices, norm, x.reshape(1, -1), *matrices,
+                                 plain=_plain_normed_rows_times_matrices)
+    else:
+        function = _row_times_matrix if len(weights) == 1 else _row_times_matrices
+        outs = compiled_or_plain(function, x.reshape(1, chunks, -1), *matrices, plain=_plain_rows_times_matrices)
+        outs = [outs] if len(weights) == 1 else outs  # (1, out) each
     return [(out if bias is None else out + bias).reshape(*x.shape[:-1], out.shape[-1])
             for out, bias in zip(outs, biases)]
 
@@ -330,29 +337,28 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
     @staticmethod
-    def products(x: torch.Tensor, layers) -> list[torch.Tensor] | None:
-        """`linears`' fast path: the products of one row with several layers' weights in one compiled call, or None
-        where a layer takes another route than "fused"."""
+    def products(x: torch.Tensor, layers, norm: nn.Module | None = None) -> list[torch.Tensor] | None:
+        """`linears`' fast path: the products of one row (normed by `norm`) with several layers' weights in one
+        compiled call, or None where a layer takes another route than "fused"."""
         if any(decode_route(x, layer.weight) != "fused" for layer in layers):
             return None
-        return fused_linears(x, [layer.weight for layer in layers], [layer.bias for layer in layers])
+        return fused_linears(x, [layer.weight for layer in layers], [layer.bias for layer in layers], norm)
 
 
 # A decoder layer of flan-t5-xl made ten compiled calls a token (~1 ms a layer of Python and dispatch around ~2.3 ms of
-# products, int8). Its q, k and v (wi_0 and wi_1; LLaMA's q, k, v and gate, up) multiply the same input: one call a
-# group saves calls, and the dot products interleave in the loop (native-bf16 machine, int8, ms a matrix, one a call /
-# three: 2048 x 2048 0.168 / 0.149; 11008 x 4096 1.55 / 1.46). flan-t5-xl cut to 8 decoder layers, a greedy int8
-# step: 29.3-29.9 -> 28.4-28.9 ms; a 7B cut to 4 + 4: no change measured (larger matrices, fewer calls per byte).
-def linears(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
-    """[layer(x) for layer in layers]: the products of one input with several layers (a layer's q, k, v projections).
-
-    Where the layers are of one class with a `products(x, layers)` (Linear, quant.Int8Linear) and it takes them (one
-    row of large matrices), one compiled call does them all."""
+# int8 products). One call a group of products of the same input saves calls, and the dot products interleave in the
+# loop (int8, ms a matrix, one a call / three: 2048 x 2048 0.168 / 0.149; 11008 x 4096 1.55 / 1.46): flan-t5-xl cut
+# to 8 decoder layers, greedy int8 29.3-29.9 -> 28.4-28.9 ms a step; a 7B's 4 + 4 cut: no change measured.
+def linears(x: torch.Tensor, *layers: nn.Module, norm: nn.Module | None = None) -> list[torch.Tensor]:
+    """[layer(norm(x)) for layer in layers]: the products of one input with several layers (a layer's q, k, v), after
+    the pre-norm that feeds them (none: x as it is). Where the layers are of one class with a `products(x, layers,
+    norm)` (Linear, quant.Int8Linear) that takes them (one row of large matrices), one compiled call does it all."""
     kind = type(layers[0])
     if hasattr(kind, "products") and all(type(layer) is kind for layer in layers):
-        outs = kind.products(x, layers)
+        outs = kind.products(x, layers, norm)
         if outs is not None:
             return outs
+    x = x if norm is None else norm(x)
     return [layer(x) for layer in layers]
 
 
@@ -411,9 +417,8 @@ def _explicit_attention(q, k, v, mask: torch.Tensor | None, scale: float | None 
     mask (B or 1, 1 or H, 1, S) -> (B, H, 1, Dh). `kernel` runs _attention_rows (by default, op by op).
 
     The batch is folded into the kv heads (views of k and v held contiguous, as the caches hold them; the small mask
-    is copied), so a kernel sees the same kind of shapes for 1 row and for 5 beams: with the batch as its own
-    dimension, dynamo specialised a batch of 1 and compiled again at the first beam step (4 + 4 cut of the 7B: 720 of
-    that step's 848 ms; see also `_compiled` on duck sizing)."""
+    is copied): a kernel sees the same kind of shapes for 1 row and 5 beams, where dynamo specialised a batch of 1
+    and compiled again at the first beam step (7B 4 + 4 cut: 720 of its 848 ms; see `_compiled` on duck sizing)."""
     B, H, L, Dh = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     # .detach(): the same memory, no longer a view in dynamo's eyes, which would otherwise guard on the tensor each
@@ -431,18 +436,13 @@ def _explicit_attention(q, k, v, mask: torch.Tensor | None, scale: float | None 
 def attention(q, k, v, mask: torch.Tensor | None = None, enable_gqa: bool = False,
               scale: float | None = None) -> torch.Tensor:
     """F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=..., scale=...), faster for one bf16
-    query a row.
-
-    q (B, H, L, Dh), k and v (B, Hkv, S, Dh); mask (B or 1, 1 or H, L, S): bool, True = attend (LLaMA), or
-    added to the scores (T5: its position bias, masked keys at the dtype's lowest value).
-    PyTorch's CPU flash-attention kernel is slow for a single bf16 query, and so is the explicit softmax in fp32
-    run op by op (each op a pass over an fp32 copy of the cache): compiled, the casts, the products and the
-    softmax fuse into passes over the bf16 cache. Measured (native-bf16 machine, 1 thread, S = 160 keys, 32 heads
-    of 128, a layer): one row SDPA 1.14 ms, explicit 1.30 ms, compiled 0.17 ms; 5 beams 6.9, 6.6 and 2.2 ms.
-    The error against an fp32 reference is that of one bf16 rounding (~1e-3). At 32 layers that is ~35 ms of
-    every 7B token, ~140 ms of every 5-beam step. T5 (flan-t5-xl: 24 decoder layers, self- and cross-attention,
-    32 heads of 64): SDPA took 25 of a greedy step's ~97 ms in int8 (0.5 ms a call). The prompt (L > 1), fp32
-    and GPUs keep the fused kernel."""
+    query a row: q (B, H, L, Dh), k and v (B, Hkv, S, Dh); mask (B or 1, 1 or H, L, S), bool (True = attend: LLaMA)
+    or added to the scores (T5's position bias, masked keys at the dtype's lowest value).
+    PyTorch's CPU flash-attention kernel is slow for a single bf16 query, and so is the fp32 softmax run op by op;
+    compiled, it reads the bf16 cache in a few fused passes (native-bf16 machine, 1 thread, 160 keys, 32 heads of
+    128, a layer: one row SDPA 1.14 ms, op by op 1.30, compiled 0.17; 5 beams 6.9, 6.6 and 2.2 ms: ~35 ms of every
+    7B token, ~140 ms of every 5-beam step; flan-t5-xl int8: 25 of a greedy step's ~97 ms). The error against fp32 is
+    one bf16 rounding (~1e-3). The prompt (L > 1), fp32 and GPUs keep the fused kernel."""
     L = q.shape[2]
     if L != 1 or q.dtype == torch.float32 or q.device.type != "cpu" or torch.is_grad_enabled():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa, scale=scale)

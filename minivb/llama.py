@@ -127,9 +127,11 @@ class Attention(nn.Module):
         self.v_proj = Linear(D, self.num_kv_heads * Dh, bias=bias)
         self.o_proj = Linear(self.num_heads * Dh, D, bias=bias)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x, norm, cos, sin, mask, cache: KVCache | None) -> torch.Tensor:
+        """x (B, L, D) before its pre-norm `norm` -> (B, L, D)."""
         B, L, _ = x.shape
-        q, k, v = fast.linears(x, self.q_proj, self.k_proj, self.v_proj)  # [p(x) for p in ...], one call for a row
+        # [p(norm(x)) for p in ...]: for a decode step's row, the norm and the products in one compiled call
+        q, k, v = fast.linears(x, self.q_proj, self.k_proj, self.v_proj, norm=norm)
         q = q.view(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, Dh)
         k = k.view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, Dh)
         v = v.view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, Dh)
@@ -153,8 +155,8 @@ class MLP(nn.Module):
         self.up_proj = Linear(D, I, bias=bias)
         self.down_proj = Linear(I, D, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = fast.linears(x, self.gate_proj, self.up_proj)  # (B, L, I) each
+    def forward(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        gate, up = fast.linears(x, self.gate_proj, self.up_proj, norm=norm)  # (B, L, I) each, from norm(x)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -167,8 +169,9 @@ class LlamaBlock(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, h, cos, sin, mask, cache: KVCache | None) -> torch.Tensor:
-        h = h + self.attn(self.attn_norm(h), cos, sin, mask, cache)
-        return h + self.mlp(self.mlp_norm(h))
+        # Each sublayer is given h and its pre-norm, which fast.linears applies before the products it feeds.
+        h = h + self.attn(h, self.attn_norm, cos, sin, mask, cache)
+        return h + self.mlp(h, self.mlp_norm)
 
 
 def attention_keep_mask(attention_mask, past: int, L: int, device) -> torch.Tensor:

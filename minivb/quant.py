@@ -77,12 +77,12 @@ class Int8Linear(nn.Module):
         return out if self.bias is None else out + self.bias
 
     @staticmethod
-    def products(x: torch.Tensor, layers) -> list[torch.Tensor] | None:
-        """fast.linears' fast path: one bf16 row times several int8 layers in one compiled call, or None where a
-        layer takes another route."""
+    def products(x: torch.Tensor, layers, norm: nn.Module | None = None) -> list[torch.Tensor] | None:
+        """fast.linears' fast path: one bf16 row (normed by `norm`) times several int8 layers in one compiled call,
+        or None where a layer takes another route."""
         if not (x.device.type == "cpu" and x.dtype == torch.bfloat16 and all(_fused_row(x, m.weight) for m in layers)):
             return None
-        outs = int8_rows_linears(x.reshape(1, -1), [(m.weight, m.weight_scale.to(x.dtype)) for m in layers])
+        outs = int8_rows_linears(x.reshape(1, -1), [(m.weight, m.weight_scale.to(x.dtype)) for m in layers], norm)
         return [(out if m.bias is None else out + m.bias).reshape(*x.shape[:-1], m.out_features)
                 for out, m in zip(outs, layers)]
 
@@ -158,6 +158,18 @@ def _int8pack_rows(row: torch.Tensor, *weights_and_scales: torch.Tensor) -> tupl
     return tuple(torch._weight_int8pack_mm(row.to(scales.dtype), weight, scales) for weight, scales in pairs)
 
 
+def _int8_normed_row_times_matrices(norm: nn.Module, row: torch.Tensor, *weights_and_scales: torch.Tensor):
+    """norm(row) (1, in) times each int8 (weight, scales), the norm in the same compiled call (fast.linears)."""
+    return _int8_row_times_matrices(norm(row).float(), *weights_and_scales)
+
+
+def _plain_int8_normed_rows(norm: nn.Module, row: torch.Tensor, *weights_and_scales: torch.Tensor):
+    return _int8pack_rows(norm(row), *weights_and_scales)
+
+
+fast._NORMED.add(_int8_normed_row_times_matrices)  # compiled with fast._NORMED_OPTIONS: the norm computed once
+
+
 def _fused_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether x (..., in) is one row that the compiled int8 kernel multiplies faster than int8pack_mm (above)."""
     return (x.numel() == x.shape[-1] and weight.shape[1] <= INT8_FUSED_MAX_IN
@@ -179,10 +191,13 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def int8_rows_linears(row: torch.Tensor, weights_and_scales: list) -> list[torch.Tensor]:
-    """One bf16 row (1, in) times several int8 (weight, scales) of the same width -> [(1, out)], in one call of the
-    compiled kernel (int8pack_mm where none compiles)."""
+def int8_rows_linears(row: torch.Tensor, weights_and_scales: list, norm: nn.Module | None = None) -> list:
+    """One bf16 row (1, in), normed by `norm` where given, times several int8 (weight, scales) of the same width ->
+    [(1, out)], in one call of the compiled kernel (int8pack_mm where none compiles)."""
     flat = [tensor for pair in weights_and_scales for tensor in pair]
+    if norm is not None:
+        return list(fast.compiled_or_plain(_int8_normed_row_times_matrices, norm, row, *flat,
+                                           plain=_plain_int8_normed_rows))
     return list(fast.compiled_or_plain(_int8_row_times_matrices, row.float(), *flat, plain=_int8pack_rows))
 
 

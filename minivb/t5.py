@@ -128,9 +128,9 @@ class T5Attention(nn.Module):
     def keys_values(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.heads(self.k(states)), self.heads(self.v(states))  # (B, H, length, Dk) each
 
-    def queries_keys_values(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Self-attention's three products of the same x (one call for a decode step's row): (B, H, L, Dk) each."""
-        return [self.heads(p) for p in fast.linears(x, self.q, self.k, self.v)]
+    def queries_keys_values(self, x: torch.Tensor, norm: nn.Module) -> list[torch.Tensor]:
+        """Self-attention's three products of norm(x) (one call for a decode step's row): (B, H, L, Dk) each."""
+        return [self.heads(p) for p in fast.linears(x, self.q, self.k, self.v, norm=norm)]
 
     def attend(self, q, keys, values, bias) -> torch.Tensor:
         """q (B, H, L, Dk) -> (B, L, D)."""
@@ -138,8 +138,9 @@ class T5Attention(nn.Module):
         out = fast.attention(q, keys, values, bias, scale=1.0)  # (B, H, L, Dk); faster for a decode step's query
         return self.o(out.transpose(1, 2).reshape(B, L, self.num_heads * self.d_kv))  # (B, L, D)
 
-    def forward(self, x, keys, values, bias) -> torch.Tensor:
-        return self.attend(self.heads(self.q(x)), keys, values, bias)  # x (B, L, D): the queries' side
+    def forward(self, x, norm, keys, values, bias) -> torch.Tensor:
+        """Cross-attention: x (B, L, D), the queries' side before its norm -> (B, L, D)."""
+        return self.attend(self.heads(fast.linears(x, self.q, norm=norm)[0]), keys, values, bias)
 
 
 class T5FeedForward(nn.Module):
@@ -158,11 +159,12 @@ class T5FeedForward(nn.Module):
             self.wi = Linear(D, Fd, bias=False)
         self.wo = Linear(Fd, D, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """x (B, length, D) before its norm -> (B, length, D)."""
         if self.gated:
-            gate, linear = fast.linears(x, self.wi_0, self.wi_1)  # (B, length, F) each
+            gate, linear = fast.linears(x, self.wi_0, self.wi_1, norm=norm)  # (B, length, F) each
             return self.wo(self.act(gate) * linear)  # (B, length, D)
-        return self.wo(self.act(self.wi(x)))
+        return self.wo(self.act(fast.linears(x, self.wi, norm=norm)[0]))
 
 
 class T5Block(nn.Module):
@@ -190,14 +192,16 @@ class T5Block(nn.Module):
         return cache.cross[self.layer_idx]
 
     def forward(self, h, bias, cache=None, encoder_hidden=None, cross_bias=None) -> torch.Tensor:
-        q, keys, values = self.attn.queries_keys_values(self.attn_norm(h))  # (B, H, L, Dk) each
+        # Each sublayer is given h and its pre-norm, which fast.linears applies before the products it feeds: in a
+        # decode step, in the products' compiled call (LLaMA's blocks do the same).
+        q, keys, values = self.attn.queries_keys_values(h, self.attn_norm)  # (B, H, L, Dk) each
         if cache is not None:
             keys, values = cache.update(self.layer_idx, keys, values)  # (B, H, K, Dk)
         h = h + self.attn.attend(q, keys, values, bias)
         if encoder_hidden is not None:
             keys, values = self.cross_keys_values(encoder_hidden, cache)  # (B, H, S, Dk)
-            h = h + self.cross_attn(self.cross_attn_norm(h), keys, values, cross_bias)
-        return h + self.ffn(self.ffn_norm(h))
+            h = h + self.cross_attn(h, self.cross_attn_norm, keys, values, cross_bias)
+        return h + self.ffn(h, self.ffn_norm)
 
 
 class T5Stack(nn.Module):

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 import minivb
 from minivb import fast, llama, packing, quant
+from minivb.llama import RMSNorm
+from minivb.t5 import T5LayerNorm
 from tests import tiny
 
 
@@ -138,8 +140,8 @@ def test_grouped_products_equal_one_at_a_time(monkeypatch, dtype):
     for layer in layers:
         layer.weight.copy_(torch.randn(layer.weight.shape, generator=g))
     kernels = []
-    monkeypatch.setattr(fast, "fused_linears", lambda x, w, b, plain=fast.fused_linears: kernels.append(len(w)) or
-                        plain(x, w, b))
+    monkeypatch.setattr(fast, "fused_linears", lambda x, w, b, norm=None, plain=fast.fused_linears:
+                        kernels.append(len(w)) or plain(x, w, b, norm))
     for rows in (1, 5):
         x = torch.randn(rows, 1, 128, generator=g).to(dtype)
         kernels.clear()
@@ -148,6 +150,37 @@ def test_grouped_products_equal_one_at_a_time(monkeypatch, dtype):
         for got, layer in zip(grouped, layers):
             assert got.shape == (rows, 1, layer.out_features) and got.dtype == dtype
             assert torch.equal(got, layer(x))  # the same dot products, summed in the same order
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm_class", [RMSNorm, T5LayerNorm])
+def test_normed_products_equal_norm_then_products(monkeypatch, dtype, norm_class):
+    """fast.linears(x, ..., norm=n) is [layer(n(x)) ...]; for one row, the norm runs inside the products' one call,
+    computed once and rounded as op by op (fast._NORMED_OPTIONS): the same numbers. A single layer (T5's
+    cross-attention query) and a pair (gate, up) each take one call."""
+    monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)
+    g = torch.Generator().manual_seed(1)
+    norm = norm_class(128, 1e-6).to(dtype)
+    norm.weight.copy_(torch.rand(128, generator=g) + 0.5)
+    layers = [fast.Linear(128, out, bias=False).to(dtype) for out in (96, 64)]
+    for layer in layers:
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=g))
+    kernels = []
+    monkeypatch.setattr(fast, "fused_linears", lambda x, w, b, norm=None, plain=fast.fused_linears:
+                        kernels.append((len(w), norm is not None)) or plain(x, w, b, norm))
+    for group in (layers[:1], layers):
+        for rows in (1, 5):
+            x = (torch.randn(rows, 1, 128, generator=g) * 3).to(dtype)
+            kernels.clear()
+            normed = fast.linears(x, *group, norm=norm)
+            assert kernels == ([(len(group), True)] if rows == 1 else [])
+            for got, layer in zip(normed, group):
+                want = layer(norm(x))
+                assert got.shape == want.shape and got.dtype == dtype
+                # bf16: the norm rounds as op by op; the fp32 sums may be ordered otherwise (one bf16 rounding)
+                assert (got.float() - want.float()).abs().max() <= (0 if rows > 1 else 1e-2) * want.abs().max()
+    assert not fast._compile_failed
 
 
 @torch.no_grad()
@@ -162,13 +195,19 @@ def test_grouped_int8_products_equal_one_at_a_time(monkeypatch):
         if layer.bias is not None:
             layer.bias.copy_(torch.randn(layer.out_features, generator=g))
     calls = []
-    monkeypatch.setattr(quant, "int8_rows_linears", lambda row, pairs, plain=quant.int8_rows_linears:
-                        calls.append(len(pairs)) or plain(row, pairs))
+    monkeypatch.setattr(quant, "int8_rows_linears", lambda row, pairs, norm=None, plain=quant.int8_rows_linears:
+                        calls.append(len(pairs)) or plain(row, pairs, norm))
     one = torch.randn(1, 1, 96, generator=g).bfloat16()
     grouped = fast.linears(one, *layers)
     assert calls == [2]
     for got, layer in zip(grouped, layers):
         assert got.shape == (1, 1, layer.out_features) and torch.equal(got, layer(one))
+    norm = T5LayerNorm(96, 1e-6).bfloat16()
+    norm.weight.copy_(torch.rand(96, generator=g) + 0.5)
+    calls.clear()  # with the pre-norm in the same call: bit for bit the norm op by op, then the products
+    normed = fast.linears(one, *layers, norm=norm)
+    assert calls == [2]
+    assert all(torch.equal(got, m(norm(one))) for got, m in zip(normed, layers))
     calls.clear()  # fp32 rows: the reference, one layer at a time
     assert all(torch.equal(got, m(one.float())) for got, m in zip(fast.linears(one.float(), *layers), layers))
     assert calls == [] and not fast._compile_failed
@@ -185,7 +224,8 @@ def test_fast_decode_generates_the_plain_tokens(bf16_model, monkeypatch):
     monkeypatch.setattr(fast, "decode_route", plain_routes)
     monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)  # every one-row product of the tiny model compiled
     calls = []
-    monkeypatch.setattr(fast, "fused_linears", lambda x, w, b: calls.append(len(w)) or plain_fused(x, w, b))
+    monkeypatch.setattr(fast, "fused_linears", lambda x, w, b, norm=None: calls.append(len(w)) or
+                        plain_fused(x, w, b, norm))
     fused, fused_trace = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, return_trace=True)
     # 5 decode steps x (2 layers x 7 products + lm_head), the prompt's lm_head; a layer's q, k, v and gate, up in one
     # call each: 2 x 4 calls + lm_head a step
