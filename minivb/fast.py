@@ -180,8 +180,8 @@ def _compiler_found() -> bool:
 
 
 @functools.cache
-def _compiled(function):
-    """`function` compiled by inductor, or None where it cannot build C++ on this machine.
+def _compiled(function, normed: bool = False):
+    """`function` compiled by inductor (with _NORMED_OPTIONS where `normed`), or None where it cannot build C++ here.
 
     dynamic=True: one kernel for every shape (and a few size-1 specialisations), not one per matrix or cache length.
     Compiling takes 1-3 s at the first use in a process (inductor caches it on disk); each call costs ~40-80 us of
@@ -193,9 +193,7 @@ def _compiled(function):
     0.3-0.9 s); read at tracing, the switch is set around each call (6 us)."""
     if _compile_failed or not _compiler_found():
         return None
-    options = {"cpp.vec_isa_ok": True}
-    if function in _NORMED:
-        options.update(_NORMED_OPTIONS)
+    options = {"cpp.vec_isa_ok": True, **(_NORMED_OPTIONS if normed else {})}
     kernel = torch.compile(function, dynamic=True, options=options)
 
     def run(*args):
@@ -216,10 +214,10 @@ def _compile_failure(error: Exception) -> None:
     _compiled.cache_clear()
 
 
-def compiled_or_plain(function, *args, plain=None):
+def compiled_or_plain(function, *args, plain=None, normed: bool = False):
     """`function(*args)` through its compiled kernel; where there is none or compiling fails, `plain(*args)`: by
-    default `function` itself, run op by op."""
-    kernel = _compiled(function)
+    default `function` itself, run op by op. normed: a kernel that starts with a pre-norm (_NORMED_OPTIONS)."""
+    kernel = _compiled(function, normed)
     if kernel is not None:
         try:
             return kernel(*args)
@@ -254,7 +252,6 @@ def _plain_normed_rows_times_matrices(norm: nn.Module, row: torch.Tensor, *weigh
 # code rounds. flan-t5-xl cut to 8 decoder layers, greedy, ms a step: bf16 34.3-34.9 -> 30.7-30.9, int8 28.0-28.3 ->
 # 27.3-27.5.
 _NORMED_OPTIONS = {"realize_reads_threshold": 1, "realize_opcount_threshold": 1, "emulate_precision_casts": True}
-_NORMED = {_normed_row_times_matrices}  # the kernels compiled with them (quant.py adds its own)
 
 
 def fused_linears(x: torch.Tensor, weights: list, biases: list, norm: nn.Module | None = None) -> list[torch.Tensor]:
@@ -267,7 +264,7 @@ def fused_linears(x: torch.Tensor, weights: list, biases: list, norm: nn.Module 
     matrices = [w.reshape(w.shape[0], chunks, -1) for w in weights]  # (out, chunks, in / chunks)
     if norm is not None:
         outs = compiled_or_plain(_normed_row_times_matrices, norm, x.reshape(1, -1), *matrices,
-                                 plain=_plain_normed_rows_times_matrices)
+                                 plain=_plain_normed_rows_times_matrices, normed=True)
     else:
         function = _row_times_matrix if len(weights) == 1 else _row_times_matrices
         outs = compiled_or_plain(function, x.reshape(1, chunks, -1), *matrices, plain=_plain_rows_times_matrices)

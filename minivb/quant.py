@@ -167,9 +167,6 @@ def _plain_int8_normed_rows(norm: nn.Module, row: torch.Tensor, *weights_and_sca
     return _int8pack_rows(norm(row), *weights_and_scales)
 
 
-fast._NORMED.add(_int8_normed_row_times_matrices)  # compiled with fast._NORMED_OPTIONS: the norm computed once
-
-
 def _fused_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether x (..., in) is one row that the compiled int8 kernel multiplies faster than int8pack_mm (above)."""
     return (x.numel() == x.shape[-1] and weight.shape[1] <= INT8_FUSED_MAX_IN
@@ -197,7 +194,7 @@ def int8_rows_linears(row: torch.Tensor, weights_and_scales: list, norm: nn.Modu
     flat = [tensor for pair in weights_and_scales for tensor in pair]
     if norm is not None:
         return list(fast.compiled_or_plain(_int8_normed_row_times_matrices, norm, row, *flat,
-                                           plain=_plain_int8_normed_rows))
+                                           plain=_plain_int8_normed_rows, normed=True))
     return list(fast.compiled_or_plain(_int8_row_times_matrices, row.float(), *flat, plain=_int8pack_rows))
 
 
