@@ -19,15 +19,16 @@ on the native-bf16 machine, AMD EPYC with avx512_bf16, 2 cores; the AVX2 numbers
    F.linear 5.1 ms, upcast then fp32 62 ms; issue 12's AVX2 machine: bf16 F.linear 6.0 ms). `compute_dtype` is that
    rule.
 
-2. One-row products. A greedy decode step multiplies each weight matrix by one row. PyTorch's bf16 F.linear
+2. One-row products. A greedy decode step multiplies each weight matrix by one row. On AMD, PyTorch's bf16 F.linear
    streams such a matrix at about half the rate the machine reads memory; a multiply-and-sum compiled by
    torch.compile (inductor's C++ backend) streams it near that rate. `Linear` takes it for one row of a large matrix,
    F.linear for everything else (prefill, small matrices, no compiler); `linears` does a layer's q, k and v (gate
-   and up) in one call, with the pre-norm that feeds them. The few rows of beams take a weight packed once for
+   and up) in one call, with the pre-norm that feeds them. On the Intel Xeon measured, the library's kernels are as
+   fast or faster, and one row takes F.linear there (`compiled_rows_pay`). The few rows of beams take a weight packed once for
    oneDNN (packing.py); int8 weights take kernels of their own (quant.int8_linear).
 
-3. The attention of a decode step (LLaMA's and T5's): PyTorch's CPU flash-attention kernel is slow for one bf16
-   query a row; `attention` compiles the softmax written out, the batch folded into the heads (one kernel for
+3. The attention of a decode step (LLaMA's and T5's): on AMD, PyTorch's CPU flash-attention kernel is slow for one
+   bf16 query a row; `attention` compiles the softmax written out, the batch folded into the heads (one kernel for
    greedy decoding and beams).
 
 4. Quantizing while loading: quant.quantize_block compiles int8 quantization's five passes over fp32 copies of each
@@ -36,6 +37,7 @@ on the native-bf16 machine, AMD EPYC with avx512_bf16, 2 cores; the AVX2 numbers
 MINIVB_NATIVE_BF16=0 or 1 overrides the detection (to test, or to force a choice the flags get wrong; tests/test_fast.py
 checks the fp32 compute path with MINIVB_NATIVE_BF16=0).
 MINIVB_PACK=0 or 1 overrides load_model's choice to pack weights for beams (packing.py, memory.room_to_pack).
+MINIVB_FUSED=0 or 1 overrides the choice of kernels for one row (`compiled_rows_pay`: compiled on AMD only).
 """
 
 import contextlib
@@ -273,22 +275,39 @@ def fused_linears(x: torch.Tensor, weights: list, biases: list, norm: nn.Module 
             for out, bias in zip(outs, biases)]
 
 
-@functools.cache
 def _mkl_on_amd() -> bool:
     """MKL takes a generic, slow code path for fp32 matrix-vector products on AMD processors."""
-    if not torch.backends.mkl.is_available():
-        return False
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return "AuthenticAMD" in f.read(4096)
-    except OSError:
-        return False
+    return torch.backends.mkl.is_available() and "AuthenticAMD" in _cpu_flags()
+
+
+# Whose kernels multiply one row: this file's compiled ones, or the library's (F.linear, int8pack_mm)? It depends on
+# the processor. Measured on two machines of the same size (2 cores, 24 GB, AVX-512 with native bf16), 2 threads:
+#                                               AMD EPYC (Zen 4)          Intel Xeon (AMX)
+#     one row x bf16 11008 x 4096, ms           F.linear 4.8              F.linear 3.1-5.0
+#                                               compiled 2.3-2.8          compiled 2.3-7.0 (drift; in cache)
+#     LLaMA at 7B widths, 4 layers + lm_head,   bf16 compiled 56.5        bf16 F.linear 133-150, compiled 150-159
+#       ms a greedy step                        int8 int8pack_mm 40.8     int8 int8pack_mm 63-67
+#                                               int8 compiled 37.1        int8 compiled 86-102
+#     make bench's medium model, fp32 greedy    compiled 1.8-1.9x tf      F.linear 22.0 ms, compiled 32.5, tf 23.9
+# On AMD, MKL's fp32 matrix-vector product takes a generic path and oneDNN's bf16 one reads at about half the memory
+# rate; a compiled multiply-and-sum streams near it. On the Intel Xeon, converting bf16 or int8 to fp32 costs more
+# than reading it (a compiled sum of each row of a 1 GB matrix: fp32 28 GB/s, bf16 15, int8 13), and the library's
+# kernels, built on the machine's own instructions (avx512_bf16's dot product; int8pack_mm), are as fast or faster.
+# Other processors (x86 of other makers, Arm): nothing measured, so the library's, which is what transformers runs.
+# MINIVB_FUSED=0 or 1 overrides the choice.
+def compiled_rows_pay() -> bool:
+    """Whether one row's products (greedy decoding) take the compiled kernels of this file and quant.py."""
+    forced = override("MINIVB_FUSED")
+    if forced is not None:
+        return forced
+    return "AuthenticAMD" in _cpu_flags()
 
 
 def decode_route(x: torch.Tensor, weight: torch.Tensor, packing: bool = False) -> str:
     """Which product `Linear` uses: "fused", "packed", "matrix" (weight @ x.T) or "plain" (F.linear).
 
-    fused   one row (greedy decoding) of a large CPU matrix, outside autograd, both dtypes: measured above.
+    fused   one row (greedy decoding) of a large CPU matrix, outside autograd, both dtypes, on processors where the
+            compiled kernel pays (compiled_rows_pay, AMD): measured above.
     packed  several rows of a large CPU matrix in a layer allowed to pack (`packing`): beams, a batch's decode
             steps, and prompts once the copy exists, through the weight packed once for oneDNN (packing.py).
     matrix  2-8 rows of a large fp32 matrix with MKL on AMD, where nothing is packed: F.linear takes MKL's slow path
@@ -301,7 +320,7 @@ def decode_route(x: torch.Tensor, weight: torch.Tensor, packing: bool = False) -
             or torch.is_grad_enabled()):
         return "plain"
     if rows == 1:
-        return "fused"
+        return "fused" if compiled_rows_pay() else "plain"
     if packing and can_pack(weight.dtype):
         return "packed"
     if rows <= 8 and weight.dtype == torch.float32 and weight.numel() >= MATRIX_MIN_WEIGHTS and _mkl_on_amd():
@@ -439,9 +458,13 @@ def attention(q, k, v, mask: torch.Tensor | None = None, enable_gqa: bool = Fals
     compiled, it reads the bf16 cache in a few fused passes (native-bf16 machine, 1 thread, 160 keys, 32 heads of
     128, a layer: one row SDPA 1.14 ms, op by op 1.30, compiled 0.17; 5 beams 6.9, 6.6 and 2.2 ms: ~35 ms of every
     7B token, ~140 ms of every 5-beam step; flan-t5-xl int8: 25 of a greedy step's ~97 ms). The error against fp32 is
-    one bf16 rounding (~1e-3). The prompt (L > 1), fp32 and GPUs keep the fused kernel."""
+    one bf16 rounding (~1e-3). That is on AMD; on the Intel Xeon measured PyTorch's kernel is the faster (2 threads,
+    same shapes: one row SDPA 0.05 ms, compiled 0.20; 5 beams 0.33 and 0.69; 600 keys 0.23 and 0.57), so like the
+    one-row products, this kernel is taken where `compiled_rows_pay`. The prompt (L > 1), fp32 and GPUs keep the
+    fused kernel."""
     L = q.shape[2]
-    if L != 1 or q.dtype == torch.float32 or q.device.type != "cpu" or torch.is_grad_enabled():
+    if (L != 1 or q.dtype == torch.float32 or q.device.type != "cpu" or torch.is_grad_enabled()
+            or not compiled_rows_pay()):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa, scale=scale)
     return _explicit_attention(q, k, v, mask, scale, kernel=_compiled_attention_rows)
 

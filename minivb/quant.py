@@ -125,8 +125,9 @@ INT8_MATMUL_ROWS = 8
 # whole copy 74.4, 8 MB blocks 41.2, bf16 F.linear 34.4; 4096 x 11008: 72.9, 44.0, 35.5; 4096 x 4096: 29.1, 15.4,
 # 13.2 (2 MB blocks: 56.0, 41.0, 15.4; 16 MB: 41.6, 42.0, 15.2).
 INT8_BLOCK_BYTES = 8 * 2**20
-# One row (greedy decoding) of an int8 matrix: int8pack_mm streams int8 at 23-25 GB/s, short of the ~34 GB/s this
-# machine reads: on 2 cores it is bound by converting each weight to fp32, not by memory. A compiled
+# One row (greedy decoding) of an int8 matrix, on AMD (on the Intel Xeon measured int8pack_mm is the faster
+# everywhere: fast.compiled_rows_pay): int8pack_mm streams int8 at 23-25 GB/s, short of the ~34 GB/s the AMD machine
+# reads: on 2 cores it is bound by converting each weight to fp32, not by memory. A compiled
 # multiply-and-sum with the row converted to fp32 once, before the kernel (not at each weight, as when it is bf16),
 # runs 25-28 GB/s for matrices of 4096 columns (4096 x 4096, 11008 x 4096, 32000 x 4096: 5-17 % faster, quiet
 # machine, alternating, best of 5). With more columns it loses: 11008 (the MLP's down projection) 15-16 GB/s against
@@ -169,7 +170,7 @@ def _plain_int8_normed_rows(norm: nn.Module, row: torch.Tensor, *weights_and_sca
 
 def _fused_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether x (..., in) is one row that the compiled int8 kernel multiplies faster than int8pack_mm (above)."""
-    return (x.numel() == x.shape[-1] and weight.shape[1] <= INT8_FUSED_MAX_IN
+    return (x.numel() == x.shape[-1] and fast.compiled_rows_pay() and weight.shape[1] <= INT8_FUSED_MAX_IN
             and weight.numel() >= fast.FUSED_MIN_WEIGHTS and not torch.is_grad_enabled())
 
 

@@ -1,6 +1,7 @@
 """minivb/fast.py: the compute-dtype rule, the fp32 compute of bf16 weights, and the decode products.
 
-Both kinds of machine are tested on whichever one runs the tests: MINIVB_NATIVE_BF16=0/1 overrides the detection.
+Both kinds of machine are tested on whichever one runs the tests: MINIVB_NATIVE_BF16=0/1 overrides the detection,
+and MINIVB_FUSED=1 takes the compiled one-row kernels on any processor (by default, AMD's only).
 The compiled kernel is tested on tiny matrices by lowering the size threshold that keeps it out of the other tests.
 """
 
@@ -15,6 +16,12 @@ from minivb import fast, llama, packing, quant
 from minivb.llama import RMSNorm
 from minivb.t5 import T5LayerNorm
 from tests import tiny
+
+
+@pytest.fixture(autouse=True)
+def compiled_rows(monkeypatch):
+    """The compiled one-row kernels, whichever processor runs the tests (fast.compiled_rows_pay)."""
+    monkeypatch.setenv("MINIVB_FUSED", "1")
 
 
 @pytest.fixture
@@ -109,6 +116,27 @@ def test_decode_routes(monkeypatch):
         assert fast.decode_route(rows, big) == ("matrix" if fast._mkl_on_amd() else "plain")
         assert fast.decode_route(rows.bfloat16(), big.bfloat16()) == "plain"  # bf16 F.linear is the faster there
     assert fast.decode_route(row, big) == "plain"  # autograd: training never compiles
+    monkeypatch.setenv("MINIVB_FUSED", "0")  # a processor where the library's one-row kernels are the faster
+    with torch.no_grad():
+        assert fast.decode_route(row, big) == fast.decode_route(row.bfloat16(), big.bfloat16()) == "plain"
+        assert not quant._fused_row(row.bfloat16(), big.to(torch.int8))  # int8: int8pack_mm
+
+
+def test_one_row_kernels_by_processor(monkeypatch):
+    monkeypatch.delenv("MINIVB_FUSED")
+    for words, pays in (({"AuthenticAMD", "avx512f"}, True), ({"GenuineIntel", "amx_bf16"}, False), (set(), False)):
+        monkeypatch.setattr(fast, "_cpu_flags", lambda: frozenset(words))
+        assert fast.compiled_rows_pay() == pays
+    monkeypatch.setenv("MINIVB_FUSED", "0")  # the decode attention too: PyTorch's own kernel, as it is
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 1, 16, generator=g).bfloat16(), torch.randn(1, 4, 9, 16, generator=g).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(fast.attention(q, k, k), F.scaled_dot_product_attention(q, k, k))
+    monkeypatch.setenv("MINIVB_FUSED", "1")
+    assert fast.compiled_rows_pay()
+    monkeypatch.setenv("MINIVB_FUSED", "yes")
+    with pytest.raises(ValueError, match="MINIVB_FUSED must be 0 or 1"):
+        fast.compiled_rows_pay()
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
