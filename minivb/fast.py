@@ -309,7 +309,10 @@ def decode_route(x: torch.Tensor, weight: torch.Tensor, packing: bool = False) -
     fused   one row (greedy decoding) of a large CPU matrix, outside autograd, both dtypes, on processors where the
             compiled kernel pays (compiled_rows_pay, AMD): measured above.
     packed  several rows of a large CPU matrix in a layer allowed to pack (`packing`): beams, a batch's decode
-            steps, and prompts once the copy exists, through the weight packed once for oneDNN (packing.py).
+            steps, and prompts once the copy exists, through the weight packed once for oneDNN (packing.py). Also
+            one bf16 row where the compiled kernel does not pay: on the Intel Xeon, one row x 11008 x 4096 bf16
+            (6 such matrices, best of 5) F.linear 4.1-4.8 ms, packed 3.0-3.1; make bench's medium model, a greedy
+            bf16 step 10.6-10.9 -> 8.5-8.9 ms (fp32 stays on MKL's F.linear there: 12.7-13.4 against 15.3-18.7).
     matrix  2-8 rows of a large fp32 matrix with MKL on AMD, where nothing is packed: F.linear takes MKL's slow path
             there, and `weight @ x.T` its matrix-matrix kernel (MATRIX_MIN_WEIGHTS). In bf16, F.linear is the
             faster one (5 rows x 11008 x 4096: 4.8 ms against 7.9 ms), which is why this route is fp32 only.
@@ -319,11 +322,11 @@ def decode_route(x: torch.Tensor, weight: torch.Tensor, packing: bool = False) -
     if (weight.numel() < FUSED_MIN_WEIGHTS or weight.device.type != "cpu" or x.dtype != weight.dtype
             or torch.is_grad_enabled()):
         return "plain"
-    if rows == 1:
-        return "fused" if compiled_rows_pay() else "plain"
-    if packing and can_pack(weight.dtype):
+    if rows == 1 and compiled_rows_pay():
+        return "fused"
+    if packing and can_pack(weight.dtype) and (rows > 1 or weight.dtype == torch.bfloat16):
         return "packed"
-    if rows <= 8 and weight.dtype == torch.float32 and weight.numel() >= MATRIX_MIN_WEIGHTS and _mkl_on_amd():
+    if 1 < rows <= 8 and weight.dtype == torch.float32 and weight.numel() >= MATRIX_MIN_WEIGHTS and _mkl_on_amd():
         return "matrix"
     return "plain"
 

@@ -15,8 +15,9 @@ uses; AB16b64a2b for bf16) and multiplied by `torch.ops.mkldnn._linear_pointwise
     150 rows, 11008 x 4096        38.0       35.6           113            -          66.0
 Packed is faster at any number of rows (16 / 80 rows x 11008 x 4096: bf16 6.7 -> 4.7 / 19.8 -> 17.5 ms; fp32
 28.5 -> 8.8 / 66 -> 34 ms). bf16 products are bit-identical to F.linear's; fp32 ones differ in the order of the
-sums (~1e-7 relative). One row stays on the fused kernel (faster for 4096 columns: 11008 x 4096 3.5 against
-packed 4.7 ms).
+sums (~1e-7 relative). On AMD, one row stays on the fused kernel (faster for 4096 columns: 11008 x 4096 3.5 against
+packed 4.7 ms); where that kernel does not pay (fast.compiled_rows_pay: the Intel Xeon measured), a bf16 row takes
+the packed copy too (11008 x 4096: 3.0 against F.linear's 4.1-4.8 ms), an fp32 row stays on MKL's F.linear.
 The price: the packed copy is memory of its own, the size of the weight, and packing reads and writes every weight
 once. Whether that pays depends on how often the product comes back, which no layer knows in advance: an `ask` with
 5 beams makes 10-30 beam steps once, an evaluation makes thousands. Measured (same machine, bf16, 5 rows, ms):
@@ -26,7 +27,7 @@ once. Whether that pays depends on how often the product comes back, which no la
     2048 x 2048             0.44     0.23       0.21           4.8             23
     5120 x 2048             1.16     0.53       0.63           8.5             13
     32128 x 2048            7.20     2.95       4.25          75.2             18
-So a layer packs its weight at its PACK_AFTER-th product of 2 to PACK_MAX_ROWS rows without a copy: the rule of
+So a layer packs its weight at its PACK_AFTER-th product of up to PACK_MAX_ROWS rows without a copy: the rule of
 renting skis until the rent paid equals the price, which never costs more than twice the best choice made knowing
 the future. A beam search of fewer than PACK_AFTER steps, which could not pay for it, never packs; a long one, and
 the later questions of an evaluation, multiply the packed copy from then on. (Packing at the first beam step, the
@@ -73,8 +74,8 @@ def _identity(weight: torch.Tensor) -> tuple:
 
 
 class PackedWeight:
-    """One layer's packed copy of its weight, made at its PACK_AFTER-th product of 2 to PACK_MAX_ROWS rows (beam
-    steps, a batch's decode steps, an image's prompt) without one, and counted anew after the weight changes.
+    """One layer's packed copy of its weight, made at its PACK_AFTER-th product of up to PACK_MAX_ROWS rows (beam
+    steps, a batch's decode steps, an image's prompt; bf16 greedy steps off AMD) without one, and counted anew after the weight changes.
 
     Copies and pickles of the layer (copy.deepcopy, torch.save of a module) get an empty PackedWeight: the copy is an
     opaque oneDNN tensor that neither can read, and packs again."""

@@ -403,8 +403,13 @@ def test_packed_routes(monkeypatch):
             assert fast.decode_route(cast(prompt), weight, packing=True) == "packed"
             assert fast.decode_route(cast(row), weight, packing=True) == "fused"  # one row: the fused kernel
             assert fast.decode_route(cast(beams), weight) != "packed"  # not allowed
+        monkeypatch.setenv("MINIVB_FUSED", "0")  # where the compiled kernel does not pay: bf16's one row packed too,
+        assert fast.decode_route(row.bfloat16(), big.bfloat16(), packing=True) == "packed"
+        assert fast.decode_route(row, big, packing=True) == "plain"  # fp32's on F.linear (MKL)
+        assert fast.decode_route(row.bfloat16(), big.bfloat16()) == "plain"  # not allowed
         monkeypatch.setenv("MINIVB_NATIVE_BF16", "0")  # bf16 without native instructions: never packed
         assert fast.decode_route(beams.bfloat16(), big.bfloat16(), packing=True) == "plain"
+        assert fast.decode_route(row.bfloat16(), big.bfloat16(), packing=True) == "plain"
         assert fast.decode_route(beams, big, packing=True) == "packed"
     assert fast.decode_route(beams, big, packing=True) == "plain"  # autograd
 
@@ -447,6 +452,23 @@ def test_packed_products_equal_plain(monkeypatch, dtype):
             assert (layer.packed.copy is not None) == (i == 2)
         fast.allow_packing(layer, False)
         assert layer.packed is None  # stopped: the copy is freed
+
+
+@torch.no_grad()
+def test_one_bf16_row_is_packed_where_the_compiled_kernel_does_not_pay(monkeypatch):
+    monkeypatch.setenv("MINIVB_NATIVE_BF16", "1")
+    monkeypatch.setenv("MINIVB_FUSED", "0")  # the Intel Xeon's choice (fast.compiled_rows_pay)
+    monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(packing, "PACK_AFTER", 3)
+    g = torch.Generator().manual_seed(0)
+    layer = fast.Linear(192, 96).to(torch.bfloat16)
+    fast.allow_packing(layer)
+    layer.weight.copy_(torch.randn(96, 192, generator=g))
+    layer.bias.copy_(torch.randn(96, generator=g))
+    for step in range(4):  # greedy decode steps: one row each, packed at the 3rd
+        row = torch.randn(1, 1, 192, generator=g).bfloat16()
+        assert torch.equal(layer(row), F.linear(row, layer.weight, layer.bias))  # the same oneDNN kernel
+        assert (layer.packed.copy is not None) == (step >= 2)
 
 
 @torch.no_grad()
