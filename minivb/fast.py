@@ -24,8 +24,9 @@ on the native-bf16 machine, AMD EPYC with avx512_bf16, 2 cores; the AVX2 numbers
    torch.compile (inductor's C++ backend) streams it near that rate. `Linear` takes it for one row of a large matrix,
    F.linear for everything else (prefill, small matrices, no compiler); `linears` does a layer's q, k and v (gate
    and up) in one call, with the pre-norm that feeds them. On the Intel Xeon measured, the library's kernels are as
-   fast or faster, and one row takes F.linear there (`compiled_rows_pay`). The few rows of beams take a weight packed once for
-   oneDNN (packing.py); int8 weights take kernels of their own (quant.int8_linear).
+   fast or faster, and one row takes them there (`compiled_rows_pay`). The few rows of beams take a weight packed
+   once for oneDNN (packing.py), and so does one bf16 row where the compiled kernel does not pay; int8 weights take
+   kernels of their own (quant.int8_linear).
 
 3. The attention of a decode step (LLaMA's and T5's): on AMD, PyTorch's CPU flash-attention kernel is slow for one
    bf16 query a row; `attention` compiles the softmax written out, the batch folded into the heads (one kernel for

@@ -75,7 +75,8 @@ def _identity(weight: torch.Tensor) -> tuple:
 
 class PackedWeight:
     """One layer's packed copy of its weight, made at its PACK_AFTER-th product of up to PACK_MAX_ROWS rows (beam
-    steps, a batch's decode steps, an image's prompt; bf16 greedy steps off AMD) without one, and counted anew after the weight changes.
+    steps, a batch's decode steps, an image's prompt; bf16 greedy steps off AMD) without one, and counted anew after
+    the weight changes.
 
     Copies and pickles of the layer (copy.deepcopy, torch.save of a module) get an empty PackedWeight: the copy is an
     opaque oneDNN tensor that neither can read, and packs again."""

@@ -403,7 +403,7 @@ def test_packed_routes(monkeypatch):
             assert fast.decode_route(cast(prompt), weight, packing=True) == "packed"
             assert fast.decode_route(cast(row), weight, packing=True) == "fused"  # one row: the fused kernel
             assert fast.decode_route(cast(beams), weight) != "packed"  # not allowed
-        monkeypatch.setenv("MINIVB_FUSED", "0")  # where the compiled kernel does not pay: bf16's one row packed too,
+        monkeypatch.setenv("MINIVB_FUSED", "0")  # where the compiled kernel does not pay: one bf16 row packed too
         assert fast.decode_route(row.bfloat16(), big.bfloat16(), packing=True) == "packed"
         assert fast.decode_route(row, big, packing=True) == "plain"  # fp32's on F.linear (MKL)
         assert fast.decode_route(row.bfloat16(), big.bfloat16()) == "plain"  # not allowed
