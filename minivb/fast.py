@@ -325,7 +325,7 @@ def decode_route(x: torch.Tensor, weight: torch.Tensor, packing: bool = False) -
         return "plain"
     if rows == 1 and compiled_rows_pay():
         return "fused"
-    if packing and can_pack(weight.dtype) and (rows > 1 or weight.dtype == torch.bfloat16):
+    if packing and can_pack(weight.dtype) and (rows > 1 or packed_serves_one_row(weight.dtype)):
         return "packed"
     if 1 < rows <= 8 and weight.dtype == torch.float32 and weight.numel() >= MATRIX_MIN_WEIGHTS and _mkl_on_amd():
         return "matrix"
@@ -391,6 +391,12 @@ def can_pack(dtype: torch.dtype) -> bool:
     if packing.refused or not torch.backends.mkldnn.is_available():
         return False
     return dtype == torch.float32 or (dtype == torch.bfloat16 and has_native_bf16())
+
+
+def packed_serves_one_row(dtype: torch.dtype) -> bool:
+    """Whether one row (a greedy step) takes a layer's packed copy too: bf16 where the compiled kernel does not pay
+    (see `decode_route`); fp32 rows stay on MKL's F.linear, and on AMD one row takes the compiled kernel."""
+    return dtype == torch.bfloat16 and not compiled_rows_pay() and can_pack(dtype)
 
 
 def allow_packing(model: nn.Module, allowed: bool = True) -> None:

@@ -189,3 +189,19 @@ def test_packing_only_where_a_second_copy_fits(monkeypatch):
     monkeypatch.setenv("MINIVB_PACK", "yes")
     with pytest.raises(ValueError, match="MINIVB_PACK must be 0 or 1"):
         memory.room_to_pack(model)
+
+
+def test_a_copy_that_serves_greedy_steps_takes_the_place_of_mapped_weights(monkeypatch):
+    """Where one bf16 row takes the packed copy (off AMD), a language model mapped from the file needs no room for
+    the copy beside it: once packed, its pages are the OS's to drop. Weights cast at load (not mapped) still do."""
+    monkeypatch.setenv("MINIVB_NATIVE_BF16", "1")
+    monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)
+    model = build_on_meta(load_config(TINY), torch.bfloat16)
+    need, packed = memory.estimate(model).total, memory.packable_bytes(model)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: need)
+    monkeypatch.setenv("MINIVB_FUSED", "0")  # the Intel Xeon's choice (fast.compiled_rows_pay)
+    assert memory.room_to_pack(model, mapped=True) and not memory.room_to_pack(model, mapped=False)
+    monkeypatch.setenv("MINIVB_FUSED", "1")  # AMD: a greedy step reads the plain weights, the copy needs room
+    assert not memory.room_to_pack(model, mapped=True)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: need + packed)
+    assert memory.room_to_pack(model, mapped=True)
