@@ -245,8 +245,9 @@ def load_model(path, dtype: torch.dtype | str = torch.float32, device="cpu", pro
     # (empty: untouched pages hold no memory). The loader swaps in the file's own tensor where it is stored in that
     # dtype and casts into the storage otherwise: peak memory stays near one copy of the weights.
     model = build_on_meta(config, dtype, quantize)
-    stored = stored_dtypes(str(path))  # mapped: the language model's tensors become the file's pages (load_state)
-    mapped = all(d == dtype for name, d in stored.items() if name.startswith("language_model."))
+    # mapped: every tensor is stored in `dtype`, so each parameter becomes the file's own pages (load_state), and a
+    # layer's packed copy can take their place (ViT and Q-Former layers pack too: all of them, not only the LLM's)
+    mapped = all(d == dtype for d in stored_dtypes(str(path)).values())
     if memory.room_to_pack(model, device, mapped):
         fast.allow_packing(model)  # beams multiply a copy of each weight packed once for oneDNN (packing.py)
     model = model.to_empty(device=device)
