@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fast
+from . import decode_attention, fast
 from .config import LlamaConfig
 from .fast import Linear  # nn.Linear; a decode step's few rows take the faster products of fast.py
 
@@ -139,8 +139,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, Dh)
         # Grouped-query attention: each key/value head serves H / Hkv query heads, without materialising copies.
-        # (fast.attention is F.scaled_dot_product_attention, with a faster path for a decode step's one query)
-        out = fast.attention(q, k, v, mask, enable_gqa=self.num_kv_heads != self.num_heads)
+        # (decode_attention.attention is F.scaled_dot_product_attention, faster for a decode step's one query)
+        out = decode_attention.attention(q, k, v, mask, enable_gqa=self.num_kv_heads != self.num_heads)
         out = out.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim)  # (B, L, H*Dh)
         return self.o_proj(out)
 

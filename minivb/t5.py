@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fast
+from . import decode_attention, fast
 from .config import T5Config
 from .fast import Linear  # nn.Linear; a decode step's few rows take the faster products of fast.py
 from .llama import KVCache  # the decoder's self-attention cache is LLaMA's
@@ -135,7 +135,8 @@ class T5Attention(nn.Module):
     def attend(self, q, keys, values, bias) -> torch.Tensor:
         """q (B, H, L, Dk) -> (B, L, D)."""
         B, _, L, _ = q.shape
-        out = fast.attention(q, keys, values, bias, scale=1.0)  # (B, H, L, Dk); faster for a decode step's query
+        # (B, H, L, Dk): F.scaled_dot_product_attention, faster for a decode step's query
+        out = decode_attention.attention(q, keys, values, bias, scale=1.0)
         return self.o(out.transpose(1, 2).reshape(B, L, self.num_heads * self.d_kv))  # (B, L, D)
 
     def forward(self, x, norm, keys, values, bias) -> torch.Tensor:
@@ -187,7 +188,7 @@ class T5Block(nn.Module):
             return self.cross_attn.keys_values(encoder_hidden)
         if cache.cross[self.layer_idx] is None:  # first decode call: project the encoder output once
             # contiguous: as heads() leaves them, transposed, the decode attention would copy them at every step
-            # (fast._explicit_attention folds the batch into the heads)
+            # (decode_attention._explicit_attention folds the batch into the heads)
             cache.cross[self.layer_idx] = tuple(t.contiguous() for t in self.cross_attn.keys_values(encoder_hidden))
         return cache.cross[self.layer_idx]
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import minivb
-from minivb import fast, llama, packing, quant
+from minivb import decode_attention, fast, llama, packing, quant
 from minivb.llama import RMSNorm
 from minivb.t5 import T5LayerNorm
 from tests import tiny
@@ -131,7 +131,7 @@ def test_one_row_kernels_by_processor(monkeypatch):
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 4, 1, 16, generator=g).bfloat16(), torch.randn(1, 4, 9, 16, generator=g).bfloat16()
     with torch.no_grad():
-        assert torch.equal(fast.attention(q, k, k), F.scaled_dot_product_attention(q, k, k))
+        assert torch.equal(decode_attention.attention(q, k, k), F.scaled_dot_product_attention(q, k, k))
     monkeypatch.setenv("MINIVB_FUSED", "1")
     assert fast.compiled_rows_pay()
     monkeypatch.setenv("MINIVB_FUSED", "yes")
@@ -276,7 +276,8 @@ def test_no_compiler_falls_back_with_a_notice(monkeypatch, capsys, fresh_kernel)
                            torch._weight_int8pack_mm(x.bfloat16(), quantized, scales.bfloat16()))
     q, k = torch.randn(1, 2, 1, 8).bfloat16(), torch.randn(1, 2, 5, 8).bfloat16()
     with torch.no_grad():
-        assert torch.equal(fast.attention(q, k, k, None, False), fast._explicit_attention(q, k, k, None))
+        assert torch.equal(decode_attention.attention(q, k, k, None, False),
+                           decode_attention._explicit_attention(q, k, k, None))
     assert capsys.readouterr().err.count("no C++ compiler") == 1  # said once
 
 
@@ -314,9 +315,9 @@ def test_decode_attention_equals_sdpa(num_kv_heads):
     keep[1, ..., :4] = False  # a left-padded row
     expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=keep,
                                               enable_gqa=num_kv_heads != 4)
-    got = fast.attention(q, k, v, keep, enable_gqa=num_kv_heads != 4)  # compiled
+    got = decode_attention.attention(q, k, v, keep, enable_gqa=num_kv_heads != 4)  # compiled
     assert got.dtype == torch.bfloat16
-    plain = fast._explicit_attention(q, k, v, keep)  # what runs where nothing compiles
+    plain = decode_attention._explicit_attention(q, k, v, keep)  # what runs where nothing compiles
     assert (got.float() - plain.float()).abs().max() <= 2**-8 * expected.abs().max()
     assert (got.float() - expected).abs().max() <= 2**-8 * expected.abs().max()  # one bf16 rounding
     fused = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=num_kv_heads != 4)
@@ -334,10 +335,10 @@ def test_decode_attention_with_a_position_bias_equals_sdpa():
     padding[..., :2] = torch.finfo(torch.bfloat16).min
     for bias in (positions, padding):
         expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias.float(), scale=1.0)
-        got = fast.attention(q, k, v, bias, scale=1.0)  # compiled
+        got = decode_attention.attention(q, k, v, bias, scale=1.0)  # compiled
         assert got.dtype == torch.bfloat16
         assert (got.float() - expected).abs().max() <= 2**-8 * expected.abs().max()  # one bf16 rounding
-        plain = fast._explicit_attention(q, k, v, bias, scale=1.0)
+        plain = decode_attention._explicit_attention(q, k, v, bias, scale=1.0)
         assert (got.float() - plain.float()).abs().max() <= 2**-8 * expected.abs().max()
         unscaled = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias.float())
         assert (got.float() - unscaled).abs().max() > 0.05 * expected.abs().max()  # the scale is not the default
@@ -350,7 +351,7 @@ def test_beams_reuse_the_decode_attention_compiled_for_one_row(monkeypatch):
         cache = torch.zeros(batch, 4, room, 16, dtype=torch.bfloat16)  # (B, Hkv, max length, Dh), as KVCache holds
         q = torch.randn(batch, 1, 8, 16).bfloat16().transpose(1, 2)  # (B, H, 1, Dh) from (B, 1, H, Dh)
         keep = torch.ones(batch, 1, 1, length, dtype=torch.bool) if mask else None
-        return fast.attention(q, cache[:, :, :length], cache[:, :, :length], keep, enable_gqa=True)
+        return decode_attention.attention(q, cache[:, :, :length], cache[:, :, :length], keep, enable_gqa=True)
 
     for mask in (True, False):
         step(1, 40, 70, mask)  # greedy: compiled here (or earlier in this process)
