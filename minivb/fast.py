@@ -79,6 +79,7 @@ def has_native_bf16() -> bool:
 
 @functools.cache
 def _cpu_flags() -> frozenset:
+    """The words of /proc/cpuinfo: its feature flags (avx512_bf16, ...) and vendor id (AuthenticAMD, GenuineIntel)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             return frozenset(f.read().split())
