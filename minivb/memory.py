@@ -169,7 +169,8 @@ def room_to_pack(model: torch.nn.Module, device="cpu", mapped: bool = False) -> 
     weights are the checkpoint's own pages (`mapped`: every tensor stored in the dtype loaded): once packed,
     nothing reads those pages, which the OS may then drop, so the copies need only the room the plain weights
     had. Intel Xeon, full-size vicuna-7b in bf16 on 24 GB, 40 greedy tokens: 637 -> 517 ms a token once packed (at
-    the 24th, which took 5.0 s), peak anonymous memory 13.7 GB, the page cache down from 17.1 to 10.7 GB.
+    the 24th, packing.PACK_AFTER then, which took 5.0 s), peak anonymous memory 13.7 GB, the page cache down from
+    17.1 to 10.7 GB.
     MINIVB_PACK=0 or 1 overrides the choice."""
     from .fast import override, packed_serves_one_row
 

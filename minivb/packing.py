@@ -27,10 +27,22 @@ once. Whether that pays depends on how often the product comes back, which no la
     2048 x 2048             0.44     0.23       0.21           4.8             23
     5120 x 2048             1.16     0.53       0.63           8.5             13
     32128 x 2048            7.20     2.95       4.25          75.2             18
+On the Intel Xeon (AMX), 2 threads, bf16, ms a matrix (400 MB of each shape: read from memory, not its cache):
+    matrix               pack   1 row: F.linear  packed  to pay    5 rows: F.linear  packed  to pay
+    4096 x 4096           8.3           1.30      1.08      36              1.33     1.03      27
+    11008 x 4096         23.3           3.40      2.64      30              3.48     2.62      27
+    4096 x 11008         20.3           3.29      2.68      33              3.25     2.64      33
+    32000 x 4096         64.7          10.15      8.03      30             10.49     7.99      25
+and a whole full-size vicuna-7b there (bf16, 30 new tokens a generate call; packing, 2.6-3.1 s, against a gain of
+0.073 s a 5-beam step and 0.09 s a greedy token): 29-42 products.
 So a layer packs its weight at its PACK_AFTER-th product of up to PACK_MAX_ROWS rows without a copy: the rule of
 renting skis until the rent paid equals the price, which never costs more than twice the best choice made knowing
-the future. A beam search of fewer than PACK_AFTER steps, which could not pay for it, never packs; a long one, and
-the later questions of an evaluation, multiply the packed copy from then on. (Packing at the first beam step, the
+the future. (At 24, the rule until the 7B was measured, an `ask` of 30 tokens, one answer a process, packed at its
+24th step and had 6 left to repay it. Full vicuna-7b, Intel Xeon, 5 beams, the first answer of a process, two
+alternating pairs with the machine drifting between them: 28.0 and 34.9 s at 24, 24.3 and 31.3 s at 32, where it
+does not pack; once packed, the later answers of an evaluation take 2.2-3.1 s less each.) A beam search of
+fewer than PACK_AFTER steps, which could not pay for it, never packs; a long one, and the later questions of an
+evaluation, multiply the packed copy from then on. (Packing at the first beam step, the
 rule before, made the first 5-beam step of full-size flan-t5-xl take 9.1 s, against transformers' 0.24 s: 2.9 GB
 packed at once, with the page cache filling the rest of the memory.) A video's prompt (4 frames: 128 visual tokens and
 the text, more than PACK_MAX_ROWS rows) never counts towards packing, but uses the copy once it exists (5-10 %
@@ -45,7 +57,7 @@ import torch
 
 PACK_ROWS = 5  # the rows oneDNN is told to expect (a beam search's); any number of rows works with the same copy
 PACK_MAX_ROWS = 128  # the most rows of a product that packs: a decode step of 5 beams x 25 videos
-PACK_AFTER = 24  # the few-row products a weight makes unpacked before it packs: about what packing costs (above)
+PACK_AFTER = 32  # the few-row products a weight makes unpacked before it packs: about what packing costs (above)
 refused = False  # set when oneDNN refused to pack on this machine: F.linear from then on
 
 

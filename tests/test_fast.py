@@ -496,6 +496,28 @@ def test_packed_beams_generate_the_plain_tokens(bf16_model, monkeypatch):
         assert torch.equal(got, want)  # bf16: bit for bit
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("num_beams", [5, 1])
+def test_an_answer_of_ask_never_packs_and_the_second_does(bf16_model, monkeypatch, num_beams):
+    """`ask` makes one answer a process, of at most 30 new tokens by default: packing then could not pay for itself
+    (packing.py: a full-size 7B packed at its 24th step, the rule before, had 6 steps left to repay 2.6-3.1 s). An
+    evaluation's later answers multiply the packed copy."""
+    model, batch = bf16_model
+    batch = {k: v for k, v in batch.items() if k != "labels"}
+    monkeypatch.setenv("MINIVB_NATIVE_BF16", "1")
+    monkeypatch.setenv("MINIVB_FUSED", "0")  # where one bf16 row counts towards packing too (the Intel Xeon)
+    monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)
+    model = copy.deepcopy(model)
+    fast.allow_packing(model)
+    layers = [m for m in model.language_model.modules() if isinstance(m, fast.Linear)]
+    answer = dict(max_new_tokens=30, min_new_tokens=30, num_beams=num_beams)  # ask's defaults, every token made
+    model.generate(**batch, **answer)
+    assert max(m.packed.products[1] for m in layers) < packing.PACK_AFTER
+    assert not any(m.packed.copy is not None for m in layers)
+    model.generate(**batch, **answer)
+    assert all(m.packed.copy is not None for m in layers)
+
+
 def test_pack_refused_falls_back_with_a_notice(monkeypatch, capsys):
     monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)
 

@@ -53,7 +53,8 @@ base = status("VmRSS")
 model = minivb.load_model(path, dtype=dtype)
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # the kernel's peak (VmHWM) restarts from now: a cast copy's file pages, read while loading, are gone
-model.generate(**batch, max_new_tokens=30, min_new_tokens=30, num_beams=5)
+steps = minivb.packing.PACK_AFTER + 8  # a beam search long enough to pack its weights, where they may pack
+model.generate(**batch, max_new_tokens=steps, min_new_tokens=steps, num_beams=5)
 print(json.dumps({"peak": status("VmHWM") - base, "mapped": checkpoint_pages(path)}))
 """
 
