@@ -26,6 +26,8 @@ from .video import VIDEO_EXTENSIONS, read_video, video_info
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LARGE_CHECKPOINT = 200_000_000  # bytes; above this, loading prints its progress
+# ask's defaults: the paper's 5 beams, and answers short enough that its one search never packs its weights (packing.py)
+ASK_NUM_BEAMS, ASK_MAX_NEW_TOKENS = 5, 30
 
 
 def main(argv=None) -> int:
@@ -41,8 +43,8 @@ def main(argv=None) -> int:
     ask.add_argument("--frames", type=int, default=4, help="frames sampled uniformly from the video (default 4)")
     ask.add_argument("--start", type=float, help="sample from this time on (seconds; mp4 / webm / mkv / avi / mov)")
     ask.add_argument("--end", type=float, help="sample before this time (seconds; mp4 / webm / mkv / avi / mov)")
-    ask.add_argument("--num-beams", type=int, default=5)
-    ask.add_argument("--max-new-tokens", type=int, default=30)
+    ask.add_argument("--num-beams", type=int, default=ASK_NUM_BEAMS)
+    ask.add_argument("--max-new-tokens", type=int, default=ASK_MAX_NEW_TOKENS)
     ask.add_argument("--repetition-penalty", type=float, default=1.5)
     ask.add_argument("--length-penalty", type=float, default=1.0)
     add_load_arguments(ask)

@@ -42,9 +42,9 @@ the future. (At 24, the rule until the 7B was measured, an `ask` of 30 tokens, o
 alternating pairs with the machine drifting between them: 28.0 and 34.9 s at 24, 24.3 and 31.3 s at 32, where it
 does not pack; once packed, the later answers of an evaluation take 2.2-3.1 s less each.) A beam search of
 fewer than PACK_AFTER steps, which could not pay for it, never packs; a long one, and the later questions of an
-evaluation, multiply the packed copy from then on. (Packing at the first beam step, the
-rule before, made the first 5-beam step of full-size flan-t5-xl take 9.1 s, against transformers' 0.24 s: 2.9 GB
-packed at once, with the page cache filling the rest of the memory.) A video's prompt (4 frames: 128 visual tokens and
+evaluation, multiply the packed copy from then on. (Packing at the first beam step, the rule before, made the first
+5-beam step of full-size flan-t5-xl take 9.1 s, against transformers' 0.24 s: 2.9 GB packed at once, with the page
+cache filling the rest of the memory.) A video's prompt (4 frames: 128 visual tokens and
 the text, more than PACK_MAX_ROWS rows) never counts towards packing, but uses the copy once it exists (5-10 %
 faster in bf16, 1.7x in fp32). Only where `load_model` found room for a second copy of every packed weight
 (memory.room_to_pack), since a greedy step still reads the plain one; never in autograd (training reads the plain

@@ -55,7 +55,7 @@ QUESTION = "What is happening in the video?"
 NUM_FRAMES = 4
 GB = 1e9
 PACK_AFTER = 32  # minivb.packing.PACK_AFTER, which a worker of transformers does not import
-ASK_TOKENS = 30  # `python -m minivb ask`'s default --max-new-tokens (and 5 beams)
+ASK_TOKENS = 30  # minivb.__main__.ASK_MAX_NEW_TOKENS, `python -m minivb ask`'s default (with 5 beams)
 FIT_IN_BF16 = ("vicuna-7b", "flan-t5-xl")  # on a 24 GB machine; vicuna-13b and flan-t5-xxl run in int8 only
 
 
@@ -364,8 +364,8 @@ def best(runs: list[dict]) -> dict:
     if not ok:
         return runs[-1]
     merged = dict(ok[0])
-    for key in ("load_s", "load_peak_anon", "load_peak_mapped", "cold_first_token_s", "answer_s", "first_token_s", "greedy_s",
-                "beam_s", "first_beam_s", "long_beam_s", "peak_anon", "peak_mapped"):
+    for key in ("load_s", "load_peak_anon", "load_peak_mapped", "cold_first_token_s", "answer_s", "first_token_s",
+                "greedy_s", "beam_s", "first_beam_s", "long_beam_s", "peak_anon", "peak_mapped"):
         merged[key] = min(r[key] for r in ok)
     merged["read_rates"] = [r[key] for r in ok for key in ("read_rate_greedy", "read_rate_beam")]
     merged["matmul_rate"] = max(max(r["matmul_rates"].values()) for r in ok)
@@ -463,9 +463,12 @@ def main() -> None:
     from minivb.model import build_on_meta
 
     from minivb import packing
+    from minivb.__main__ import ASK_MAX_NEW_TOKENS
 
     if packing.PACK_AFTER != PACK_AFTER:
         raise SystemExit(f"PACK_AFTER here is {PACK_AFTER}; minivb.packing's is {packing.PACK_AFTER}: make them agree")
+    if ASK_MAX_NEW_TOKENS != ASK_TOKENS:
+        raise SystemExit(f"ASK_TOKENS here is {ASK_TOKENS}; ask's default is {ASK_MAX_NEW_TOKENS}: make them agree")
     print(machine())
     has_int8 = "quantize" in inspect.signature(minivb.load_model).parameters
     if not has_int8:

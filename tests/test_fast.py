@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import minivb
 from minivb import decode_attention, fast, llama, packing, quant
+from minivb.__main__ import ASK_MAX_NEW_TOKENS, ASK_NUM_BEAMS
 from minivb.llama import RMSNorm
 from minivb.t5 import T5LayerNorm
 from tests import tiny
@@ -497,7 +498,7 @@ def test_packed_beams_generate_the_plain_tokens(bf16_model, monkeypatch):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("num_beams", [5, 1])
+@pytest.mark.parametrize("num_beams", [ASK_NUM_BEAMS, 1])
 def test_an_answer_of_ask_never_packs_and_the_second_does(bf16_model, monkeypatch, num_beams):
     """`ask` makes one answer a process, of at most 30 new tokens by default: packing then could not pay for itself
     (packing.py: a full-size 7B packed at its 24th step, the rule before, had 6 steps left to repay 2.6-3.1 s). An
@@ -510,7 +511,7 @@ def test_an_answer_of_ask_never_packs_and_the_second_does(bf16_model, monkeypatc
     model = copy.deepcopy(model)
     fast.allow_packing(model)
     layers = [m for m in model.language_model.modules() if isinstance(m, fast.Linear)]
-    answer = dict(max_new_tokens=30, min_new_tokens=30, num_beams=num_beams)  # ask's defaults, every token made
+    answer = dict(max_new_tokens=ASK_MAX_NEW_TOKENS, min_new_tokens=ASK_MAX_NEW_TOKENS, num_beams=num_beams)  # all made
     model.generate(**batch, **answer)
     assert max(m.packed.products[1] for m in layers) < packing.PACK_AFTER
     assert not any(m.packed.copy is not None for m in layers)
