@@ -198,7 +198,7 @@ def _compiled(function, normed: bool = False):
     0.3-0.9 s); read at tracing, the switch is set around each call (6 us)."""
     if _compile_failed or not _compiler_found():
         return None
-    options = {"cpp.vec_isa_ok": True, **(_NORMED_OPTIONS if normed else {})}
+    options = {"cpp.vec_isa_ok": True, "cpp.simdlen": _vector_width(), **(_NORMED_OPTIONS if normed else {})}
     kernel = torch.compile(function, dynamic=True, options=options)
 
     def run(*args):
@@ -206,6 +206,23 @@ def _compiled(function, normed: bool = False):
             return kernel(*args)
 
     return run
+
+
+@functools.cache
+def _vector_width() -> int:
+    """The vector width, in bits, inductor builds its C++ kernels for here: ATEN_CPU_CAPABILITY's where it is set
+    (avx2: 256), else the widest the CPU has (AVX-512: 512).
+
+    `_compiled` passes it as cpp.simdlen, which picks the same instructions inductor would pick, and puts the width in
+    the key of inductor's on-disk cache, which (PyTorch 2.13) has no other trace of it: a kernel cached by a process
+    at one width is handed to a process at another. Measured, Intel Xeon, one cache folder, quantize_block of a
+    1024 x 1024 block: cached at 512 bits, then run with ATEN_CPU_CAPABILITY=avx2, 84 % of the int8 weights wrong
+    and scales off by up to 126x, silently; cached at 256, then run at 512: "free(): invalid size", the process killed.
+    """
+    from torch._inductor import config, cpu_vec_isa
+
+    with config.patch({"cpp.vec_isa_ok": True}):  # no probe builds (see `_compiled`)
+        return cpu_vec_isa.pick_vec_isa().bit_width()  # 0 where it has no vector instructions: scalar code
 
 
 _NO_DUCK_SIZING = torch.fx.experimental._config.patch(use_duck_shape=False)  # reused: entering a new one costs 21 us

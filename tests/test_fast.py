@@ -6,6 +6,10 @@ The compiled kernel is tested on tiny matrices by lowering the size threshold th
 """
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +21,8 @@ from minivb.__main__ import ASK_MAX_NEW_TOKENS, ASK_NUM_BEAMS
 from minivb.llama import RMSNorm
 from minivb.t5 import T5LayerNorm
 from tests import tiny
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -389,6 +395,30 @@ def test_compiled_quantization_equals_the_reference(monkeypatch):
         assert torch.equal(compiled[0], reference[0]) and torch.equal(compiled[1], reference[1])
         assert compiled[0].dtype == torch.int8 and compiled[0].abs().amax(dim=1)[8:].eq(127).all()
     assert not fast._compile_failed and (fast._compiled(quantize_rows) is not None) == fast._compiler_found()
+
+
+
+QUANTIZE_IN_A_PROCESS = """
+import torch
+from minivb import quant
+weight = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)  # compiled: 1 M weights
+compiled, reference = quant.quantize_block(weight), quant.quantize_rows(weight)
+print((compiled[0] != reference[0]).float().mean().item(), torch.equal(compiled[1], reference[1]))
+"""
+
+
+@pytest.mark.skipif(not {"avx512f", "avx2"} <= fast._cpu_flags() or not fast._compiler_found(),
+                    reason="needs a C++ compiler and a CPU with AVX-512 (to compile at 512 and 256 bits)")
+def test_compiled_kernels_are_cached_per_vector_width(tmp_path):
+    """Processes sharing inductor's disk cache at two vector widths each get their own kernel (fast._vector_width):
+    without it a process got another's, with wrong int8 weights (cached at 512 bits, run at 256) or killed (256, then
+    512: "free(): invalid size")."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    for width in ("avx512", "avx2", "avx512"):
+        done = subprocess.run([sys.executable, "-c", QUANTIZE_IN_A_PROCESS], env={**env, "ATEN_CPU_CAPABILITY": width},
+                              capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.split()[-2:] == ["0.0", "True"], (width, done.stdout)  # no int8 weight differs; scales equal
 
 
 # ----------------------------------------------------------------------------- weights packed for beams (packing.py)
