@@ -27,7 +27,8 @@ on the native-bf16 machine, AMD EPYC with avx512_bf16, 2 cores; the AVX2 numbers
    and up) in one call, with the pre-norm that feeds them. On the Intel Xeon measured, the library's kernels are as
    fast or faster, and one row takes them there (`compiled_rows_pay`). The few rows of beams take a weight packed
    once for oneDNN (packing.py), and so does one bf16 row where the compiled kernel does not pay; int8 weights take
-   kernels of their own (quant.int8_linear).
+   kernels of their own (quant.int8_linear). Without native bf16, F.linear's cost grows with each bf16 row, and the
+   few rows of beams take a compiled kernel that reads each weight once for all of them (`rows_linear`).
 
 3. The attention of a decode step (LLaMA's and T5's): on AMD, PyTorch's CPU flash-attention kernel is slow for one
    bf16 query a row; `decode_attention.attention` compiles the softmax written out, the batch folded into the heads
@@ -168,6 +169,26 @@ def _row_times_matrix(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (weight[None].float() * row[:, None].float()).sum(-1).sum(-1).to(row.dtype)
 
 
+# A few rows of bf16 on a CPU without native bf16 (beams): F.linear's cost grows with every row there, where one pass
+# that converts each weight to fp32 once and multiplies it by all the rows does not, as much. 11008 x 4096, ms a
+# matrix, Intel Xeon with AVX2 emulated (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2, MINIVB_NATIVE_BF16=0;
+# one row there, F.linear 6.0-7.7 ms, as on issue 12's AVX2 machine), best of 7-9 alternating:
+#     rows            1      2      3      5      8
+#     F.linear       7.7   11.3   14.4   21.5   34.5
+#     this kernel    8.1    9.2   10.6   12.7   22.8
+# (With native bf16, F.linear is the faster: 5 rows 4.8 ms against 7.9, see `_row_times_matrix`. Written as one
+# broadcast product, inductor converts each weight once for each row: 24.2 ms for 5.)
+FEW_ROWS = 8
+
+
+def _rows_times_matrix(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """rows (R, n, c) x weight (out, n, c) -> (R, out), accumulated in fp32: R dot products per weight row, in one
+    pass that converts each weight once (FEW_ROWS above). The loop over the rows makes R part of the compiled code:
+    each count of rows compiles once."""
+    weight = weight.float()
+    return torch.stack([(weight * row.float()).sum(-1).sum(-1) for row in rows]).to(rows.dtype)
+
+
 _compile_failed = False  # set when compiling failed on this machine: the plain paths from then on
 
 
@@ -202,7 +223,7 @@ def _compiled(function, normed: bool = False):
     kernel = torch.compile(function, dynamic=True, options=options)
 
     def run(*args):
-        with _NO_DUCK_SIZING:
+        with _NO_DUCK_SIZING, _RECOMPILE_LIMIT:
             return kernel(*args)
 
     return run
@@ -226,6 +247,10 @@ def _vector_width() -> int:
 
 
 _NO_DUCK_SIZING = torch.fx.experimental._config.patch(use_duck_shape=False)  # reused: entering a new one costs 21 us
+# Past dynamo's 8 compilations of one function, it runs that function op by op instead, silently: _rows_times_matrix
+# compiles once for each count of rows (2-8; again for widths cut in chunks after one that is not), and op by op it
+# is ~50x slower (5 bf16 rows x 11008 x 4096: 989 ms against 19, seen past the limit).
+_RECOMPILE_LIMIT = torch._dynamo.config.patch(recompile_limit=64)
 
 
 def _compile_failure(error: Exception) -> None:
@@ -276,13 +301,16 @@ def _plain_normed_rows_times_matrices(norm: nn.Module, row: torch.Tensor, *weigh
 _NORMED_OPTIONS = {"realize_reads_threshold": 1, "realize_opcount_threshold": 1, "emulate_precision_casts": True}
 
 
+def _chunks(in_features: int) -> int:
+    """In how many equal chunks the compiled kernels cut rows of `in_features` (at most FUSED_CHUNK each)."""
+    chunks = next(n for n in range(1, in_features + 1) if in_features % n == 0 and in_features // n <= FUSED_CHUNK)
+    return 1 if in_features // chunks < 256 else chunks  # awkward (prime-like) widths: the cascade sum, not tiny chunks
+
+
 def fused_linears(x: torch.Tensor, weights: list, biases: list, norm: nn.Module | None = None) -> list[torch.Tensor]:
     """[F.linear(norm(x), w, b) for w, b in zip(weights, biases)] for one row (..., in) and weights of the same width,
     through one call of the compiled kernel (plain F.linear where there is none); norm None: x as it is."""
-    in_features = weights[0].shape[1]
-    chunks = next(n for n in range(1, in_features + 1) if in_features % n == 0 and in_features // n <= FUSED_CHUNK)
-    if in_features // chunks < 256:
-        chunks = 1  # an awkward (prime-like) width: one long row and the cascade sum, rather than tiny chunks
+    chunks = _chunks(weights[0].shape[1])
     matrices = [w.reshape(w.shape[0], chunks, -1) for w in weights]  # (out, chunks, in / chunks)
     if norm is not None:
         outs = compiled_or_plain(_normed_row_times_matrices, norm, x.reshape(1, -1), *matrices,
@@ -293,6 +321,17 @@ def fused_linears(x: torch.Tensor, weights: list, biases: list, norm: nn.Module 
         outs = [outs] if len(weights) == 1 else outs  # (1, out) each
     return [(out if bias is None else out + bias).reshape(*x.shape[:-1], out.shape[-1])
             for out, bias in zip(outs, biases)]
+
+
+def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for a few rows (..., in) through the compiled few-row kernel (plain F.linear where
+    there is none)."""
+    chunks = _chunks(weight.shape[1])
+    rows = x.reshape(-1, chunks, weight.shape[1] // chunks)  # (R, chunks, in / chunks)
+    out = compiled_or_plain(_rows_times_matrix, rows, weight.reshape(weight.shape[0], chunks, -1),
+                            plain=_plain_rows_times_matrices)  # (R, out)
+    out = out if bias is None else out + bias
+    return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def _mkl_on_amd() -> bool:
@@ -324,7 +363,7 @@ def compiled_rows_pay() -> bool:
 
 
 def decode_route(x: torch.Tensor, weight: torch.Tensor, packing: bool = False) -> str:
-    """Which product `Linear` uses: "fused", "packed", "matrix" (weight @ x.T) or "plain" (F.linear).
+    """Which product `Linear` uses: "fused", "packed", "rows", "matrix" (weight @ x.T) or "plain" (F.linear).
 
     fused   one row (greedy decoding) of a large CPU matrix, outside autograd, both dtypes, on processors where the
             compiled kernel pays (compiled_rows_pay, AMD): measured above.
@@ -333,6 +372,8 @@ def decode_route(x: torch.Tensor, weight: torch.Tensor, packing: bool = False) -
             one bf16 row where the compiled kernel does not pay: on the Intel Xeon, one row x 11008 x 4096 bf16
             (6 such matrices, best of 5) F.linear 4.1-4.8 ms, packed 3.0-3.1; make bench's medium model, a greedy
             bf16 step 10.6-10.9 -> 8.5-8.9 ms (fp32 stays on MKL's F.linear there: 12.7-13.4 against 15.3-18.7).
+    rows    2-8 rows (FEW_ROWS) of a large bf16 matrix on a CPU without native bf16 (beams there), through the
+            compiled few-row kernel (`_rows_times_matrix`): F.linear's cost grows with each row there.
     matrix  2-8 rows of a large fp32 matrix with MKL on AMD, where nothing is packed: F.linear takes MKL's slow path
             there, and `weight @ x.T` its matrix-matrix kernel (MATRIX_MIN_WEIGHTS). In bf16, F.linear is the
             faster one (5 rows x 11008 x 4096: 4.8 ms against 7.9 ms), which is why this route is fp32 only.
@@ -346,6 +387,8 @@ def decode_route(x: torch.Tensor, weight: torch.Tensor, packing: bool = False) -
         return "fused"
     if packing and can_pack(weight.dtype) and (rows > 1 or packed_serves_one_row(weight.dtype)):
         return "packed"
+    if 1 < rows <= FEW_ROWS and weight.dtype == torch.bfloat16 and not has_native_bf16():
+        return "rows"
     if 1 < rows <= 8 and weight.dtype == torch.float32 and weight.numel() >= MATRIX_MIN_WEIGHTS and _mkl_on_amd():
         return "matrix"
     return "plain"
@@ -362,6 +405,8 @@ class Linear(nn.Linear):
         route = decode_route(x, self.weight, self.packed is not None)
         if route == "fused":
             return fused_linears(x, [self.weight], [self.bias])[0]
+        if route == "rows":
+            return rows_linear(x, self.weight, self.bias)
         if route == "packed":
             copy = self.packed.get(self.weight, rows=x.numel() // x.shape[-1])
             if copy is not None:

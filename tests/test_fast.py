@@ -121,7 +121,13 @@ def test_decode_routes(monkeypatch):
         assert fast.decode_route(row, small) == "plain"
         assert fast.decode_route(torch.zeros(9, 512), big) == "plain"  # prefill
         assert fast.decode_route(rows, big) == ("matrix" if fast._mkl_on_amd() else "plain")
+        monkeypatch.setenv("MINIVB_NATIVE_BF16", "1")
         assert fast.decode_route(rows.bfloat16(), big.bfloat16()) == "plain"  # bf16 F.linear is the faster there
+        monkeypatch.setenv("MINIVB_NATIVE_BF16", "0")  # without native bf16, a few rows take the few-row kernel
+        assert fast.decode_route(rows.bfloat16(), big.bfloat16()) == "rows"
+        assert fast.decode_route(torch.zeros(9, 512).bfloat16(), big.bfloat16()) == "plain"  # more than FEW_ROWS
+        assert fast.decode_route(rows, big) == ("matrix" if fast._mkl_on_amd() else "plain")  # fp32: as before
+        monkeypatch.delenv("MINIVB_NATIVE_BF16")
     assert fast.decode_route(row, big) == "plain"  # autograd: training never compiles
     monkeypatch.setenv("MINIVB_FUSED", "0")  # a processor where the library's one-row kernels are the faster
     with torch.no_grad():
@@ -162,6 +168,48 @@ def test_fast_products_equal_plain(monkeypatch, dtype, tol):
             assert got.shape == expected.shape and got.dtype == dtype
             # relative to the outputs' size (~14): bf16 rounds each output once, at ~0.4 % of it
             assert (got.float() - expected).abs().max() <= tol * expected.abs().max()
+
+
+@torch.no_grad()
+def test_few_row_products_equal_plain(monkeypatch):
+    """The few-row kernel (bf16 without native bf16: beams) for every count of rows it takes, a width cut in chunks:
+    within bf16's rounding of F.linear in fp32. Each count compiles once, and in two dtypes that is 14 compilations of
+    one function, past dynamo's limit of 8, after which it would run op by op, ~50x slower (fast._RECOMPILE_LIMIT)."""
+    monkeypatch.setenv("MINIVB_NATIVE_BF16", "0")
+    monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(fast, "FUSED_CHUNK", 64)  # 192 inputs: three chunks, as a 7B down_proj has
+    g = torch.Generator().manual_seed(0)
+    layer = fast.Linear(192, 96).to(torch.bfloat16)
+    layer.weight.copy_(torch.randn(96, 192, generator=g))
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for dtype in (torch.bfloat16, torch.float32):
+        for rows in range(2, fast.FEW_ROWS + 1):
+            x = torch.randn(rows, 1, 192, generator=g).to(dtype)
+            assert fast.decode_route(x, layer.weight) == ("rows" if dtype == torch.bfloat16 else "plain")
+            expected = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+            got = fast.rows_linear(x, layer.weight.to(dtype), layer.bias.to(dtype))
+            assert got.shape == expected.shape and got.dtype == dtype
+            assert (got.float() - expected).abs().max() <= 2e-2 * expected.abs().max()
+    if fast._compiler_found():
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2 * (fast.FEW_ROWS - 1)
+
+
+@torch.no_grad()
+def test_few_row_beams_generate_the_plain_tokens(bf16_model, monkeypatch):
+    model, batch = bf16_model
+    batch = {k: v for k, v in batch.items() if k != "labels"}
+    monkeypatch.setenv("MINIVB_NATIVE_BF16", "0")
+    plain_routes = fast.decode_route
+    monkeypatch.setattr(fast, "decode_route", lambda *args: "plain")
+    plain = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, num_beams=3)
+    monkeypatch.setattr(fast, "decode_route", plain_routes)
+    monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)  # every few-row product of the tiny model compiled
+    calls = []
+    plain_rows = fast.rows_linear
+    monkeypatch.setattr(fast, "rows_linear", lambda x, w, b: calls.append(x.numel() // x.shape[-1]) or
+                        plain_rows(x, w, b))
+    assert torch.equal(model.generate(**batch, max_new_tokens=6, min_new_tokens=6, num_beams=3), plain)
+    assert calls and set(calls) == {6}  # 2 videos x 3 beams, each decode step
 
 
 @torch.no_grad()
@@ -440,7 +488,7 @@ def test_packed_routes(monkeypatch):
         assert fast.decode_route(row, big, packing=True) == "plain"  # fp32's on F.linear (MKL)
         assert fast.decode_route(row.bfloat16(), big.bfloat16()) == "plain"  # not allowed
         monkeypatch.setenv("MINIVB_NATIVE_BF16", "0")  # bf16 without native instructions: never packed
-        assert fast.decode_route(beams.bfloat16(), big.bfloat16(), packing=True) == "plain"
+        assert fast.decode_route(beams.bfloat16(), big.bfloat16(), packing=True) == "rows"  # the few-row kernel
         assert fast.decode_route(row.bfloat16(), big.bfloat16(), packing=True) == "plain"
         assert fast.decode_route(beams, big, packing=True) == "packed"
     assert fast.decode_route(beams, big, packing=True) == "plain"  # autograd
