@@ -82,7 +82,8 @@ class DecodeState:
 
 
 def prefill(model, inputs_embeds, attention_mask, copies, max_new_tokens, use_cache):
-    """Run the whole prompt (B, L, D), each example repeated `copies` times (its beams or its samples), row by row.
+    """Run the whole prompt (B, L, D) once, and repeat each example's state `copies` times (its beams or its
+    samples), row by row: R = B * copies rows from here on.
 
     Returns the first next-token logits (R, V) and the state to continue from.
     """
@@ -96,17 +97,21 @@ def prefill(model, inputs_embeds, attention_mask, copies, max_new_tokens, use_ca
         cache = lm.new_cache(R, max_new_tokens, rows_per_example=copies) if use_cache else None
         state = DecodeState(cache, encoder_hidden=encoder_hidden, encoder_mask=attention_mask, inputs=start)
         return lm.decode(start, encoder_hidden, attention_mask, cache=cache, only_last_logits=True)[:, -1], state
-    inputs_embeds = inputs_embeds.repeat_interleave(copies, dim=0)  # (R, L, D)
-    attention_mask = attention_mask.repeat_interleave(copies, dim=0)  # (R, L)
-    R, L = attention_mask.shape
+    B, L = attention_mask.shape
     # Left-padded prompts: each row's first real token sits at position 0 (pads get 0 too, as in transformers 5.24;
     # no one attends to them).
-    positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # (R, L)
+    positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # (B, L)
     mask = None if bool(attention_mask.all()) else attention_mask  # no padding: the plain causal path
-    cache = lm.new_cache(R, L + max_new_tokens) if use_cache else None
-    state = DecodeState(cache, attention_mask=mask, positions=positions, inputs=None if use_cache else inputs_embeds,
-                        prompt_length=L)
-    return lm(inputs_embeds, mask, positions, cache, only_last_logits=True)[:, -1], state
+    # The copies of a prompt are equal, so the prompt runs once and its keys and values are copied: transformers runs
+    # every copy (5 beams: 5x the prompt's products, most of `ask`'s first step on a CPU).
+    cache = lm.new_cache(B, L + max_new_tokens) if use_cache else None
+    logits = lm(inputs_embeds, mask, positions, cache, only_last_logits=True)[:, -1]  # (B, V)
+    if cache is not None and copies > 1:
+        cache.repeat_rows(copies)
+    rows = lambda t: None if t is None else t.repeat_interleave(copies, dim=0)  # noqa: E731  (B, ...) -> (R, ...)
+    state = DecodeState(cache, attention_mask=rows(mask), positions=rows(positions),
+                        inputs=None if use_cache else rows(inputs_embeds), prompt_length=L)
+    return rows(logits), state
 
 
 def decode_one_token(model, state: DecodeState, tokens: torch.LongTensor) -> torch.Tensor:

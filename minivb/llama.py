@@ -97,6 +97,12 @@ class KVCache:
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens
 
+    def repeat_rows(self, copies: int) -> None:
+        """Each row becomes `copies` rows in a row, (B, ...) -> (B * copies, ...): a prompt run once, then shared by
+        its beams (generate.prefill)."""
+        self.keys = self.keys.repeat_interleave(copies, dim=1)
+        self.values = self.values.repeat_interleave(copies, dim=1)
+
     def reorder(self, index: torch.LongTensor, start: int = 0) -> None:
         """Row b becomes old row index[b] (beam search keeps the beams it extends), from slot `start` on.
 

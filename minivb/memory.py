@@ -102,11 +102,12 @@ def activation_bytes(config, element_size: int, workload: Workload = WORKLOAD) -
         encoder = w.batch_size * L * (4 * D + 3 * I) * e + w.batch_size * H * L * L * 4  # scores in fp32
         language = cache + R * L * D * e + encoder
     else:
-        D, I = t.hidden_size, t.intermediate_size
-        cache = t.num_hidden_layers * 2 * R * t.num_key_value_heads * (L + w.max_new_tokens) * t.head_dim * e
-        # Prefill: the residual stream and the normed copy, q/k/v, and the MLP's gate, up and their product.
-        prefill = R * L * (5 * D + 3 * I) * e
-        language = cache + prefill
+        D, I, B = t.hidden_size, t.intermediate_size, w.batch_size
+        cache_row = t.num_hidden_layers * 2 * t.num_key_value_heads * (L + w.max_new_tokens) * t.head_dim * e
+        # Prefill runs each prompt once (generate.prefill), holding the residual stream and the normed copy, q/k/v,
+        # and the MLP's gate, up and their product; then its cache is copied to the R rows of its beams.
+        prefill = B * L * (5 * D + 3 * I) * e
+        language = max(B * cache_row + prefill, (B + R) * cache_row)
     logits = R * t.vocab_size * 4 * 2  # the last position's logits in fp32, and their log-softmax
     return max(vision, language) + logits
 
