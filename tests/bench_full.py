@@ -279,8 +279,14 @@ def machine() -> str:
     bf16 = "yes" if {"avx512_bf16", "amx_bf16"} & set(flags) else "no"
     import transformers
 
+    limits = [f"{name}={os.environ[name]}" for name in EMULATION if name in os.environ]  # README: AVX2 emulated
     return (f"{model}, {os.cpu_count()} cores, native bf16 (avx512_bf16/amx_bf16): {bf16}, "
-            f"{total / 2**30:.1f} GiB memory; torch {torch.__version__}, transformers {transformers.__version__}")
+            f"{total / 2**30:.1f} GiB memory; torch {torch.__version__}, transformers {transformers.__version__}"
+            + (f"; limited by {' '.join(limits)}" if limits else ""))
+
+
+# What emulates a CPU without native bf16 on one with it (README, "A machine without native bf16, emulated")
+EMULATION = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MINIVB_NATIVE_BF16")
 
 
 def checkpoint(name, layers, folder: Path) -> Path:
