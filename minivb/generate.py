@@ -108,7 +108,10 @@ def prefill(model, inputs_embeds, attention_mask, copies, max_new_tokens, use_ca
     logits = lm(inputs_embeds, mask, positions, cache, only_last_logits=True)[:, -1]  # (B, V)
     if cache is not None and copies > 1:
         cache.repeat_rows(copies)
-    rows = lambda t: None if t is None else t.repeat_interleave(copies, dim=0)  # noqa: E731  (B, ...) -> (R, ...)
+
+    def rows(t):  # (B, ...) -> (R, ...): each example's copies one after the other
+        return None if t is None else t.repeat_interleave(copies, dim=0)
+
     state = DecodeState(cache, attention_mask=rows(mask), positions=rows(positions),
                         inputs=None if use_cache else rows(inputs_embeds), prompt_length=L)
     return rows(logits), state

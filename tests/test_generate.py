@@ -194,6 +194,26 @@ def test_beam_search_matches_transformers(models, case):
         assert eos not in ids[:, : case["min_new_tokens"]].tolist()
 
 
+def test_a_prompt_runs_once_for_all_its_beams(models, monkeypatch):
+    """The language model reads each prompt once, not once per beam (as transformers does), and gives the same
+    answers as it (test_beam_search_matches_transformers)."""
+    hf_model, model, batch, eos = models
+    lm = model.language_model
+    reads = []  # rows of every call of the language model, and how many positions each row carried
+    name = "encode" if model.config.is_encoder_decoder else "forward"  # T5 reads the prompt with its encoder
+    plain = getattr(lm, name)
+
+    def counted(x, *args, **kwargs):
+        reads.append(tuple(x.shape[:2]))
+        return plain(x, *args, **kwargs)
+
+    monkeypatch.setattr(lm, name, counted)
+    model.generate(**batch, **arguments(eos_token_id=eos, num_beams=3))
+    B, L = batch["input_ids"].shape
+    assert reads[0][0] == B and reads[0][1] >= L  # the prompt (with its visual tokens), once per example
+    assert all(length == 1 for _, length in reads[1:]) and all(rows == 3 * B for rows, _ in reads[1:])
+
+
 def test_beam_search_finishes_hypotheses_early(models):
     """With the chosen EOS, some kept hypotheses really end before max_new_tokens (the case the rules are about)."""
     hf_model, model, batch, eos = models
