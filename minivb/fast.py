@@ -165,7 +165,8 @@ def _row_times_matrix(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """row (1, n, c) x weight (out, n, c) -> (1, out), accumulated in fp32: one multiply-and-sum, which inductor
     fuses into a single vectorized pass over the weight, split over the cores. Only for one row: each output is one
     dot product, so R rows would convert and multiply each weight row R times (5 rows x 11008 x 4096 bf16, loaded
-    machine: 33 ms against F.linear's 16; the R sums unrolled into one loop, 74 against 38)."""
+    AMD machine with native bf16: 33 ms against F.linear's 16; the R sums unrolled into one loop, 74 against 38).
+    Without native bf16, that unrolled form is the faster one: `_rows_times_matrix`, below."""
     return (weight[None].float() * row[:, None].float()).sum(-1).sum(-1).to(row.dtype)
 
 
@@ -176,8 +177,8 @@ def _row_times_matrix(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 #     rows            1      2      3      5      8
 #     F.linear       7.7   11.3   14.4   21.5   34.5
 #     this kernel    8.1    9.2   10.6   12.7   22.8
-# (With native bf16, F.linear is the faster: 5 rows 4.8 ms against 7.9, see `_row_times_matrix`. Written as one
-# broadcast product, inductor converts each weight once for each row: 24.2 ms for 5.)
+# (With native bf16, F.linear and the packed weight are the faster: see `_row_times_matrix`. Written as one broadcast
+# product, inductor converts each weight once for each row: 24.2 ms for 5.)
 FEW_ROWS = 8
 
 
