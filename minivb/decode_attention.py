@@ -6,7 +6,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .fast import compiled_or_plain, compiled_rows_pay
+from .compiling import compiled_or_plain
+from .fast import compiled_rows_pay
 
 
 def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

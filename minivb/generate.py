@@ -102,8 +102,7 @@ def prefill(model, inputs_embeds, attention_mask, copies, max_new_tokens, use_ca
     # no one attends to them).
     positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # (B, L)
     mask = None if bool(attention_mask.all()) else attention_mask  # no padding: the plain causal path
-    # The copies of a prompt are equal, so the prompt runs once and its keys and values are copied: transformers runs
-    # every copy (5 beams: 5x the prompt's products, most of `ask`'s first step on a CPU).
+    # A prompt's copies are equal: it runs once and its keys and values are copied (transformers runs each copy).
     cache = lm.new_cache(B, L + max_new_tokens) if use_cache else None
     logits = lm(inputs_embeds, mask, positions, cache, only_last_logits=True)[:, -1]  # (B, V)
     if cache is not None and copies > 1:
@@ -111,7 +110,6 @@ def prefill(model, inputs_embeds, attention_mask, copies, max_new_tokens, use_ca
 
     def rows(t):  # (B, ...) -> (R, ...): each example's copies one after the other
         return None if t is None else t.repeat_interleave(copies, dim=0)
-
     state = DecodeState(cache, attention_mask=rows(mask), positions=rows(positions),
                         inputs=None if use_cache else rows(inputs_embeds), prompt_length=L)
     return rows(logits), state

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fast
+from .compiling import compiled_or_plain
 
 QUANTIZE_CHOICES = ("int8",)
 QUANTIZE_ROWS = 1024  # rows quantized at a time while loading (see Int8Linear.load_weight)
@@ -194,9 +195,9 @@ def int8_rows_linears(row: torch.Tensor, weights_and_scales: list, norm: nn.Modu
     [(1, out)], in one call of the compiled kernel (int8pack_mm where none compiles)."""
     flat = [tensor for pair in weights_and_scales for tensor in pair]
     if norm is not None:
-        return list(fast.compiled_or_plain(_int8_normed_row_times_matrices, norm, row, *flat,
+        return list(compiled_or_plain(_int8_normed_row_times_matrices, norm, row, *flat,
                                            plain=_plain_int8_normed_rows, normed=True))
-    return list(fast.compiled_or_plain(_int8_row_times_matrices, row.float(), *flat, plain=_int8pack_rows))
+    return list(compiled_or_plain(_int8_row_times_matrices, row.float(), *flat, plain=_int8pack_rows))
 
 
 # quantize_rows run op by op makes five passes over fp32 copies of each block of rows (float, abs, divide,
@@ -212,7 +213,7 @@ def quantize_block(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_rows (the reference, above), compiled for large blocks on a CPU."""
     if weight.numel() < QUANTIZE_COMPILE_MIN or weight.device.type != "cpu":
         return quantize_rows(weight)
-    return fast.compiled_or_plain(quantize_rows, weight)
+    return compiled_or_plain(quantize_rows, weight)
 
 
 # ----------------------------------------------------------------------------- quantize once: an int8 checkpoint

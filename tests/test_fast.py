@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import minivb
-from minivb import decode_attention, fast, llama, packing, quant
+from minivb import compiling, decode_attention, fast, llama, packing, quant
 from minivb.__main__ import ASK_MAX_NEW_TOKENS, ASK_NUM_BEAMS
 from minivb.llama import RMSNorm
 from minivb.t5 import T5LayerNorm
@@ -34,9 +34,9 @@ def compiled_rows(monkeypatch):
 @pytest.fixture
 def fresh_kernel():
     """Forget the cached kernel (or its absence) before and after a test that changes how it is built."""
-    fast._compiled.cache_clear(), fast._compiler_found.cache_clear()
+    compiling._compiled.cache_clear(), compiling._compiler_found.cache_clear()
     yield
-    fast._compiled.cache_clear(), fast._compiler_found.cache_clear()
+    compiling._compiled.cache_clear(), compiling._compiler_found.cache_clear()
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -174,7 +174,7 @@ def test_fast_products_equal_plain(monkeypatch, dtype, tol):
 def test_few_row_products_equal_plain(monkeypatch):
     """The few-row kernel (bf16 without native bf16: beams) for every count of rows it takes, a width cut in chunks:
     within bf16's rounding of F.linear in fp32. Each count compiles once, and in two dtypes that is 14 compilations of
-    one function, past dynamo's limit of 8, after which it would run op by op, ~50x slower (fast._RECOMPILE_LIMIT)."""
+    one function, past dynamo's limit of 8, after which it would run op by op, ~50x slower (compiling._RECOMPILE_LIMIT)."""
     monkeypatch.setenv("MINIVB_NATIVE_BF16", "0")
     monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)
     monkeypatch.setattr(fast, "FUSED_CHUNK", 64)  # 192 inputs: three chunks, as a 7B down_proj has
@@ -190,7 +190,7 @@ def test_few_row_products_equal_plain(monkeypatch):
             got = fast.rows_linear(x, layer.weight.to(dtype), layer.bias.to(dtype))
             assert got.shape == expected.shape and got.dtype == dtype
             assert (got.float() - expected).abs().max() <= 2e-2 * expected.abs().max()
-    if fast._compiler_found():
+    if compiling._compiler_found():
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2 * (fast.FEW_ROWS - 1)
 
 
@@ -240,7 +240,7 @@ def test_grouped_products_equal_one_at_a_time(monkeypatch, dtype):
 @pytest.mark.parametrize("norm_class", [RMSNorm, T5LayerNorm])
 def test_normed_products_equal_norm_then_products(monkeypatch, dtype, norm_class):
     """fast.linears(x, ..., norm=n) is [layer(n(x)) ...]; for one row, the norm runs inside the products' one call,
-    computed once and rounded as op by op (fast._NORMED_OPTIONS): the same numbers. A single layer (T5's
+    computed once and rounded as op by op (compiling._NORMED_OPTIONS): the same numbers. A single layer (T5's
     cross-attention query) and a pair (gate, up) each take one call."""
     monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)
     g = torch.Generator().manual_seed(1)
@@ -263,7 +263,7 @@ def test_normed_products_equal_norm_then_products(monkeypatch, dtype, norm_class
                 assert got.shape == want.shape and got.dtype == dtype
                 # bf16: the norm rounds as op by op; the fp32 sums may be ordered otherwise (one bf16 rounding)
                 assert (got.float() - want.float()).abs().max() <= (0 if rows > 1 else 1e-2) * want.abs().max()
-    assert not fast._compile_failed
+    assert not compiling._compile_failed
 
 
 @torch.no_grad()
@@ -293,7 +293,7 @@ def test_grouped_int8_products_equal_one_at_a_time(monkeypatch):
     assert all(torch.equal(got, m(norm(one))) for got, m in zip(normed, layers))
     calls.clear()  # fp32 rows: the reference, one layer at a time
     assert all(torch.equal(got, m(one.float())) for got, m in zip(fast.linears(one.float(), *layers), layers))
-    assert calls == [] and not fast._compile_failed
+    assert calls == [] and not compiling._compile_failed
 
 
 @torch.no_grad()
@@ -321,7 +321,7 @@ def test_fast_decode_generates_the_plain_tokens(bf16_model, monkeypatch):
 
 
 def test_no_compiler_falls_back_with_a_notice(monkeypatch, capsys, fresh_kernel):
-    monkeypatch.setattr(fast.shutil, "which", lambda name: None)
+    monkeypatch.setattr(compiling.shutil, "which", lambda name: None)
     monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 1)
     x, w = torch.randn(1, 64), torch.randn(32, 64)
     assert torch.equal(fast.fused_linears(x, [w], [None])[0], F.linear(x, w))
@@ -357,7 +357,7 @@ def test_int8_products_equal_the_reference(monkeypatch):
         packed = torch._weight_int8pack_mm(one, layer.weight, layer.weight_scale)
         assert (quant.int8_linear(one, layer.weight, layer.weight_scale).float() - packed.float()).abs().max() \
             <= 2**-7 * packed.float().abs().max()
-    assert not fast._compile_failed
+    assert not compiling._compile_failed
 
 
 @torch.no_grad()
@@ -410,12 +410,12 @@ def test_beams_reuse_the_decode_attention_compiled_for_one_row(monkeypatch):
 
     for mask in (True, False):
         step(1, 40, 70, mask)  # greedy: compiled here (or earlier in this process)
-    monkeypatch.setattr(fast, "_compile_failed", False)
+    monkeypatch.setattr(compiling, "_compile_failed", False)
     with torch._dynamo.config.patch(error_on_recompile=True):  # a compile now fails: the plain path, and a notice
         steps = ((1, 41, 70, True), (5, 30, 90, True), (5, 31, 90, False), (3, 64, 64, True))  # beams, a batch
         for batch, length, room, mask in steps:
             assert step(batch, length, room, mask).shape == (batch, 8, 1, 16)
-    assert not fast._compile_failed
+    assert not compiling._compile_failed
 
 
 @pytest.mark.parametrize("piece_bytes", [1, 3 * (3 * 4 * 6 * 8 * 4), 2**30])  # a layer, three, all at once
@@ -442,7 +442,7 @@ def test_compiled_quantization_equals_the_reference(monkeypatch):
         compiled, reference = quant.quantize_block(weight.to(dtype)), quantize_rows(weight.to(dtype))
         assert torch.equal(compiled[0], reference[0]) and torch.equal(compiled[1], reference[1])
         assert compiled[0].dtype == torch.int8 and compiled[0].abs().amax(dim=1)[8:].eq(127).all()
-    assert not fast._compile_failed and (fast._compiled(quantize_rows) is not None) == fast._compiler_found()
+    assert not compiling._compile_failed and (compiling._compiled(quantize_rows) is not None) == compiling._compiler_found()
 
 
 
@@ -455,10 +455,10 @@ print((compiled[0] != reference[0]).float().mean().item(), torch.equal(compiled[
 """
 
 
-@pytest.mark.skipif(not {"avx512f", "avx2"} <= fast._cpu_flags() or not fast._compiler_found(),
+@pytest.mark.skipif(not {"avx512f", "avx2"} <= fast._cpu_flags() or not compiling._compiler_found(),
                     reason="needs a C++ compiler and a CPU with AVX-512 (to compile at 512 and 256 bits)")
 def test_compiled_kernels_are_cached_per_vector_width(tmp_path):
-    """Processes sharing inductor's disk cache at two vector widths each get their own kernel (fast._vector_width):
+    """Processes sharing inductor's disk cache at two vector widths each get their own kernel (compiling._vector_width):
     without it a process got another's, with wrong int8 weights (cached at 512 bits, run at 256) or killed (256, then
     512: "free(): invalid size")."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}

@@ -1,0 +1,104 @@
+"""How minivb compiles its kernels (fast.py's few-row products, quant.py's int8 ones and quantizing,
+decode_attention.py's softmax): torch.compile's inductor, C++ on the CPU, with the plain PyTorch code as the fallback
+wherever no compiler is found or compiling fails (said once, on stderr). The switches below are each measured where
+they are set.
+"""
+
+import functools
+import os
+import shutil
+import sys
+
+import torch
+import torch.fx.experimental._config  # dynamo's shape switches (use_duck_shape, below)
+
+_compile_failed = False  # set when compiling failed on this machine: the plain paths from then on
+
+
+def _plain_instead(reason: str) -> None:
+    print(f"minivb: {reason}: decode steps use plain PyTorch (decoding ~1.5-2x slower at 7B sizes)", file=sys.stderr)
+
+
+@functools.cache
+def _compiler_found() -> bool:
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None and shutil.which("clang++") is None:
+        _plain_instead(f"no C++ compiler ({compiler} or clang++) found")  # said once
+        return False
+    return True
+
+
+# A pre-norm in the products' compiled call (fast.linears' norm=) saves its ~8 ops run one by one. As written, inductor
+# recomputes the normed row in each product's loop, at every weight (int8, one row x 3 x 2048 x 2048 with a
+# T5LayerNorm: 0.63 ms, 0.49 op by op); these options compute each intermediate once (0.35 ms), rounded where the
+# code rounds. flan-t5-xl cut to 8 decoder layers, greedy, ms a step: bf16 34.3-34.9 -> 30.7-30.9, int8 28.0-28.3 ->
+# 27.3-27.5.
+_NORMED_OPTIONS = {"realize_reads_threshold": 1, "realize_opcount_threshold": 1, "emulate_precision_casts": True}
+
+
+@functools.cache
+def _compiled(function, normed: bool = False):
+    """`function` compiled by inductor (with _NORMED_OPTIONS where `normed`), or None where it cannot build C++ here.
+
+    dynamic=True: one kernel for every shape (and a few size-1 specialisations), not one per matrix or cache length.
+    Compiling takes 1-3 s at the first use in a process (inductor caches it on disk); each call costs ~40-80 us of
+    dynamo's guards and wrappers beside the kernel (see fast.linears). cpp.vec_isa_ok: the vector instructions PyTorch
+    detects (AVX-512, AVX2) are taken as usable, where inductor would build and load a probe for each in a child
+    Python, 0.6-1.4 s of every cold start (a 7B's 4 + 4 cut, load then a first token: 5.0-5.2 s, 4.1 without); a
+    compiler that cannot target them fails the compile, which falls back below. No duck sizing: dynamo would give
+    equal sizes one symbol and guard on it (the decode attention of 1 x 32 heads compiled again for 5 beams x 32,
+    0.3-0.9 s); read at tracing, the switch is set around each call (6 us)."""
+    if _compile_failed or not _compiler_found():
+        return None
+    options = {"cpp.vec_isa_ok": True, "cpp.simdlen": _vector_width(), **(_NORMED_OPTIONS if normed else {})}
+    kernel = torch.compile(function, dynamic=True, options=options)
+
+    def run(*args):
+        with _NO_DUCK_SIZING, _RECOMPILE_LIMIT:
+            return kernel(*args)
+
+    return run
+
+
+@functools.cache
+def _vector_width() -> int:
+    """The vector width, in bits, inductor builds its C++ kernels for here: ATEN_CPU_CAPABILITY's where it is set
+    (avx2: 256), else the widest the CPU has (AVX-512: 512).
+
+    `_compiled` passes it as cpp.simdlen, which picks the same instructions inductor would pick, and puts the width in
+    the key of inductor's on-disk cache, which (PyTorch 2.13) has no other trace of it: a kernel cached by a process
+    at one width is handed to a process at another. Measured, Intel Xeon, one cache folder, quantize_block of a
+    1024 x 1024 block: cached at 512 bits, then run with ATEN_CPU_CAPABILITY=avx2, 84 % of the int8 weights wrong
+    and scales off by up to 126x, silently; cached at 256, then run at 512: "free(): invalid size", the process killed.
+    """
+    from torch._inductor import config, cpu_vec_isa
+
+    with config.patch({"cpp.vec_isa_ok": True}):  # no probe builds (see `_compiled`)
+        return cpu_vec_isa.pick_vec_isa().bit_width()  # 0 where it has no vector instructions: scalar code
+
+
+_NO_DUCK_SIZING = torch.fx.experimental._config.patch(use_duck_shape=False)  # reused: entering a new one costs 21 us
+# Past dynamo's 8 compilations of one function, it runs that function op by op instead, silently: _rows_times_matrix
+# compiles once for each count of rows (2-8; again for widths cut in chunks after one that is not), and op by op it
+# is ~50x slower (5 bf16 rows x 11008 x 4096: 989 ms against 19, seen past the limit).
+_RECOMPILE_LIMIT = torch._dynamo.config.patch(recompile_limit=64)
+
+
+def _compile_failure(error: Exception) -> None:
+    """A compiler inductor cannot use: say so once, then stay on the plain paths."""
+    global _compile_failed
+    _plain_instead(f"torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0][:100]})")
+    _compile_failed = True
+    _compiled.cache_clear()
+
+
+def compiled_or_plain(function, *args, plain=None, normed: bool = False):
+    """`function(*args)` through its compiled kernel; where there is none or compiling fails, `plain(*args)`: by
+    default `function` itself, run op by op. normed: a kernel that starts with a pre-norm (_NORMED_OPTIONS)."""
+    kernel = _compiled(function, normed)
+    if kernel is not None:
+        try:
+            return kernel(*args)
+        except Exception as error:
+            _compile_failure(error)
+    return (plain or function)(*args)
