@@ -21,6 +21,7 @@ import torch
 
 from . import evaluate, finetune
 from .data import write_toy_dataset
+from .memory import Workload
 from .quant import QUANTIZE_CHOICES, save_quantized
 from .video import VIDEO_EXTENSIONS, read_video, video_info
 
@@ -72,7 +73,9 @@ def main(argv=None) -> int:
 
     info = commands.add_parser("info", help="architecture and parameter counts of a checkpoint, or what a video holds")
     info.add_argument("model", help="checkpoint directory (official layout), or a video file (mp4 webm mkv avi mov)")
-    info.add_argument("--frames", type=int, default=4, help="for a video: frames that would be sampled (default 4)")
+    info.add_argument("--frames", type=int, default=4, help="frames that would be sampled from a video, and answered "
+                                                            "about in a checkpoint's memory figures (default 4)")
+    info.add_argument("--num-beams", type=int, default=ASK_NUM_BEAMS, help="for a checkpoint's memory figures")
     info.add_argument("--start", type=float, help="for a video: segment start (seconds)")
     info.add_argument("--end", type=float, help="for a video: segment end (seconds)")
 
@@ -94,7 +97,7 @@ def main(argv=None) -> int:
         elif os.path.isfile(args.model) and args.model.lower().endswith(VIDEO_EXTENSIONS):
             print(run_video_info(args.model, args.frames, args.start, args.end))
         else:
-            print(run_info(args.model))
+            print(run_info(args.model, Workload(num_frames=args.frames, num_beams=args.num_beams)))
     except (ValueError, FileNotFoundError) as e:
         print(f"minivb: error: {e}", file=sys.stderr)
         return 2
@@ -161,11 +164,20 @@ def load_checkpoint(args):
     # does not fit, load_model takes int8 for the language model and says so.
     dtype = "auto" if args.dtype == "auto" else DTYPES[args.dtype]
     model = minivb.load_model(args.model, dtype=dtype, device=args.device, progress=_print_progress if large else None,
-                              quantize=args.quantize, check_memory=not args.no_memory_check)
+                              quantize=args.quantize, check_memory=not args.no_memory_check, workload=workload(args))
     return model, processor
 
 
-def run_info(path) -> str:
+def workload(args) -> Workload:
+    """What the command asks of one generate call: the activations load_model's memory check counts."""
+    if args.command == "eval":
+        return Workload(batch_size=args.batch_size, num_frames=args.num_frames, num_beams=args.num_beams,
+                        max_new_tokens=args.max_new_tokens)
+    frames = args.frames if args.video is not None else 1  # an image is one frame
+    return Workload(num_frames=frames, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+
+
+def run_info(path, workload: Workload = Workload()) -> str:
     from .config import load_config
     from .model import InstructBlipVideo
 
@@ -198,7 +210,34 @@ def run_info(path) -> str:
     total += model.query_tokens.numel()
     lines.append(f"  {'query_tokens':<15} {model.query_tokens.numel():>15,}")
     lines.append(f"  {'total':<15} {total:>15,}")
-    return "\n".join(lines)
+    return "\n".join(lines + memory_lines(config, workload))
+
+
+def memory_lines(config, workload: Workload) -> list[str]:
+    """What each way of loading the checkpoint needs on this machine now, and the one --dtype auto takes there."""
+    from . import memory
+    from .fast import has_native_bf16
+    from .model import build_on_meta
+
+    device = torch.device("cpu")
+    available = memory.available_bytes(device)
+    options = [option for option in ((torch.float32, None), *memory.AUTO) if config.quantization in (None, option[1])]
+    needs = {option: memory.estimate(build_on_meta(config, *option), workload, device) for option in options}
+    auto = next((option for option in memory.auto_options(config) if memory.fits(needs[option], available)), None)
+    known = f"{available / memory.GB:.1f} GB available now" if available >= 0 else "available memory unknown"
+    lines = [f"memory to answer about {memory.workload_text(workload)} on this CPU ({known}):"]
+    for (dtype, quantize), need in needs.items():
+        name = str(dtype).removeprefix("torch.") + (f", {quantize}" if quantize else "")
+        verdict = ("fits" if memory.fits(need, available) else "does not fit") + (
+            ": what --dtype auto loads" if (dtype, quantize) == auto else "")
+        lines.append(f"  {name:<15} {need.total / memory.GB:>8.1f} GB  ({need.weights / memory.GB:.1f} of weights, "
+                     f"{need.activations / memory.GB:.1f} to answer)  {verdict}")
+    if has_native_bf16():
+        lines.append("  this CPU multiplies bf16 natively (avx512_bf16 / amx_bf16): bfloat16 weights compute in bfloat16")
+    else:
+        lines.append("  this CPU has no native bf16: bfloat16 weights compute in float32 (vision, Q-Former, the prompt) "
+                     "and decode in bfloat16")
+    return lines
 
 
 COUNT_SOURCES = {"container": "from the container", "duration x rate": "duration x rate, rounded",

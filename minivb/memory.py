@@ -33,7 +33,10 @@ GB = 1e9
 
 @dataclass
 class Workload:
-    """What one call of generate asks of memory: the default is the CLI's `ask` (one video, 4 frames, 5 beams)."""
+    """What one call of generate asks of memory: the default is the CLI's `ask` (one video, 4 frames, 5 beams).
+
+    `load_model(..., workload=Workload(num_frames=48))` checks for that instead: the activations grow with the frames
+    (a 7B's KV caches for 5 beams: 0.7 GB at 4 frames, 5.1 GB at 48), and the CLI passes what it was asked for."""
 
     batch_size: int = 1
     num_frames: int = 4
@@ -160,7 +163,7 @@ def available_bytes(device: torch.device) -> int:
         return -1  # unknown: the check is skipped
 
 
-def room_to_pack(model: torch.nn.Module, device="cpu", mapped: bool = False) -> bool:
+def room_to_pack(model: torch.nn.Module, device="cpu", mapped: bool = False, workload: Workload = WORKLOAD) -> bool:
     """Whether `model` (on the meta device, in its dtype and quantization) may pack its language model's weights for
     beam steps (packing.py): the packed copies are memory of their own, on top of everything `estimate` counts,
     since a greedy step still reads the plain weights. A 7B in bf16 on 24 GB has no room (16.6 + 13.2 GB); its cut
@@ -183,7 +186,7 @@ def room_to_pack(model: torch.nn.Module, device="cpu", mapped: bool = False) -> 
         return False
     available = available_bytes(torch.device(device))
     beside = 0 if mapped and packed_serves_one_row(model.projection.weight.dtype) else packed
-    return available >= 0 and estimate(model, device=device).total + beside <= available
+    return available >= 0 and estimate(model, workload, device).total + beside <= available
 
 
 # What dtype="auto" loads, fastest first: bf16 (half the bytes of fp32 to read per decoded token), then bf16 with
@@ -191,7 +194,13 @@ def room_to_pack(model: torch.nn.Module, device="cpu", mapped: bool = False) -> 
 AUTO = ((torch.bfloat16, None), (torch.bfloat16, "int8"))
 
 
-def choose(config, dtype, quantize: str | None, device: torch.device, path: str) -> tuple[torch.dtype, str | None]:
+def auto_options(config) -> list[tuple[torch.dtype, str | None]]:
+    """What dtype="auto" tries, fastest first: AUTO, less bf16 alone for a checkpoint already in int8."""
+    return [option for option in AUTO if config.quantization in (None, option[1])]
+
+
+def choose(config, dtype, quantize: str | None, device: torch.device, path: str,
+           workload: Workload = WORKLOAD) -> tuple[torch.dtype, str | None]:
     """The dtype and quantization to load `config` in: the asked ones if they fit in the memory available now, the
     first of AUTO that fits for dtype="auto" (with `quantize` given, bf16 with it); else NotEnoughMemory.
 
@@ -199,20 +208,29 @@ def choose(config, dtype, quantize: str | None, device: torch.device, path: str)
     """
     from .model import build_on_meta
 
-    auto = [option for option in AUTO if config.quantization in (None, option[1])]  # an int8 checkpoint stays int8
+    auto = auto_options(config)
     if dtype == "auto":
         asked = [(torch.bfloat16, quantize)] if quantize else auto
     else:
         asked = [(dtype, quantize)]
     options = dict.fromkeys([*asked, *auto])  # the asked ones first, then the alternatives a refusal can name
-    estimates = {option: estimate(build_on_meta(config, *option), device=device) for option in options}
+    estimates = {option: estimate(build_on_meta(config, *option), workload, device) for option in options}
     available = available_bytes(device)
     for option in asked:
-        if available < 0 or estimates[option].total <= available:
+        if fits(estimates[option], available):
             return option
     dtype, quantize = asked[-1]  # for auto, the refusal speaks of the smallest of its options
     alternatives = {_option_text(*option): estimates[option] for option in options if option not in asked}
-    raise refusal(estimates[asked[-1]], available, path, dtype, quantize, device, alternatives)
+    raise refusal(estimates[asked[-1]], available, path, dtype, quantize, device, alternatives, workload)
+
+
+def fits(need: Estimate, available: int) -> bool:
+    return available < 0 or need.total <= available  # available < 0: unknown, the check is skipped
+
+
+def workload_text(w: Workload) -> str:
+    examples = f"{w.batch_size} examples of " if w.batch_size > 1 else ""
+    return f"{examples}{w.num_frames} frame{'s' * (w.num_frames > 1)} with {w.num_beams} beam{'s' * (w.num_beams > 1)}"
 
 
 def _option_text(dtype, quantize) -> str:
@@ -220,14 +238,16 @@ def _option_text(dtype, quantize) -> str:
 
 
 def refusal(need: Estimate, available: int, path: str, dtype: torch.dtype, quantize: str | None,
-            device: torch.device, alternatives: dict[str, Estimate]) -> NotEnoughMemory:
+            device: torch.device, alternatives: dict[str, Estimate], workload: Workload = WORKLOAD) -> NotEnoughMemory:
     """The error that says what is needed, what is available, and which of `alternatives` would fit."""
     fitting = [f"{option} (about {other.total / GB:.1f} GB)" for option, other in alternatives.items()
                if other.total <= available]
     advice = ("load it with " + " or ".join(fitting)) if fitting else "no dtype or quantization of minivb fits"
+    if not fitting and need.activations > need.weights / 4:  # it is the frames, beams or batch that do not fit
+        advice += " with this many frames, beams and examples: ask for fewer"
     return NotEnoughMemory(
         f"{path} with {_option_text(dtype, quantize)} needs about {need.total / GB:.1f} GB ({need.weights / GB:.1f} "
-        f"GB of weights, {need.activations / GB:.1f} GB to answer about {WORKLOAD.num_frames} frames "
-        f"with {WORKLOAD.num_beams} beams), but only {available / GB:.1f} GB is available on {device.type}: "
+        f"GB of weights, {need.activations / GB:.1f} GB to answer about {workload_text(workload)}), but only "
+        f"{available / GB:.1f} GB is available on {device.type}: "
         f"{advice}; or pass check_memory=False (CLI: --no-memory-check) to try anyway, at the risk of the OS "
         f"killing the process")

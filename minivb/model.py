@@ -201,7 +201,7 @@ def _check_mask(name, mask, ids):
 
 
 def load_model(path, dtype: torch.dtype | str = torch.float32, device="cpu", progress=None,
-               quantize: str | None = None, check_memory: bool = True) -> InstructBlipVideo:
+               quantize: str | None = None, check_memory: bool = True, workload=None) -> InstructBlipVideo:
     """Build minivb from an official checkpoint directory (config.json + safetensors) and load its weights.
 
     `progress(done, total, file)` is called before each safetensors file is read (the CLI prints it).
@@ -210,6 +210,8 @@ def load_model(path, dtype: torch.dtype | str = torch.float32, device="cpu", pro
     in int8 whatever `quantize` says, its int8 weights mapped from the file.
     `check_memory`: before allocating anything, refuse with memory.NotEnoughMemory (a ValueError naming what would
     fit) when the model would need more than the machine has available (see memory.py); False skips the check.
+    `workload` (a minivb.Workload): what one generate call will ask, the activations the check counts beside the
+    weights; the default is the CLI's `ask`, 4 frames with 5 beams (the CLI passes its --frames, beams, batch).
     `dtype="auto"` (the CLI's default): bfloat16 if it fits, else bfloat16 with quantize="int8" (said on stderr).
     Where a second copy of the language model's weights fits in memory (memory.room_to_pack), its layers pack their
     weights for oneDNN once they have made packing.PACK_AFTER products of 2-128 rows (beam steps, a batch's decode
@@ -221,6 +223,9 @@ def load_model(path, dtype: torch.dtype | str = torch.float32, device="cpu", pro
     from .quant import check_quantize
 
     check_quantize(quantize)
+    workload = memory.WORKLOAD if workload is None else workload
+    if not isinstance(workload, memory.Workload):
+        raise ValueError(f"workload must be a minivb.Workload (frames, beams, batch size), got {workload!r}")
     if dtype != "auto" and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise ValueError(f"dtype must be 'auto' or a floating torch.dtype such as torch.float32 or torch.bfloat16, "
                          f"got {dtype!r}")
@@ -235,7 +240,7 @@ def load_model(path, dtype: torch.dtype | str = torch.float32, device="cpu", pro
         quantize = config.quantization
     if check_memory:  # what fits (dtype="auto": the fastest that fits), estimated before allocating anything
         asked = quantize
-        dtype, quantize = memory.choose(config, dtype, quantize, device, str(path))
+        dtype, quantize = memory.choose(config, dtype, quantize, device, str(path), workload)
         if quantize != asked:
             print("minivb: bfloat16 does not fit in the available memory: the language model is loaded in int8",
                   file=sys.stderr)
@@ -248,7 +253,7 @@ def load_model(path, dtype: torch.dtype | str = torch.float32, device="cpu", pro
     # mapped: every tensor is stored in `dtype`, so each parameter becomes the file's own pages (load_state), and a
     # layer's packed copy can take their place (ViT and Q-Former layers pack too: all of them, not only the LLM's)
     mapped = all(d == dtype for d in stored_dtypes(str(path)).values())
-    if memory.room_to_pack(model, device, mapped):
+    if memory.room_to_pack(model, device, mapped, workload):
         fast.allow_packing(model)  # beams multiply a copy of each weight packed once for oneDNN (packing.py)
     model = model.to_empty(device=device)
     load_state(model, str(path), progress=progress)
