@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .llama import KVCache
+from .model import check_context
 from .t5 import T5Cache
 
 PRUNED = -1.0e9  # transformers' "never pick this" score in beam search; the same constant keeps sums identical
@@ -418,16 +419,15 @@ def generate(model, pixel_values=None, qformer_input_ids=None, qformer_attention
     eos = special_token("eos_token_id", eos_token_id, config.eos_token_id, config.vocab_size)
     pad = special_token("pad_token_id", pad_token_id, config.pad_token_id if config.pad_token_id is not None else eos,
                         config.vocab_size)
+    is_t5 = model.config.is_encoder_decoder
+    if not is_t5:  # before the vision encoder, which takes minutes for the many frames that would not fit
+        check_context(model.config, pixel_values, input_ids, max_new_tokens)
     video = model.encode_video(pixel_values, qformer_input_ids, qformer_attention_mask, interpolate_pos_encoding)
     inputs_embeds, attention_mask, _ = model.embed_inputs(video.visual_tokens, input_ids, attention_mask)
-    is_t5 = model.config.is_encoder_decoder
     if is_t5:
         history = torch.full((input_ids.shape[0], 1), model.config.text.decoder_start_token_id, device=input_ids.device)
     else:
         history = input_ids.long()  # with no placeholders (visual tokens prepended), the text alone
-        if inputs_embeds.shape[1] + max_new_tokens > config.max_position_embeddings:
-            raise ValueError(f"max_new_tokens ({max_new_tokens}) + prompt length ({inputs_embeds.shape[1]}) exceed "
-                             f"the model's max_position_embeddings ({config.max_position_embeddings})")
     trace = Trace() if return_trace else None
     if max_new_tokens == 0:
         ids = input_ids.new_zeros((input_ids.shape[0] * num_return_sequences, 0))

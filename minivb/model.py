@@ -179,6 +179,22 @@ def _as_video(pixel_values) -> torch.Tensor:
     return pixel_values
 
 
+def check_context(config: InstructBlipVideoConfig, pixel_values, input_ids, max_new_tokens: int) -> None:
+    """Refuse a LLaMA prompt plus its new tokens longer than the model's positions (Vicuna: 2048), known from the
+    shapes alone: T frames of num_query_tokens visual tokens each, in placeholders or prepended, and the text."""
+    frames = pixel_values.shape[1] if pixel_values.dim() == 5 else 1
+    visual = frames * config.num_query_tokens
+    placeholders = config.placeholder_token_id is not None and bool((input_ids == config.placeholder_token_id).any())
+    text = input_ids.shape[1] - (visual if placeholders else 0)
+    positions = config.text.max_position_embeddings
+    if visual + text + max_new_tokens > positions:
+        fit = max(0, (positions - text - max_new_tokens) // config.num_query_tokens)
+        raise ValueError(
+            f"the prompt ({frames} frames x {config.num_query_tokens} visual tokens + {text} of text) and max_new_tokens "
+            f"({max_new_tokens}) need {visual + text + max_new_tokens} positions, more than the language model's "
+            f"{positions} (max_position_embeddings): at most {fit} frames fit with this text and max_new_tokens")
+
+
 def _check_ids(name, ids, batch_size, vocab_size, allowed=None):
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
         shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__

@@ -328,6 +328,26 @@ def test_prompt_without_placeholders_gets_the_visual_tokens_in_front(models):
                        model.generate(**batch, **arguments(eos_token_id=eos)))
 
 
+def test_a_prompt_past_the_positions_is_refused_before_the_vision_encoder(models, monkeypatch):
+    """LLaMA's positions end (tiny: 256, Vicuna: 2048); too many frames are refused from the shapes, with the number
+    that fits, before the vision encoder spends minutes on them."""
+    hf_model, model, batch, eos = models
+    if model.config.is_encoder_decoder:
+        pytest.skip("T5's relative positions have no end")
+    positions, B, T = model.config.text.max_position_embeddings, *batch["pixel_values"].shape[:2]
+    num_visual, L = tiny.NUM_QUERY_TOKENS * T, batch["input_ids"].shape[1]
+    fits = positions - L  # the most new tokens this prompt leaves room for
+    model.generate(**batch, **arguments(eos_token_id=eos, max_new_tokens=fits, min_new_tokens=0))
+    monkeypatch.setattr(model, "encode_video", lambda *args: pytest.fail("the vision encoder ran"))
+    with pytest.raises(ValueError, match=f"need {positions + 1} positions, more than the language model's {positions} "
+                                         f"\\(max_position_embeddings\\): at most {T - 1} frames fit"):
+        model.generate(**batch, **arguments(eos_token_id=eos, max_new_tokens=fits + 1))
+    in_front = dict(batch, input_ids=batch["input_ids"][:, num_visual:],
+                    attention_mask=batch["attention_mask"][:, num_visual:])  # the visual tokens prepended: the same
+    with pytest.raises(ValueError, match=f"{T} frames x {tiny.NUM_QUERY_TOKENS} visual tokens \\+ {L - num_visual} of"):
+        model.generate(**in_front, **arguments(eos_token_id=eos, max_new_tokens=fits + 1))
+
+
 def test_defaults_come_from_the_checkpoint(models):
     hf_model, model, batch, eos = models
     config = model.config.text
