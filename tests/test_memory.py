@@ -79,10 +79,10 @@ def medium(tmp_path_factory):
 
 @pytest.mark.parametrize("dtype, pack, frames", [("bfloat16", "1", 4), ("float32", "1", 4), ("bfloat16", "0", 4),
                                                  ("bfloat16", "0", 32)])
-def test_estimate_is_within_10_percent_of_the_real_peak(medium, dtype, pack, frames, monkeypatch):
+def test_estimate_is_within_10_percent_under_15_over_the_real_peak(medium, dtype, pack, frames, monkeypatch):
     monkeypatch.setenv("MINIVB_PACK", pack)  # with and without the copies packed for beams (packing.py)
     model = build_on_meta(load_config(medium), getattr(torch, dtype))
-    workload = memory.Workload(num_frames=frames)  # 32 frames: the frames' activations are a third of it all
+    workload = memory.Workload(num_frames=frames)  # 32 frames: the frames' activations are half the weights
     if memory.room_to_pack(model, workload=workload):  # as load_model decides it
         fast.allow_packing(model)
     need = memory.estimate(model, workload)
@@ -110,7 +110,12 @@ def test_estimate_is_within_10_percent_of_the_real_peak(medium, dtype, pack, fra
         peak += unread
     else:
         assert measured["mapped"] == 0, measured
-    assert abs(need.total - peak) <= 0.1 * peak, (need, measured)
+    # Within 10 % below the peak (an estimate under it is what lets the OS kill a process) and 15 % above: this
+    # model's peak swings by tens of MB from run to run (freed frames' memory reused or not: 583-636 MB measured at
+    # 4 frames, 845-1001 at 32), and the estimate keeps a fixed allowance for the compiler and oneDNN's buffers
+    # (COMPILE_BYTES, 120 MB), 17 % of this model's need, nothing at full size (a 7B with 48 frames: 21.1 GB
+    # estimated, 20.98 GB peak resident memory measured).
+    assert -0.10 * peak <= need.total - peak <= 0.15 * peak, (need, measured)
 
 
 def test_weights_are_counted_exactly():

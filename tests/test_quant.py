@@ -87,11 +87,12 @@ def test_refusal_suggests_int8_and_the_cli_falls_back_to_it(monkeypatch, capsys)
 
     path = ROOT / "weights" / "vicuna-tiny"
     config = load_config(path)
-    bf16 = memory.estimate(build_on_meta(config, torch.bfloat16)).total
-    int8 = memory.estimate(build_on_meta(config, torch.bfloat16, "int8")).total
+    asked = memory.Workload(num_beams=2, max_new_tokens=2)  # what the CLI below asks, and checks for
+    bf16 = memory.estimate(build_on_meta(config, torch.bfloat16), asked).total
+    int8 = memory.estimate(build_on_meta(config, torch.bfloat16, "int8"), asked).total
     monkeypatch.setattr(memory, "available_bytes", lambda device: (bf16 + int8) // 2)
     with pytest.raises(memory.NotEnoughMemory, match="quantize='int8'"):
-        minivb.load_model(path, dtype=torch.bfloat16)
+        minivb.load_model(path, dtype=torch.bfloat16, workload=asked)
     assert main(["ask", "--model", str(path), "--video", str(CLIP), "--num-beams", "2", "--max-new-tokens", "2",
                  "Q?"]) == 0
     assert "loaded in int8" in capsys.readouterr().err
