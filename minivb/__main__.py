@@ -2,7 +2,7 @@
 
     python -m minivb ask --model DIR --video PATH "What is happening?"
     python -m minivb ask --model DIR --video PATH --start 60 --end 90 "What happens in this half minute?"
-    python -m minivb info DIR
+    python -m minivb info DIR [--frames N]     (parts and sizes, and what each dtype needs and fits here)
     python -m minivb info VIDEO        (duration, frame count, codec, and the frames that would be sampled)
     python -m minivb eval --model DIR --annotations FILE --videos DIR [--out preds.jsonl]   (see evaluate.py)
     python -m minivb quantize --model DIR --out DIR      (an int8 copy of the checkpoint, see quant.py)
