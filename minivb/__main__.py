@@ -117,12 +117,19 @@ def run_ask(args) -> str:
         raise ValueError(f"--frames must be at least 1, got {args.frames}")
     if args.image is not None and (args.start is not None or args.end is not None):
         raise ValueError("--start and --end cut a segment of a --video; an --image has none")
-    model, processor = load_checkpoint(args)
+    import minivb
+    from .model import check_context
+
+    processor = minivb.load_processor(args.model)
     if args.video is not None:
         frames = read_video(args.video, args.frames, start=args.start, end=args.end)
         batch = processor(text=args.question, videos=[frames], num_frames=args.frames)
     else:
         batch = processor(text=args.question, images=[args.image])
+    config = minivb.load_config(args.model)
+    if not config.is_encoder_decoder:  # too many frames for the positions: said before the (slow) load
+        check_context(config, batch["pixel_values"], batch["input_ids"], args.max_new_tokens)
+    model, processor = load_checkpoint(args)
     batch = {name: tensor.to(args.device) for name, tensor in batch.items()}
     # The tokenizer's eos ends the answers (`</s>`, 2, for Vicuna); the official Vicuna config's eos (1) is an artefact.
     ids = model.generate(**batch, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,

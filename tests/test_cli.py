@@ -62,3 +62,16 @@ def test_errors_are_one_line_with_exit_code_2(args, message):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert message in result.stderr
+
+
+def test_ask_refuses_more_frames_than_positions_before_loading(monkeypatch, capsys):
+    # Vicuna's 2048 positions hold 62 frames of 32 visual tokens with a short question and 30 new tokens: `ask` says
+    # so from the batch's shapes, before it loads the weights (and long before the vision encoder would run).
+    from minivb.__main__ import main
+
+    monkeypatch.setattr(minivb, "load_model", lambda *args, **kwargs: pytest.fail("the weights were loaded"))
+    path = ROOT / "weights" / "vicuna-tiny"
+    assert minivb.load_config(path).text.max_position_embeddings == 2048
+    assert main(["ask", "--model", str(path), "--video", str(CLIP), "--frames", "70", "Q?"]) == 2
+    err = capsys.readouterr().err
+    assert "(70 frames x 32 visual tokens" in err and "2048 (max_position_embeddings): at most 62 frames fit" in err
