@@ -21,7 +21,7 @@ import torch
 
 from . import evaluate, finetune
 from .data import write_toy_dataset
-from .memory import Workload
+from .memory import WORKLOAD, Workload
 from .quant import QUANTIZE_CHOICES, save_quantized
 from .video import VIDEO_EXTENSIONS, read_video, video_info
 
@@ -129,7 +129,7 @@ def run_ask(args) -> str:
     config = minivb.load_config(args.model)
     if not config.is_encoder_decoder:  # too many frames for the positions: said before the (slow) load
         check_context(config, batch["pixel_values"], batch["input_ids"], args.max_new_tokens)
-    model, processor = load_checkpoint(args)
+    model = load_weights(args)
     batch = {name: tensor.to(args.device) for name, tensor in batch.items()}
     # The tokenizer's eos ends the answers (`</s>`, 2, for Vicuna); the official Vicuna config's eos (1) is an artefact.
     ids = model.generate(**batch, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
@@ -165,14 +165,20 @@ def load_checkpoint(args):
     import minivb
 
     processor = minivb.load_processor(args.model)  # checks the folder before the (slower) weights
+    return load_weights(args), processor
+
+
+def load_weights(args):
+    """The model of --model, loaded as the options of add_load_arguments say."""
+    import minivb
+
     large = os.path.isdir(args.model) and _checkpoint_bytes(args.model) > LARGE_CHECKPOINT
     # auto: bfloat16, what the official checkpoints were trained in; decoding, which reads every weight once per
     # token, goes at the speed of memory: half the bytes of float32, close to twice the tokens per second. Where it
     # does not fit, load_model takes int8 for the language model and says so.
     dtype = "auto" if args.dtype == "auto" else DTYPES[args.dtype]
-    model = minivb.load_model(args.model, dtype=dtype, device=args.device, progress=_print_progress if large else None,
-                              quantize=args.quantize, check_memory=not args.no_memory_check, workload=workload(args))
-    return model, processor
+    return minivb.load_model(args.model, dtype=dtype, device=args.device, progress=_print_progress if large else None,
+                             quantize=args.quantize, check_memory=not args.no_memory_check, workload=workload(args))
 
 
 def workload(args) -> Workload:
@@ -184,7 +190,7 @@ def workload(args) -> Workload:
     return Workload(num_frames=frames, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
 
 
-def run_info(path, workload: Workload = Workload()) -> str:
+def run_info(path, workload: Workload = WORKLOAD) -> str:
     from .config import load_config
     from .model import InstructBlipVideo
 
@@ -228,7 +234,7 @@ def memory_lines(config, workload: Workload) -> list[str]:
 
     device = torch.device("cpu")
     available = memory.available_bytes(device)
-    options = [option for option in ((torch.float32, None), *memory.AUTO) if config.quantization in (None, option[1])]
+    options = ([(torch.float32, None)] if config.quantization is None else []) + memory.auto_options(config)
     needs = {option: memory.estimate(build_on_meta(config, *option), workload, device) for option in options}
     auto = next((option for option in memory.auto_options(config) if memory.fits(needs[option], available)), None)
     known = f"{available / memory.GB:.1f} GB available now" if available >= 0 else "available memory unknown"

@@ -241,7 +241,7 @@ def refusal(need: Estimate, available: int, path: str, dtype: torch.dtype, quant
             device: torch.device, alternatives: dict[str, Estimate], workload: Workload = WORKLOAD) -> NotEnoughMemory:
     """The error that says what is needed, what is available, and which of `alternatives` would fit."""
     fitting = [f"{option} (about {other.total / GB:.1f} GB)" for option, other in alternatives.items()
-               if other.total <= available]
+               if fits(other, available)]
     advice = ("load it with " + " or ".join(fitting)) if fitting else "no dtype or quantization of minivb fits"
     if not fitting and need.activations > need.weights / 4:  # it is the frames, beams or batch that do not fit
         advice += " with this many frames, beams and examples: ask for fewer"
