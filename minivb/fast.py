@@ -137,11 +137,16 @@ class computing_in(TorchFunctionMode):
         return value
 
 
-def phase(name: str, weight: torch.Tensor):
-    """`with phase("vision" | "prefill" | "decode", a_weight) as dtype:` computes that phase in `compute_dtype`.
+def phase(name: str, weight: torch.Tensor, x: torch.Tensor | None = None):
+    """`with phase("vision" | "prefill" | "decode", a_weight, x) as dtype:` computes that phase in `compute_dtype`.
 
-    `dtype` is the compute dtype; when it is the weights' own, nothing is intercepted (the plain path).
+    `dtype` is the compute dtype; when it is the weights' own, nothing is intercepted (the plain path). So too where
+    gradients flow through frozen weights to the phase's input `x` (a fine-tune's language model, finetune.py):
+    autograd keeps every weight a product reads for the backward pass, and an fp32 copy made at each call would then
+    be a whole fp32 model kept alive, 27 GB for a 7B's language model.
     """
+    if x is not None and x.requires_grad and torch.is_grad_enabled() and not weight.requires_grad:
+        return contextlib.nullcontext(weight.dtype)
     dtype = compute_dtype(weight.dtype, name, weight.device)
     return contextlib.nullcontext(weight.dtype) if dtype == weight.dtype else computing_in(dtype)
 

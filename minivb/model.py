@@ -57,8 +57,11 @@ class InstructBlipVideo(nn.Module):
             qformer_attention_mask = torch.ones_like(qformer_input_ids)
         _check_mask("qformer_attention_mask", qformer_attention_mask, qformer_input_ids)
 
-        frames = pixel_values.flatten(0, 1).to(self.projection.weight.dtype)  # (B*T, 3, H, W)
+        # Each tower reads its input in its own dtype: they are one dtype after load_model, but a fine-tune keeps
+        # the frozen towers as loaded (bf16 for a 7B on 24 GB) and trains the bridge in float32 (finetune.py).
+        frames = pixel_values.flatten(0, 1).to(self.vision.patch_embedding.weight.dtype)  # (B*T, 3, H, W)
         frame_features = self.vision(frames, interpolate_pos_encoding=interpolate_pos_encoding)  # (B*T, 1+P, C)
+        frame_features = frame_features.to(self.query_tokens.dtype)
 
         # InstructBLIP's difference from BLIP-2: the instruction enters the Q-Former too, so the queries look
         # for what the question asks about. Every frame of a video reads the same instruction.
