@@ -360,3 +360,24 @@ def stored_dtypes(path: str) -> dict[str, torch.dtype]:
                     dtypes[ours] = SAFETENSORS_DTYPES[stored]
     return dtypes
 
+
+def stored_tensors(path: str):
+    """`read(name)`: minivb parameter `name` as the checkpoint's files store it (their dtype, their bytes), read from
+    its file when asked, one tensor at a time. A fine-tune writes its frozen towers back with it (saving.py): bit for
+    bit as they came in, whichever dtype it held them in while training."""
+    where = {}
+    for file in checkpoint_files(path):
+        with _open(file) as handle:
+            for key in handle.keys():
+                ours = map_key(ALIASES.get(key, key))
+                if ours is not None:
+                    where.setdefault(ours, (file, key))
+
+    def read(name: str) -> torch.Tensor:
+        if name not in where:
+            raise ValueError(f"{path} has no tensor {official_key(name)!r} to copy")
+        file, key = where[name]
+        with _open(file) as handle:
+            return _read(handle, file, key)
+
+    return read

@@ -22,7 +22,7 @@ from dataclasses import asdict
 
 import torch
 
-from .checkpoint import ALIGN, DTYPE_NAMES, official_key
+from .checkpoint import ALIGN, DTYPE_NAMES, official_key, stored_dtypes, stored_tensors
 
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "preprocessor_config.json", "processor_config.json", "qformer_tokenizer")
@@ -117,25 +117,36 @@ def config_dict(config) -> dict:
 
 
 def save_checkpoint(model, path, processor_from=None,
-                    dtype: torch.dtype | dict[str, torch.dtype] | None = None) -> None:
+                    dtype: torch.dtype | dict[str, torch.dtype] | None = None, copy_from=None) -> None:
     """Write `model` as an official checkpoint directory: config.json and model.safetensors with the official key
     names, plus the tokenizer and preprocessor files copied from `processor_from` (a checkpoint directory).
 
-    dtype: one dtype for every tensor; or {minivb parameter name: dtype}, each tensor its own (a fine-tune writes
-    its frozen towers in the dtype they were read in, see checkpoint.stored_dtypes); None keeps each parameter's.
-    One tensor is converted at a time, as it is written.
+    dtype: one dtype for every tensor; or {minivb parameter name: dtype}, each tensor its own; None keeps each
+    parameter's. One tensor is converted at a time, as it is written.
+    copy_from: (a checkpoint directory, parameter names): those are written as that checkpoint stores them, read
+    from its files, not from the model (a fine-tune's frozen towers, bit for bit, whatever dtype it trained with).
     """
     if any(hasattr(m, "load_weight") for m in model.modules()):  # quant.Int8Linear: int8 weights, not parameters
         raise ValueError("save_checkpoint writes float models; an int8 model is written from its source checkpoint by "
                          "minivb.quant.save_quantized (`python -m minivb quantize`)")
     os.makedirs(path, exist_ok=True)
+    source, copied = copy_from or (None, ())
+    stored = stored_dtypes(source) if source is not None else {}
     params, entries = {}, []
     for name, param in model.named_parameters():  # a tied lm_head is the same Parameter as `shared`: listed once
-        target = dtype.get(name, param.dtype) if isinstance(dtype, dict) else dtype or param.dtype
-        params[official_key(name)] = (param, target)
+        if name in copied:
+            target = stored[name]
+        else:
+            target = dtype.get(name, param.dtype) if isinstance(dtype, dict) else dtype or param.dtype
+        params[official_key(name)] = (name, param, target)
         entries.append((official_key(name), target, tuple(param.shape)))
-    write_safetensors(os.path.join(path, "model.safetensors"), entries,
-                      lambda key: params[key][0].detach().to(params[key][1]))
+    read_stored = stored_tensors(source) if source is not None else None
+
+    def tensor(key):
+        name, param, target = params[key]
+        return read_stored(name) if name in copied else param.detach().to(target)
+
+    write_safetensors(os.path.join(path, "model.safetensors"), entries, tensor)
     if processor_from is not None:
         copy_processor_files(processor_from, path)
     write_json(os.path.join(path, "config.json"), config_dict(model.config), sort_keys=True)
