@@ -250,6 +250,17 @@ def memory_lines(config, workload: Workload) -> list[str]:
     else:
         lines.append("  this CPU has no native bf16: bfloat16 weights compute in float32 (vision, Q-Former, the prompt) "
                      "and decode in bfloat16")
+    if config.quantization is None:  # an int8 checkpoint cannot be fine-tuned (finetune.check_arguments)
+        lines.append(f"memory to fine-tune (`finetune`), one example of {workload.num_frames} frame"
+                     f"{'s' * (workload.num_frames > 1)} at a time (--micro-batch-size 1):")
+        for dtype in (torch.float32, torch.bfloat16):
+            need = finetune.training_need(config, dtype, 1, workload.num_frames, device)
+            verdict = "fits" if memory.fits(need, available) else "does not fit"
+            lines.append(f"  {str(dtype).removeprefix('torch.') + ' towers':<15} {need.total / memory.GB:>8.1f} GB  "
+                         f"({need.weights / memory.GB:.1f} of weights, {need.optimizer / memory.GB:.1f} of gradients "
+                         f"and moments, {need.activations / memory.GB:.1f} of activations)  {verdict}")
+        if not has_native_bf16():
+            lines.append("  bfloat16 towers compute in bfloat16 where gradients cross them (fast.phase): slowly here")
     return lines
 
 

@@ -15,6 +15,17 @@ The recipe, as the InstructBLIP paper ("Implementation Details", arXiv 2305.0650
   - the loss is the language model's cross-entropy on the answer tokens and the eos only (labels -100 elsewhere);
     the Q-Former reads the prompt, never the answer (train.make_batch).
   Unlike LAVIS, minivb has no dropout (LAVIS's Q-Former drops 10 % of its activations while training).
+
+Memory (choose_dtype): the frozen towers are held in float32 where a training step fits in the memory available
+(their values exactly as the files hold them, widened), else in bfloat16 (--dtype auto, the default; --dtype asks for
+one). The bridge always trains in float32. A step needs the weights, the bridge's gradients and AdamW moments (3x its
+0.75 GB in float32 for the official Q-Former) and the activations autograd keeps for the backward pass of the
+examples run at once (memory.training_estimate). --micro-batch-size N runs a process's share of the global batch N
+examples at a time and sums their gradients, so the recipe's batch needs the memory of N examples. A full-size
+vicuna-7b with bf16 towers, one example of 4 frames at a time: 19.6 GB estimated, 19.60 GB peak resident memory
+measured (Intel Xeon, 13-17 s an example); float32 towers (35.7 GB) are refused. Where nothing fits, the refusal
+names the --dtype or --micro-batch-size that would.
+
 The language model being frozen, it keeps its own way of writing an answer: the bridge can make it say "red" where
 it says "blue", not "RED!" where it writes "red". Fine-tune on answers in the style the model writes (MSRVTT-QA's
 one lower-case word suits Vicuna; the toy's: `toy-dataset --answers plain`).
@@ -32,19 +43,20 @@ them, so one process and N processes follow the same loss curve (to float roundi
 Shapes: B global batch, b = B / world_size per process, T frames, L prompt + answer length.
 """
 
+import contextlib
 import csv
 import os
+import sys
 import time
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from . import data
-from .checkpoint import stored_dtypes
+from . import data, memory
 from .config import load_config
 from .evaluate import PROMPT  # train with the prompt `eval` asks with
-from .model import load_model
+from .model import build_on_meta, load_model
 from .processor import load_processor
 from .saving import copy_processor_files, replacing, save_checkpoint
 from .train import init_layers, learning_rate, make_batch, make_optimizer, select_trainable, train_loop
@@ -203,10 +215,72 @@ def reinitialise_bridge(model, seed: int) -> None:
         model.query_tokens.copy_(torch.randn(model.query_tokens.shape, generator=generator) * 0.02)
 
 
+# ----------------------------------------------------------------------------- dtype and memory
+
+
+def train_bridge_in_float32(model) -> list[torch.nn.Parameter]:
+    """Freeze the towers and make the bridge (query tokens, Q-Former, projection) trainable, in float32 whatever
+    the towers' dtype: AdamW's small steps would round away in bfloat16 (see the end of `_finetune`). Returns the
+    trained parameters. Works on a meta-device model too (the memory estimate's)."""
+    params = select_trainable(model, "instructblip")
+    for param in params:
+        param.data = param.data.float()
+    return params
+
+
+def training_need(config, dtype: torch.dtype, examples: int, num_frames: int, device="cpu") -> memory.Estimate:
+    """What a fine-tuning process needs with its frozen towers in `dtype`, running `examples` examples of
+    `num_frames` frames at once (memory.training_estimate). Estimated on the meta device: no memory."""
+    model = build_on_meta(config, dtype)
+    train_bridge_in_float32(model)
+    return memory.training_estimate(model, examples, num_frames, device)
+
+
+def choose_dtype(args, device: torch.device, world_size: int) -> torch.dtype:
+    """The dtype the frozen vision encoder and language model are held in (--dtype): float32 (exact: the files'
+    values, widened) where a training step fits in the memory available, else bfloat16 (half the bytes: a 7B
+    fits on 24 GB). Refused up front, with what would fit, where the asked one does not (--no-memory-check
+    skips the check)."""
+    asked = [torch.float32, torch.bfloat16] if args.dtype == "auto" else [getattr(torch, args.dtype)]
+    if args.no_memory_check:
+        return torch.bfloat16 if args.dtype == "auto" else asked[0]
+    config = load_config(args.model)
+    share = args.batch_size // world_size
+    micro = min(args.micro_batch_size or share, share)  # the examples a process runs at once
+
+    def need(dtype, examples=micro):
+        return training_need(config, dtype, examples, args.num_frames, device)
+
+    available = memory.available_bytes(device)
+    for dtype in asked:
+        if memory.fits(need(dtype), available):
+            if dtype != asked[0]:
+                print("minivb: a float32 training step does not fit in the available memory: the frozen towers are "
+                      "held in bfloat16", file=sys.stderr)
+            return dtype
+    advice = []
+    if torch.bfloat16 not in asked and memory.fits(need(torch.bfloat16), available):
+        advice.append(f"--dtype bfloat16 (about {need(torch.bfloat16).total / memory.GB:.1f} GB)")
+    fewer = max((n for n in range(1, micro) if memory.fits(need(torch.bfloat16, n), available)), default=0)
+    if fewer:
+        advice.append(f"--micro-batch-size {fewer}" + (" --dtype bfloat16" if torch.bfloat16 not in asked else "")
+                      + f" (the global batch stays {args.batch_size}: its examples run {fewer} at a time)")
+    total = need(asked[-1])
+    raise memory.NotEnoughMemory(
+        f"fine-tuning {args.model} with its frozen towers in {asked[-1]} needs about {total.total / memory.GB:.1f} "
+        f"GB ({total.weights / memory.GB:.1f} GB of weights, {total.optimizer / memory.GB:.1f} GB of the bridge's "
+        f"gradients and AdamW moments, {total.activations / memory.GB:.1f} GB of activations for {micro} "
+        f"example{'s' * (micro > 1)} of {args.num_frames} frames at once), but only {available / memory.GB:.1f} GB "
+        f"is available: " + (" or ".join(advice) if advice else "not one example at a time fits, in either dtype")
+        + "; or pass --no-memory-check to try anyway, at the risk of the OS killing the process")
+
+
 def check_arguments(args) -> None:
     for name in ("epochs", "batch_size", "num_frames"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.micro_batch_size is not None and args.micro_batch_size < 1:
+        raise ValueError(f"--micro-batch-size must be at least 1, got {args.micro_batch_size}")
     for name in ("save_every", "num_workers"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
@@ -251,18 +325,18 @@ def _finetune(args, entries, rank: int, world_size: int, device: torch.device) -
     started = time.perf_counter()
 
     processor = load_processor(args.model)
-    # float32 for training: the frozen bfloat16 towers widen exactly and are written back in their own dtype.
-    model = load_model(args.model, dtype=torch.float32, device=device)
+    dtype = choose_dtype(args, device, world_size)
+    model = load_model(args.model, dtype=dtype, device=device, check_memory=False)  # checked for training just now
+    params = train_bridge_in_float32(model)
     is_encoder_decoder = model.config.is_encoder_decoder
     torch.manual_seed(args.seed)
     if args.reinit_bridge:
         reinitialise_bridge(model, args.seed)
-    params = select_trainable(model, "instructblip")
     optimizer = make_optimizer(model, params, args.lr, WEIGHT_DECAY, BETAS)
     settings = {"model": os.path.abspath(args.model), "annotations": os.path.abspath(args.annotations),
                 "questions": len(entries), "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
                 "prompt": args.prompt, "num_frames": args.num_frames, "seed": args.seed, "warmup_steps": warmup,
-                "reinit_bridge": args.reinit_bridge}
+                "reinit_bridge": args.reinit_bridge, "dtype": str(dtype)}
     state_path = os.path.join(args.out, STATE_FILE)
     start_step, losses = load_state(state_path, model, optimizer, settings) if args.resume else (0, [])
 
@@ -273,19 +347,36 @@ def _finetune(args, entries, rank: int, world_size: int, device: torch.device) -
         device_ids = [device.index] if device.type == "cuda" else None
         ddp = DistributedDataParallel(TrainablePart(model), device_ids=device_ids)
 
+    micro = args.micro_batch_size or args.batch_size // world_size
+
     def loss_of(batch):
+        """The loss of this process's share of a global batch, run `micro` examples at a time: the loss to
+        backpropagate (the last micro-batch's: those before it are backpropagated here, their gradients adding up)
+        and the global batch's mean loss, to report."""
         batch = {name: tensor.to(device) for name, tensor in batch.items()}
-        loss = ddp(batch) if ddp is not None else model(**batch, loss_only=True).loss  # this process's mean
-        count = scored_tokens(batch["labels"], is_encoder_decoder)
-        if ddp is None:
+        rows = len(batch["labels"])
+        if ddp is None and micro >= rows:  # the whole share at once, one process: the plain mean
+            loss = model(**batch, loss_only=True).loss
             return loss, loss.item()
-        # The global batch's mean over all its scored tokens: (sum of this process's token losses) / (all tokens).
-        # DDP averages the gradients over the processes, hence the factor world_size.
-        total = count.clone()
-        dist.all_reduce(total)
-        summed = (loss.detach() * count).reshape(1)
-        dist.all_reduce(summed)
-        return loss * count * world_size / total, (summed / total).item()
+        chunks = [{name: tensor[i:i + micro] for name, tensor in batch.items()} for i in range(0, rows, micro)]
+        # The global batch's mean over all its scored tokens, wherever they lie: each micro-batch's mean weighs by
+        # its share of them. DDP averages the gradients over the processes, hence the factor world_size.
+        counts = [scored_tokens(chunk["labels"], is_encoder_decoder) for chunk in chunks]
+        total, summed = sum(counts), torch.zeros(1, device=device)
+        if ddp is not None:
+            dist.all_reduce(total)
+        for chunk, count in zip(chunks, counts):
+            last = chunk is chunks[-1]
+            # DDP all-reduces the gradients at a backward pass, once they are summed: the last micro-batch's.
+            with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
+                mean = ddp(chunk) if ddp is not None else model(**chunk, loss_only=True).loss  # this chunk's mean
+                loss = mean * count * world_size / total
+                summed += mean.detach() * count
+                if not last:
+                    loss.backward()
+        if ddp is not None:
+            dist.all_reduce(summed)
+        return loss, (summed / total).item()
 
     csv_file = None
     if rank == 0:
@@ -318,11 +409,11 @@ def _finetune(args, entries, rank: int, world_size: int, device: torch.device) -
     if rank != 0:
         return ""
 
-    # Frozen tensors in the dtype they were read in (the same bytes); trained ones in float32, as trained: a
-    # 1e-5 step on a weight of 0.1 is 1e-4 of it, below bfloat16's resolution (4e-3), and would be rounded away.
-    dtypes = stored_dtypes(args.model)
-    dtypes.update({name: torch.float32 for name, p in model.named_parameters() if p.requires_grad})
-    save_checkpoint(model, args.out, processor_from=args.model, dtype=dtypes)
+    # Frozen tensors copied from the checkpoint's files (the same bytes, whichever dtype they were trained in);
+    # trained ones in float32, as trained: a 1e-5 step on a weight of 0.1 is 1e-4 of it, below bfloat16's
+    # resolution (4e-3), and would be rounded away.
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    save_checkpoint(model, args.out, processor_from=args.model, dtype=torch.float32, copy_from=(args.model, frozen))
     copy_processor_files(args.model, args.out, names=("generation_config.json",))
     if losses:
         plot_loss(os.path.join(args.out, "loss.png"), losses)
@@ -352,3 +443,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader processes decoding videos")
     parser.add_argument("--reinit-bridge", action="store_true",
                         help="start the Q-Former, query tokens and projection from random weights")
+    parser.add_argument("--micro-batch-size", type=int, default=None,
+                        help="examples a process runs at once, their gradients summed over its share of the global "
+                             "batch (default: all of its share at once)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="the frozen vision encoder and language model's dtype (the bridge trains in float32): "
+                             "auto = float32 where it fits in memory, else bfloat16 (default auto)")
+    parser.add_argument("--no-memory-check", action="store_true",
+                        help="train even when minivb estimates that a step does not fit in the available memory")

@@ -20,6 +20,9 @@ not fit, NotEnoughMemory says how much is needed, how much is available, and whi
 `load_model(..., check_memory=False)` skips the check for users who know better (e.g. with swap);
 `load_model(..., dtype="auto")` (the CLI's default) takes the fastest that fits (`choose`).
 
+A fine-tune (finetune.py) needs more than an answer: `training_estimate` adds the gradients and AdamW moments of
+the trained bridge and the activations autograd keeps for the backward pass, for the examples a process runs at once.
+
 Letters in comments: F frames through the vision encoder (B*T), N patches + class token, C vision width,
 R rows of the language model (B * beams), L prompt length, D language-model width.
 """
@@ -53,10 +56,11 @@ class Estimate:
     weights: int  # bytes
     activations: int
     packed: int = 0  # the copies of weights packed for beam steps (packing.py), where load_model allowed them
+    optimizer: int = 0  # training: the gradients and AdamW's two moments of the trained weights (fp32)
 
     @property
     def total(self) -> int:
-        return self.weights + self.activations + self.packed
+        return self.weights + self.activations + self.packed + self.optimizer
 
 
 class NotEnoughMemory(ValueError):
@@ -80,6 +84,16 @@ def decode_bytes(language_model: torch.nn.Module) -> int:
     return sum(weight_bytes(part) for part in parts)
 
 
+def vision_bytes(config, element_size: int, num_frames: int) -> int:
+    """The vision encoder's largest working set over `num_frames` frames (F), computing in `element_size` bytes."""
+    v, F = config.vision, num_frames
+    N = (v.image_size // v.patch_size) ** 2 + 1
+    # A ViT block holds its input, the normed input, q/k/v and the MLP's hidden layer twice (fc1 out, GELU out);
+    # scaled_dot_product_attention's CPU kernel works in blocks and never holds the (N, N) scores whole.
+    vision = F * N * (2 * v.hidden_size + 3 * v.hidden_size + 2 * v.intermediate_size) * element_size
+    return vision + F * N * v.hidden_size * element_size  # the frame features, kept for the Q-Former
+
+
 def activation_bytes(config, element_size: int, workload: Workload = WORKLOAD) -> int:
     """The largest working set of one generation: the vision side, or the language model with its KV cache.
 
@@ -87,14 +101,7 @@ def activation_bytes(config, element_size: int, workload: Workload = WORKLOAD) -
     the Q-Former's 32 queries) are left out.
     """
     e, w = element_size, workload
-    v = config.vision
-    F = w.batch_size * w.num_frames
-    N = (v.image_size // v.patch_size) ** 2 + 1
-    # A ViT block holds its input, the normed input, q/k/v and the MLP's hidden layer twice (fc1 out, GELU out);
-    # scaled_dot_product_attention's CPU kernel works in blocks and never holds the (N, N) scores whole.
-    vision = F * N * (2 * v.hidden_size + 3 * v.hidden_size + 2 * v.intermediate_size) * e
-    vision += F * N * v.hidden_size * e  # the frame features, kept for the Q-Former's cross-attention
-
+    vision = vision_bytes(config, e, w.batch_size * w.num_frames)
     t = config.text
     R = w.batch_size * w.num_beams
     L = w.num_frames * config.num_query_tokens + w.prompt_tokens
@@ -142,6 +149,83 @@ def estimate(model: torch.nn.Module, workload: Workload = WORKLOAD, device="cpu"
     if torch.device(device).type == "cpu" and dtype == torch.bfloat16:
         activations += COMPILE_BYTES
     return Estimate(weight_bytes(model), activations, packable_bytes(model, allowed_only=True))
+
+
+# ----------------------------------------------------------------------------- training (finetune.py)
+
+
+def trainable_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights a fine-tune trains (the query tokens, Q-Former and projection), in fp32 as trained."""
+    bridge = [model.query_tokens, *model.qformer.parameters(), *model.projection.parameters()]
+    return sum(p.numel() * 4 for p in bridge)
+
+
+# A training example's text: the prompt around the question, the question and the answer (MSRVTT-QA's, with eval's
+# prompt: about 20-25 Vicuna tokens; the Q-Former reads the same without the answer).
+TRAINING_TEXT_TOKENS = 32
+
+
+def training_activation_bytes(config, element_size: int, vision_element_size: int, batch_size: int,
+                              num_frames: int, text_tokens: int = TRAINING_TEXT_TOKENS) -> int:
+    """The largest working set of one training step of the InstructBLIP recipe, `batch_size` examples of
+    `num_frames` frames each, the frozen language model computing in `element_size` bytes, the vision encoder in
+    `vision_element_size`.
+
+    What autograd keeps for the backward pass: the vision encoder nothing (frozen, its input needs no gradient: it
+    runs as in generation, its peak counted as there); the Q-Former, trained in fp32, every layer's inputs; the
+    frozen language model, which gradients cross to reach the projection, what each operation needs to pass them
+    back: not its inputs to the products (only a trained weight needs those) but its norms' fp32 inputs, attention's
+    queries, keys, values and output, and the MLP's gate, up and their product. The backward pass adds the
+    gradients of one layer's activations at a time.
+    """
+    e, B, T = element_size, batch_size, num_frames
+    vision = vision_bytes(config, vision_element_size, B * T)
+    v, q = config.vision, config.qformer
+    P, Q = (v.image_size // v.patch_size) ** 2 + 1, config.num_query_tokens
+    S = Q + text_tokens  # the Q-Former reads its queries and the instruction (fewer tokens: its own tokenizer)
+    crosses = len(range(0, q.num_hidden_layers, q.cross_attention_frequency))
+    # A Q-Former layer keeps, per token: its input, q, k, v, attention's output and its copy for the output
+    # product, the sum before each LayerNorm (x2), the MLP's input, hidden layer and GELU; a cross-attention layer
+    # its keys and values over the frame's P features, and five tensors of the queries; the frame features once.
+    qformer = B * T * 4 * (q.num_hidden_layers * S * (9 * q.hidden_size + 2 * q.intermediate_size)
+                           + crosses * (2 * P * q.hidden_size + 5 * Q * q.hidden_size) + P * v.hidden_size)
+    t, L = config.text, T * Q + text_tokens
+    if config.is_encoder_decoder:
+        D, I, H = t.d_model, t.d_ff, t.num_heads
+        inner = H * t.d_kv
+        # Encoder over the prompt: two norms' fp32 inputs, q, k, v, attention out, the (H, L, L) scores attention
+        # with a position bias keeps, the gated MLP's three; the decoder over the short answer, plus the keys and
+        # values of cross-attention over the whole prompt in each layer.
+        layer = L * (8 * D + e * (4 * inner + 3 * I)) + e * H * L * L
+        language = t.num_layers * layer + t.num_decoder_layers * 2 * L * inner * e
+        largest = e * L * (3 * I + 4 * D) + e * H * L * L
+    else:
+        D, I = t.hidden_size, t.intermediate_size
+        layer = L * (8 * D + e * (4 * D + 3 * I))
+        language = t.num_hidden_layers * layer
+        largest = e * L * (3 * I + 4 * D)  # the backward pass's gradients, one layer at a time
+    logits = B * text_tokens * t.vocab_size * (e + 4 + 4)  # scored positions' logits, in fp32, and their gradient
+    return max(vision, qformer + B * (language + largest) + logits)
+
+
+def training_estimate(model: torch.nn.Module, batch_size: int, num_frames: int, device="cpu") -> Estimate:
+    """What one process of a fine-tune (finetune.py) will need: `model` on the meta device with its frozen towers in
+    their dtype and the bridge in fp32 as finetune trains it, `batch_size` examples a step (its share), and the
+    optimizer's fp32 gradients and moments of the bridge. The frozen towers compute in their own dtype wherever
+    gradients cross them (fast.phase)."""
+    from .fast import compute_dtype
+
+    dtype = model.language_model.lm_head.weight.dtype
+    vision = compute_dtype(dtype, "vision", device).itemsize  # no gradient crosses it: as in generation
+    activations = training_activation_bytes(model.config, dtype.itemsize, vision, batch_size, num_frames)
+    # What autograd keeps is counted exactly (its saved tensors, summed over a step: as above to a few percent); the
+    # process's peak lies 5-25 % above it, in the gradients of the backward pass and memory the allocator keeps
+    # between the many tensors of a step (measured, cut full-width 7B and a small model, fp32 and bf16 towers).
+    activations = activations * 5 // 4
+    # The gradients and AdamW's two moments stay; the one temporary of their size its step makes (the square root
+    # of the second moment) comes once backward has freed the activations.
+    trained = trainable_bytes(model)
+    return Estimate(weight_bytes(model), max(activations, trained), optimizer=3 * trained)
 
 
 def available_bytes(device: torch.device) -> int:

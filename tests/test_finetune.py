@@ -4,20 +4,23 @@ of an uninterrupted run; a re-initialised bridge learns; bad input is refused be
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
 from safetensors import safe_open
 
 import minivb
-from minivb import data, finetune, toy, train
+from minivb import data, finetune, memory, toy, train
 from minivb.__main__ import main as cli
 from minivb.checkpoint import stored_dtypes
+from minivb.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "weights" / "toy-vicuna"
@@ -106,8 +109,9 @@ def finetuned(dataset, tmp_path_factory):
     return out
 
 
-def test_frozen_towers_are_written_bit_for_bit_and_the_bridge_learns(finetuned):
-    before, after = tensors(TOY), tensors(finetuned)
+def frozen_bit_for_bit_and_bridge_unchanged(before, after) -> set[str]:
+    """Check that the frozen tensors of `after` are those of `before` bit for bit and the bridge's are float32;
+    return the bridge's keys that did not move."""
     assert set(before) == set(after)
     unchanged = set()
     for key in before:
@@ -117,6 +121,11 @@ def test_frozen_towers_are_written_bit_for_bit_and_the_bridge_learns(finetuned):
                 unchanged.add(key)
         else:
             assert after[key].dtype == before[key].dtype and torch.equal(after[key], before[key]), key
+    return unchanged
+
+
+def test_frozen_towers_are_written_bit_for_bit_and_the_bridge_learns(finetuned):
+    unchanged = frozen_bit_for_bit_and_bridge_unchanged(tensors(TOY), tensors(finetuned))
     # The last Q-Former layer's text feed-forward feeds nothing the loss reads: zero gradients, and no weight decay
     # on biases and gains. Every other trainable tensor moved.
     last = "qformer.encoder.layer.1."
@@ -143,18 +152,46 @@ def test_loss_files(finetuned, dataset):
 # ----------------------------------------------------------------------------- processes and resuming
 
 
-def test_two_processes_follow_the_loss_of_one(dataset, tmp_path):
-    """torchrun with 2 gloo processes, --batch-size global: the same losses for 5 steps (<= 1e-4 relative)."""
+def first_steps(dataset, tmp_path, steps=5, batch_size=4) -> tuple:
+    """The dataset cut to its first `steps` batches."""
     annotations, videos, _ = dataset
     with open(annotations, encoding="utf-8") as f:
-        first = json.load(f)[:20]  # 5 steps of 4
-    annotations = str(tmp_path / "first20.json")
+        first = json.load(f)[:steps * batch_size]
+    annotations = str(tmp_path / "first.json")
     with open(annotations, "w", encoding="utf-8") as f:
         json.dump(first, f)
+    return annotations, videos, None
+
+
+def test_micro_batches_reach_the_weights_of_whole_batches(dataset, tmp_path):
+    """--micro-batch-size 1: each step's 4 examples one at a time, their gradients summed (the global batch's token
+    mean): the same losses and weights as 4 at once, to float rounding."""
+    first = first_steps(dataset, tmp_path)
+    assert run(first, tmp_path / "whole", batch_size=4) == 0
+    assert run(first, tmp_path / "micro", "--micro-batch-size", "1", batch_size=4) == 0
+    whole, micro = losses(tmp_path / "whole"), losses(tmp_path / "micro")
+    assert len(whole) == 5 and max(whole) - min(whole) > 0.1
+    for a, b in zip(whole, micro):
+        assert abs(a - b) <= 1e-5 * abs(a), (whole, micro)
+    before, after, micro = tensors(TOY), tensors(tmp_path / "whole"), tensors(tmp_path / "micro")
+    # The bridge's moves, all together: AdamW's normalisation turns near-zero gradients (a key's bias: softmax
+    # ignores a shift of all of a query's scores) into full steps that any other order of the sums changes, so
+    # single elements may differ more; the whole move may not.
+    keys = [key for key in after if key.startswith(BRIDGE) and not key.endswith("key.bias")]
+    moved = torch.cat([(after[key] - before[key].float()).flatten() for key in keys])
+    apart = torch.cat([(after[key] - micro[key]).flatten() for key in keys])
+    assert apart.norm() <= 1e-4 * moved.norm(), (apart.norm(), moved.norm())
+
+
+@pytest.mark.parametrize("micro", [[], ["--micro-batch-size", "1"]])
+def test_two_processes_follow_the_loss_of_one(dataset, tmp_path, micro):
+    """torchrun with 2 gloo processes, --batch-size global: the same losses for 5 steps (<= 1e-4 relative); also
+    with each process's 2 examples run one at a time (DDP all-reduces once, after the second)."""
+    annotations, videos, _ = first_steps(dataset, tmp_path)
     assert run((annotations, videos, None), tmp_path / "one", batch_size=4) == 0
     command = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2", "-m",
                "minivb", "finetune", "--model", str(TOY), "--annotations", annotations, "--videos", videos,
-               "--out", str(tmp_path / "two"), "--batch-size", "4", "--lr", "1e-3", "--num-workers", "0"]
+               "--out", str(tmp_path / "two"), "--batch-size", "4", "--lr", "1e-3", "--num-workers", "0", *micro]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -247,3 +284,69 @@ def test_an_int8_checkpoint_is_refused(dataset, tmp_path, capsys):
     assert run(dataset, tmp_path / "out", "--model", str(tmp_path / "int8")) == 2  # the last --model counts
     assert "is an int8 checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- memory: a 7B on 24 GB
+
+
+def training_need(model_dir, dtype, examples, frames=4):
+    return finetune.training_need(load_config(model_dir), dtype, examples, frames).total
+
+
+def test_towers_are_held_in_bfloat16_where_a_float32_step_does_not_fit(dataset, tmp_path, monkeypatch, capsys):
+    bf16, fp32 = training_need(TOY, torch.bfloat16, 4), training_need(TOY, torch.float32, 4)
+    assert bf16 < fp32
+    monkeypatch.setattr(memory, "available_bytes", lambda device: (bf16 + fp32) // 2)
+    assert run(dataset, tmp_path / "out", "--save-every", "4") == 0
+    assert "the frozen towers are held in bfloat16" in capsys.readouterr().err
+    # The frozen towers are copied from the source's files; the bridge trained in float32 against bf16 towers.
+    unchanged = frozen_bit_for_bit_and_bridge_unchanged(tensors(TOY), tensors(tmp_path / "out"))
+    assert len(unchanged) < 10
+    trained = losses(tmp_path / "out")
+    assert all(math.isfinite(loss) for loss in trained) and trained[-1] < trained[0]
+    state = torch.load(tmp_path / "out" / finetune.STATE_FILE, weights_only=True)
+    assert state["settings"]["dtype"] == "torch.bfloat16"  # a resume holds them in the same dtype
+
+
+def test_a_step_that_does_not_fit_is_refused_with_what_would(dataset, tmp_path, monkeypatch, capsys):
+    two = training_need(TOY, torch.bfloat16, 2)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: two + 10**6)  # 2 examples fit in bf16, not 4
+    assert run(dataset, tmp_path / "out", "--dtype", "float32") == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "frozen towers in torch.float32 needs about" in error
+    assert "4 examples of 4 frames at once" in error and "--no-memory-check" in error
+    assert "--micro-batch-size 2 --dtype bfloat16 (the global batch stays 4" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_official_7b_fine_tunes_on_24_gb_in_bfloat16_only():
+    # The official vicuna-7b config alone (no weights): on a 24 GB machine float32 does not fit at all (31.7 GB
+    # of weights); bf16 with 2 examples of 4 frames a step does (measured: the full-size 7B, one example, peak
+    # resident memory below), 16 do not.
+    official = ROOT / "tests" / "data" / "official" / "vicuna-7b"
+    available = 23 * 10**9
+    assert training_need(official, torch.float32, 1) > 35e9
+    assert training_need(official, torch.bfloat16, 2) < available < training_need(official, torch.bfloat16, 16)
+
+
+@pytest.mark.parametrize("checkpoint", [TOY, ROOT / "weights" / "flan-t5-tiny"], ids=["vicuna", "t5"])
+def test_gradients_through_frozen_bf16_towers_keep_no_float32_copy_of_their_weights(monkeypatch, checkpoint):
+    # Without native bf16 a bf16 prompt computes in fp32 (fast.py), each weight upcast at its product. A product
+    # keeps its weight for the backward pass: through a frozen tower that would be a whole fp32 language model.
+    monkeypatch.setenv("MINIVB_NATIVE_BF16", "0")
+    model = minivb.load_model(checkpoint, dtype=torch.bfloat16)
+    finetune.train_bridge_in_float32(model)
+    processor = minivb.load_processor(checkpoint)
+    frames = np.zeros((4, 224, 224, 3), dtype=np.uint8)
+    batch = train.make_batch(processor, ["Question: what colour? Short answer:"], [frames], ["red"],
+                             model.config.is_encoder_decoder)
+    language_shapes = {shape for p in model.language_model.parameters() if p.dim() == 2
+                       for shape in (tuple(p.shape), tuple(p.shape)[::-1])}  # a product may keep it transposed
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        loss = model(**batch, loss_only=True).loss
+    loss.backward()
+    assert model.projection.weight.grad.abs().sum() > 0
+    copies = [t for t in kept if t.dtype == torch.float32 and tuple(t.shape) in language_shapes
+              and not t.requires_grad]  # a trained weight of the bridge may have a language model's shape
+    assert not copies
