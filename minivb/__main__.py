@@ -259,8 +259,6 @@ def memory_lines(config, workload: Workload) -> list[str]:
             lines.append(f"  {str(dtype).removeprefix('torch.') + ' towers':<15} {need.total / memory.GB:>8.1f} GB  "
                          f"({need.weights / memory.GB:.1f} of weights, {need.optimizer / memory.GB:.1f} of gradients "
                          f"and moments, {need.activations / memory.GB:.1f} of activations)  {verdict}")
-        if not has_native_bf16():
-            lines.append("  bfloat16 towers compute in bfloat16 where gradients cross them (fast.phase): slowly here")
     return lines
 
 

@@ -264,7 +264,7 @@ class Llama(nn.Module):
         # The compute dtype: the weights' own, except a prompt with bf16 weights on a CPU without native bf16,
         # which computes in fp32 (fast.py). Decode steps (one token a row) stay in the weights' dtype.
         weight_dtype = self.norm.weight.dtype  # the model's dtype (the linear layers may be int8: quant.py)
-        with fast.phase("decode" if L == 1 else "prefill", self.norm.weight, inputs_embeds) as compute:
+        with fast.phase("decode" if L == 1 else "prefill", self.norm.weight) as compute:
             cos, sin = self.rope(position_ids, compute)  # (B or 1, 1, L, Dh)
             h = inputs_embeds.to(compute)
             for layer in self.layers:

@@ -211,13 +211,13 @@ def training_activation_bytes(config, element_size: int, vision_element_size: in
 def training_estimate(model: torch.nn.Module, batch_size: int, num_frames: int, device="cpu") -> Estimate:
     """What one process of a fine-tune (finetune.py) will need: `model` on the meta device with its frozen towers in
     their dtype and the bridge in fp32 as finetune trains it, `batch_size` examples a step (its share), and the
-    optimizer's fp32 gradients and moments of the bridge. The frozen towers compute in their own dtype wherever
-    gradients cross them (fast.phase)."""
+    optimizer's fp32 gradients and moments of the bridge."""
     from .fast import compute_dtype
 
     dtype = model.language_model.lm_head.weight.dtype
     vision = compute_dtype(dtype, "vision", device).itemsize  # no gradient crosses it: as in generation
-    activations = training_activation_bytes(model.config, dtype.itemsize, vision, batch_size, num_frames)
+    language = compute_dtype(dtype, "prefill", device).itemsize  # fp32 without native bf16 (fast._FrozenLinear)
+    activations = training_activation_bytes(model.config, language, vision, batch_size, num_frames)
     # What autograd keeps is counted exactly (its saved tensors, summed over a step: as above to a few percent); the
     # process's peak lies 5-25 % above it, in the gradients of the backward pass and memory the allocator keeps
     # between the many tensors of a step (measured, cut full-width 7B and a small model, fp32 and bf16 towers).

@@ -284,7 +284,7 @@ class T5(nn.Module):
                              f"got {tuple(inputs_embeds.shape)}")
         _check_mask("attention_mask", attention_mask, *inputs_embeds.shape[:2])
         # bf16 weights on a CPU without native bf16 compute the prompt in fp32 (fast.py).
-        with fast.phase("prefill", self.lm_head.weight, inputs_embeds) as compute:
+        with fast.phase("prefill", self.lm_head.weight) as compute:
             return self.encoder(inputs_embeds.to(compute), attention_mask).to(self.lm_head.weight.dtype)
 
     def decode(self, decoder_input_ids, encoder_hidden, encoder_attention_mask=None, decoder_attention_mask=None,
@@ -308,7 +308,7 @@ class T5(nn.Module):
                 raise ValueError(f"cache holds batch size {cache.batch_size}, decoder_input_ids has {B}")
         # A decode step (one token a row) computes in the weights' dtype; several tokens at once (teacher forcing)
         # in fp32 where bf16 is slow (fast.py).
-        with fast.phase("decode" if L == 1 else "prefill", self.lm_head.weight, encoder_hidden) as compute:
+        with fast.phase("decode" if L == 1 else "prefill", self.lm_head.weight) as compute:
             h = self.shared(decoder_input_ids).to(compute)  # (B, L, D)
             h = self.decoder(h, decoder_attention_mask, encoder_hidden, encoder_attention_mask, cache)
             if only_last_logits:

@@ -350,3 +350,10 @@ def test_gradients_through_frozen_bf16_towers_keep_no_float32_copy_of_their_weig
     copies = [t for t in kept if t.dtype == torch.float32 and tuple(t.shape) in language_shapes
               and not t.requires_grad]  # a trained weight of the bridge may have a language model's shape
     assert not copies
+    # The gradient is the one of the same model in fp32 (the checkpoint is stored in bf16: the same weights), but
+    # for the roundings to bf16 between the towers (frame features, visual tokens, the last hidden states).
+    exact = minivb.load_model(checkpoint, dtype=torch.float32)
+    finetune.train_bridge_in_float32(exact)
+    exact(**batch, loss_only=True).loss.backward()
+    ours, theirs = model.projection.weight.grad, exact.projection.weight.grad
+    assert (ours - theirs).norm() <= 0.02 * theirs.norm()
