@@ -32,6 +32,10 @@ from dataclasses import dataclass
 import torch
 
 GB = 1e9
+# What the allocator holds beside the tensors counted: a phase of many large tensors (the ViT's blocks over the
+# frames; a training step) peaks 5-25 % above them, varying between identical runs (glibc reusing freed memory or
+# not: the medium model of tests/test_memory.py at 32 frames, 906-1120 MB; a cut full-width 7B's training step).
+SLACK = 1.25
 
 
 @dataclass
@@ -101,7 +105,7 @@ def activation_bytes(config, element_size: int, workload: Workload = WORKLOAD) -
     the Q-Former's 32 queries) are left out.
     """
     e, w = element_size, workload
-    vision = vision_bytes(config, e, w.batch_size * w.num_frames)
+    vision = int(vision_bytes(config, e, w.batch_size * w.num_frames) * SLACK)
     t = config.text
     R = w.batch_size * w.num_beams
     L = w.num_frames * config.num_query_tokens + w.prompt_tokens
@@ -219,9 +223,8 @@ def training_estimate(model: torch.nn.Module, batch_size: int, num_frames: int, 
     language = compute_dtype(dtype, "prefill", device).itemsize  # fp32 without native bf16 (fast._FrozenLinear)
     activations = training_activation_bytes(model.config, language, vision, batch_size, num_frames)
     # What autograd keeps is counted exactly (its saved tensors, summed over a step: as above to a few percent); the
-    # process's peak lies 5-25 % above it, in the gradients of the backward pass and memory the allocator keeps
-    # between the many tensors of a step (measured, cut full-width 7B and a small model, fp32 and bf16 towers).
-    activations = activations * 5 // 4
+    # peak lies above it by the gradients of the backward pass and the allocator's SLACK.
+    activations = int(activations * SLACK)
     # The gradients and AdamW's two moments stay; the one temporary of their size its step makes (the square root
     # of the second moment) comes once backward has freed the activations.
     trained = trainable_bytes(model)

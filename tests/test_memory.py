@@ -81,7 +81,7 @@ def medium(tmp_path_factory):
 
 @pytest.mark.parametrize("dtype, pack, frames", [("bfloat16", "1", 4), ("float32", "1", 4), ("bfloat16", "0", 4),
                                                  ("bfloat16", "0", 32)])
-def test_estimate_is_within_10_percent_under_15_over_the_real_peak(medium, dtype, pack, frames, monkeypatch):
+def test_estimate_is_at_most_10_percent_under_the_real_peak(medium, dtype, pack, frames, monkeypatch):
     monkeypatch.setenv("MINIVB_PACK", pack)  # with and without the copies packed for beams (packing.py)
     model = build_on_meta(load_config(medium), getattr(torch, dtype))
     workload = memory.Workload(num_frames=frames)  # 32 frames: the frames' activations are half the weights
@@ -112,12 +112,12 @@ def test_estimate_is_within_10_percent_under_15_over_the_real_peak(medium, dtype
         peak += unread
     else:
         assert measured["mapped"] == 0, measured
-    # Within 10 % below the peak (an estimate under it is what lets the OS kill a process) and 15 % above: this
-    # model's peak swings by tens of MB from run to run (freed frames' memory reused or not: 583-636 MB measured at
-    # 4 frames, 845-1001 at 32), and the estimate keeps a fixed allowance for the compiler and oneDNN's buffers
-    # (COMPILE_BYTES, 120 MB), 17 % of this model's need, nothing at full size (a 7B with 48 frames: 21.1 GB
-    # estimated, 20.98 GB peak resident memory measured).
-    assert -0.10 * peak <= need.total - peak <= 0.15 * peak, (need, measured)
+    # At most 10 % below the peak: an estimate under it is what lets the OS kill a process. Above it, up to 25 %: this
+    # model's peak swings between identical runs (freed frames' memory reused by the allocator or not: 583-661 MB
+    # measured at 4 frames, 845-1120 at 32; memory.SLACK), and the estimate keeps a fixed allowance for the compiler
+    # and oneDNN's buffers (COMPILE_BYTES, 120 MB), 17 % of this model's need and nothing at full size (a 7B with 48
+    # frames: 21.1 GB estimated, 20.98 GB peak resident memory measured).
+    assert -0.10 * peak <= need.total - peak <= 0.25 * peak, (need, measured)
 
 
 TRAIN_MEASURE = READ_MEMORY + r"""
