@@ -159,9 +159,8 @@ def estimate(model: torch.nn.Module, workload: Workload = WORKLOAD, device="cpu"
 
 
 def trainable_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the weights a fine-tune trains (the query tokens, Q-Former and projection), in fp32 as trained."""
-    bridge = [model.query_tokens, *model.qformer.parameters(), *model.projection.parameters()]
-    return sum(p.numel() * 4 for p in bridge)
+    """Bytes of the weights that train (requires_grad: the bridge, after finetune.train_bridge_in_float32), in fp32."""
+    return sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
 
 
 # A training example's text: the prompt around the question, the question and the answer (MSRVTT-QA's, with eval's
@@ -213,9 +212,9 @@ def training_activation_bytes(config, element_size: int, vision_element_size: in
 
 
 def training_estimate(model: torch.nn.Module, batch_size: int, num_frames: int, device="cpu") -> Estimate:
-    """What one process of a fine-tune (finetune.py) will need: `model` on the meta device with its frozen towers in
-    their dtype and the bridge in fp32 as finetune trains it, `batch_size` examples a step (its share), and the
-    optimizer's fp32 gradients and moments of the bridge."""
+    """What one process of a fine-tune (finetune.py) will need: `model` on the meta device as finetune trains it
+    (finetune.train_bridge_in_float32: the frozen towers in their dtype, the bridge in fp32 and requiring gradients),
+    running `batch_size` examples at once (its micro-batch), with the bridge's fp32 gradients and AdamW moments."""
     from .fast import compute_dtype
 
     dtype = model.language_model.lm_head.weight.dtype
