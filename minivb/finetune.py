@@ -59,7 +59,7 @@ from .evaluate import PROMPT  # train with the prompt `eval` asks with
 from .model import build_on_meta, load_model
 from .processor import load_processor
 from .saving import copy_processor_files, replacing, save_checkpoint
-from .train import init_layers, learning_rate, make_batch, make_optimizer, select_trainable, train_loop
+from .train import init_layers, learning_rate, make_batch, make_optimizer, train_bridge_in_float32, train_loop
 
 # The recipe (the InstructBLIP paper's "Implementation Details"; LAVIS instruction tuning).
 PEAK_LR = 1e-5
@@ -218,25 +218,21 @@ def reinitialise_bridge(model, seed: int) -> None:
 # ----------------------------------------------------------------------------- dtype and memory
 
 
-def train_bridge_in_float32(model) -> list[torch.nn.Parameter]:
-    """Freeze the towers and make the bridge (query tokens, Q-Former, projection) trainable, in float32 whatever
-    the towers' dtype: AdamW's small steps would round away in bfloat16 (see the end of `_finetune`). Returns the
-    trained parameters. Works on a meta-device model too (the memory estimate's)."""
-    params = select_trainable(model, "instructblip")
-    for param in params:
-        param.data = param.data.float()
-    return params
+def training_model(config, dtype: torch.dtype):
+    """The model as a fine-tune trains it, on the meta device (no memory): frozen towers in `dtype`, the bridge in
+    float32."""
+    model = build_on_meta(config, dtype)
+    train_bridge_in_float32(model)
+    return model
 
 
 def training_need(config, dtype: torch.dtype, examples: int, num_frames: int, device="cpu") -> memory.Estimate:
     """What a fine-tuning process needs with its frozen towers in `dtype`, running `examples` examples of
-    `num_frames` frames at once (memory.training_estimate). Estimated on the meta device: no memory."""
-    model = build_on_meta(config, dtype)
-    train_bridge_in_float32(model)
-    return memory.training_estimate(model, examples, num_frames, device)
+    `num_frames` frames at once (memory.training_estimate)."""
+    return memory.training_estimate(training_model(config, dtype), examples, num_frames, device)
 
 
-def choose_dtype(args, device: torch.device, world_size: int) -> torch.dtype:
+def choose_dtype(args, device: torch.device, micro: int) -> torch.dtype:
     """The dtype the frozen vision encoder and language model are held in (--dtype): float32 (exact: the files'
     values, widened) where a training step fits in the memory available, else bfloat16 (half the bytes: a 7B
     fits on 24 GB). Refused up front, with what would fit, where the asked one does not (--no-memory-check
@@ -245,11 +241,10 @@ def choose_dtype(args, device: torch.device, world_size: int) -> torch.dtype:
     if args.no_memory_check:
         return torch.bfloat16 if args.dtype == "auto" else asked[0]
     config = load_config(args.model)
-    share = args.batch_size // world_size
-    micro = min(args.micro_batch_size or share, share)  # the examples a process runs at once
+    models = {dtype: training_model(config, dtype) for dtype in dict.fromkeys([*asked, torch.bfloat16])}
 
-    def need(dtype, examples=micro):
-        return training_need(config, dtype, examples, args.num_frames, device)
+    def need(dtype, examples=micro):  # `micro`: the examples a process runs at once
+        return memory.training_estimate(models[dtype], examples, args.num_frames, device)
 
     available = memory.available_bytes(device)
     for dtype in asked:
@@ -325,7 +320,9 @@ def _finetune(args, entries, rank: int, world_size: int, device: torch.device) -
     started = time.perf_counter()
 
     processor = load_processor(args.model)
-    dtype = choose_dtype(args, device, world_size)
+    share = args.batch_size // world_size
+    micro = min(args.micro_batch_size or share, share)  # the examples a process runs at once
+    dtype = choose_dtype(args, device, micro)
     model = load_model(args.model, dtype=dtype, device=device, check_memory=False)  # checked for training just now
     params = train_bridge_in_float32(model)
     is_encoder_decoder = model.config.is_encoder_decoder
@@ -346,8 +343,6 @@ def _finetune(args, entries, rank: int, world_size: int, device: torch.device) -
 
         device_ids = [device.index] if device.type == "cuda" else None
         ddp = DistributedDataParallel(TrainablePart(model), device_ids=device_ids)
-
-    micro = args.micro_batch_size or args.batch_size // world_size
 
     def loss_of(batch):
         """The loss of this process's share of a global batch, run `micro` examples at a time: the loss to

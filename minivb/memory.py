@@ -159,7 +159,7 @@ def estimate(model: torch.nn.Module, workload: Workload = WORKLOAD, device="cpu"
 
 
 def trainable_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the weights that train (requires_grad: the bridge, after finetune.train_bridge_in_float32), in fp32."""
+    """Bytes of the weights that train (requires_grad: the bridge, after train.train_bridge_in_float32), in fp32."""
     return sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
 
 
@@ -213,7 +213,7 @@ def training_activation_bytes(config, element_size: int, vision_element_size: in
 
 def training_estimate(model: torch.nn.Module, batch_size: int, num_frames: int, device="cpu") -> Estimate:
     """What one process of a fine-tune (finetune.py) will need: `model` on the meta device as finetune trains it
-    (finetune.train_bridge_in_float32: the frozen towers in their dtype, the bridge in fp32 and requiring gradients),
+    (train.train_bridge_in_float32: the frozen towers in their dtype, the bridge in fp32 and requiring gradients),
     running `batch_size` examples at once (its micro-batch), with the bridge's fp32 gradients and AdamW moments."""
     from .fast import compute_dtype
 

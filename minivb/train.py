@@ -253,6 +253,16 @@ def select_trainable(model: InstructBlipVideo, recipe: str) -> list[torch.nn.Par
     return bridge
 
 
+def train_bridge_in_float32(model: InstructBlipVideo) -> list[torch.nn.Parameter]:
+    """The InstructBLIP recipe's trainable set (select_trainable), in float32 whatever the frozen towers' dtype:
+    AdamW's small steps would round away in bfloat16 (a 1e-5 step on a weight of 0.1 is below its resolution).
+    Returns the trained parameters. Works on a meta-device model too (finetune's memory estimate)."""
+    params = select_trainable(model, "instructblip")
+    for param in params:
+        param.data = param.data.float()
+    return params
+
+
 def make_optimizer(model: InstructBlipVideo, params: list[torch.nn.Parameter], lr: float, weight_decay: float,
                    betas: tuple[float, float]) -> torch.optim.AdamW:
     """AdamW with weight decay on the matrices only."""

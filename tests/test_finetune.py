@@ -335,7 +335,7 @@ def test_gradients_through_frozen_bf16_towers_keep_no_float32_copy_of_their_weig
     # keeps its weight for the backward pass: through a frozen tower that would be a whole fp32 language model.
     monkeypatch.setenv("MINIVB_NATIVE_BF16", "0")
     model = minivb.load_model(checkpoint, dtype=torch.bfloat16)
-    finetune.train_bridge_in_float32(model)
+    train.train_bridge_in_float32(model)
     processor = minivb.load_processor(checkpoint)
     frames = np.zeros((4, 224, 224, 3), dtype=np.uint8)
     batch = train.make_batch(processor, ["Question: what colour? Short answer:"], [frames], ["red"],
@@ -353,7 +353,7 @@ def test_gradients_through_frozen_bf16_towers_keep_no_float32_copy_of_their_weig
     # The gradient is the one of the same model in fp32 (the checkpoint is stored in bf16: the same weights), but
     # for the roundings to bf16 between the towers (frame features, visual tokens, the last hidden states).
     exact = minivb.load_model(checkpoint, dtype=torch.float32)
-    finetune.train_bridge_in_float32(exact)
+    train.train_bridge_in_float32(exact)
     exact(**batch, loss_only=True).loss.backward()
     ours, theirs = model.projection.weight.grad, exact.projection.weight.grad
     assert (ours - theirs).norm() <= 0.02 * theirs.norm()

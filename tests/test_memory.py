@@ -121,7 +121,7 @@ def test_estimate_is_at_most_10_percent_under_the_real_peak(medium, dtype, pack,
 
 
 TRAIN_MEASURE = READ_MEMORY + r"""
-from minivb.finetune import train_bridge_in_float32
+from minivb.train import train_bridge_in_float32
 from minivb.train import make_batch, make_optimizer
 
 path, dtype, batch_size, num_frames = sys.argv[1], getattr(torch, sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -148,7 +148,7 @@ print(json.dumps({"peak": status("VmHWM") - base, "mapped": checkpoint_pages(pat
 @pytest.mark.parametrize("dtype, batch_size, frames", [("float32", 2, 4), ("bfloat16", 4, 8)])
 def test_training_estimate_against_the_real_peak_of_two_steps(medium, dtype, batch_size, frames):
     """finetune.py's check (memory.training_estimate): frozen towers in `dtype`, the bridge in fp32 with AdamW."""
-    from minivb.finetune import train_bridge_in_float32
+    from minivb.train import train_bridge_in_float32
 
     model = build_on_meta(load_config(medium), getattr(torch, dtype))
     bridge = sum(p.numel() for p in train_bridge_in_float32(model))
