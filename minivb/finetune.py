@@ -24,7 +24,9 @@ examples run at once (memory.training_estimate). --micro-batch-size N runs a pro
 examples at a time and sums their gradients, so the recipe's batch needs the memory of N examples. A full-size
 vicuna-7b with bf16 towers, one example of 4 frames at a time: 19.6 GB estimated, 19.60 GB peak resident memory
 measured (Intel Xeon, 13-17 s an example); float32 towers (35.7 GB) are refused. Where nothing fits, the refusal
-names the --dtype or --micro-batch-size that would.
+names the --dtype or --micro-batch-size that would. Under torchrun on one CPU machine, the check counts all its
+processes: a frozen tensor the files store in the dtype it is held in is their shared pages, mapped once; the rest,
+once for each process.
 
 The language model being frozen, it keeps its own way of writing an answer: the bridge can make it say "red" where
 it says "blue", not "RED!" where it writes "red". Fine-tune on answers in the style the model writes (MSRVTT-QA's
@@ -33,7 +35,7 @@ one lower-case word suits Vicuna; the toy's: `toy-dataset --answers plain`).
 What --out receives:
   model.safetensors, config.json, tokenizer and preprocessor files   the checkpoint, in the official layout
   loss.csv, loss.png                                                 the loss and learning rate of every step
-  state.pt (with --save-every N)                                     what --resume needs to go on, see `save_state`
+  state.pt (with --save-every N)                                     what --resume needs (saving.save_training_state)
 
 Data parallel: under torchrun every process takes every world_size-th example of each global batch (a
 DistributedSampler over the same seeded permutation), DDP all-reduces the gradients of the trainable part only, and
@@ -54,11 +56,12 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from . import data, memory
+from .checkpoint import stored_dtypes
 from .config import load_config
 from .evaluate import PROMPT  # train with the prompt `eval` asks with
 from .model import build_on_meta, load_model
 from .processor import load_processor
-from .saving import copy_processor_files, replacing, save_checkpoint
+from .saving import copy_processor_files, load_training_state, save_checkpoint, save_training_state
 from .train import init_layers, learning_rate, make_batch, make_optimizer, train_bridge_in_float32, train_loop
 
 # The recipe (the InstructBLIP paper's "Implementation Details"; LAVIS instruction tuning).
@@ -138,43 +141,6 @@ def batches(dataset, prompt: str, processor, is_encoder_decoder: bool, num_frame
                              is_encoder_decoder, num_frames)
 
 
-# ----------------------------------------------------------------------------- the resumable state
-
-
-def save_state(path: str, model, optimizer, step: int, losses: list, settings: dict) -> None:
-    """Everything --resume needs to reach the weights an uninterrupted run reaches: the trainable weights (in
-    float32, as trained), the optimizer's moments, the step (with the seed in `settings` it fixes the data order
-    and the learning rate), the RNG and the losses so far. Written to a temporary file and renamed, so that a crash
-    while saving leaves the previous state whole."""
-    state = {"step": step, "settings": settings, "losses": losses, "rng": torch.get_rng_state(),
-             "trainable": {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad},
-             "optimizer": optimizer.state_dict()}
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    with replacing(path) as temporary:
-        torch.save(state, temporary)
-
-
-def load_state(path: str, model, optimizer, settings: dict) -> tuple[int, list]:
-    """Restore what save_state wrote; refuse a state from a run with other settings. Returns (step, losses)."""
-    # weights_only: the restricted unpickler that builds tensors, numbers and containers only, never runs code.
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    differ = {key: (state["settings"].get(key), value) for key, value in settings.items()
-              if state["settings"].get(key) != value}
-    if differ:
-        listed = ", ".join(f"{key} was {old!r}, now {new!r}" for key, (old, new) in differ.items())
-        raise ValueError(f"{path} is the state of another run ({listed}): resume with the same settings")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in state["trainable"].items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
-    if "cuda_rng" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state["step"], state["losses"]
-
-
 # ----------------------------------------------------------------------------- the loss curve
 
 
@@ -242,9 +208,16 @@ def choose_dtype(args, device: torch.device, micro: int) -> torch.dtype:
         return torch.bfloat16 if args.dtype == "auto" else asked[0]
     config = load_config(args.model)
     models = {dtype: training_model(config, dtype) for dtype in dict.fromkeys([*asked, torch.bfloat16])}
+    # Under torchrun on one CPU machine, its processes share that machine's memory. A frozen tensor stored in the
+    # dtype it is held in is the file's pages, mapped (checkpoint.py): one copy for all of them; the rest is each's own.
+    processes = memory.processes_sharing(device)
+    stored = stored_dtypes(args.model) if processes > 1 else {}
+    shared = {dtype: sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+                         if not p.requires_grad and stored.get(name) == dtype) for dtype, model in models.items()}
 
     def need(dtype, examples=micro):  # `micro`: the examples a process runs at once
-        return memory.training_estimate(models[dtype], examples, args.num_frames, device)
+        one = memory.training_estimate(models[dtype], examples, args.num_frames, device)
+        return memory.for_processes(one, processes, shared[dtype])
 
     available = memory.available_bytes(device)
     for dtype in asked:
@@ -263,9 +236,11 @@ def choose_dtype(args, device: torch.device, micro: int) -> torch.dtype:
     total = need(asked[-1])
     raise memory.NotEnoughMemory(
         f"fine-tuning {args.model} with its frozen towers in {asked[-1]} needs about {total.total / memory.GB:.1f} "
-        f"GB ({total.weights / memory.GB:.1f} GB of weights, {total.optimizer / memory.GB:.1f} GB of the bridge's "
+        f"GB{f' for its {processes} processes on this machine' if processes > 1 else ''} "
+        f"({total.weights / memory.GB:.1f} GB of weights, {total.optimizer / memory.GB:.1f} GB of the bridge's "
         f"gradients and AdamW moments, {total.activations / memory.GB:.1f} GB of activations for {micro} "
-        f"example{'s' * (micro > 1)} of {args.num_frames} frames at once), but only {available / memory.GB:.1f} GB "
+        f"example{'s' * (micro > 1)} of {args.num_frames} frames at once{' in each' if processes > 1 else ''}), "
+        f"but only {available / memory.GB:.1f} GB "
         f"is available: " + (" or ".join(advice) if advice else "not one example at a time fits, in either dtype")
         + "; or pass --no-memory-check to try anyway, at the risk of the OS killing the process")
 
@@ -335,7 +310,7 @@ def _finetune(args, entries, rank: int, world_size: int, device: torch.device) -
                 "prompt": args.prompt, "num_frames": args.num_frames, "seed": args.seed, "warmup_steps": warmup,
                 "reinit_bridge": args.reinit_bridge, "dtype": str(dtype)}
     state_path = os.path.join(args.out, STATE_FILE)
-    start_step, losses = load_state(state_path, model, optimizer, settings) if args.resume else (0, [])
+    start_step, losses = load_training_state(state_path, model, optimizer, settings) if args.resume else (0, [])
 
     ddp = None
     if world_size > 1:
@@ -386,7 +361,7 @@ def _finetune(args, entries, rank: int, world_size: int, device: torch.device) -
         csv.writer(csv_file).writerow([done, loss, lr])
         csv_file.flush()
         if args.save_every and done % args.save_every == 0 and done < steps:
-            save_state(state_path, model, optimizer, done, losses, settings)
+            save_training_state(state_path, model, optimizer, done, losses, settings)
 
     dataset = data.VideoQADataset(entries, args.videos, args.num_frames)
     model.train()

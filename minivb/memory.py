@@ -27,6 +27,7 @@ Letters in comments: F frames through the vision encoder (B*T), N patches + clas
 R rows of the language model (B * beams), L prompt length, D language-model width.
 """
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -230,6 +231,24 @@ def training_estimate(model: torch.nn.Module, batch_size: int, num_frames: int, 
     return Estimate(weight_bytes(model), max(activations, trained), optimizer=3 * trained)
 
 
+def processes_sharing(device) -> int:
+    """How many processes of one torchrun job draw on this memory: on a CPU, the job's processes on this machine
+    (LOCAL_WORLD_SIZE, which torchrun sets), all of which see the one MemAvailable; on a GPU 1, since each process
+    checks its own device."""
+    value = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    if torch.device(device).type != "cpu" or not value.isdigit():
+        return 1
+    return max(1, int(value))
+
+
+def for_processes(need: Estimate, processes: int, shared: int = 0) -> Estimate:
+    """What `processes` processes that each need `need` take of one machine together: `processes` times everything,
+    except `shared` bytes of weights that every process maps from the same checkpoint files (one page cache, counted
+    once)."""
+    return Estimate(shared + processes * (need.weights - shared), processes * need.activations,
+                    processes * need.packed, processes * need.optimizer)
+
+
 def available_bytes(device: torch.device) -> int:
     """Memory the OS can give this process now: MemAvailable on Linux, free memory on a CUDA device."""
     if device.type == "cuda":
@@ -241,8 +260,6 @@ def available_bytes(device: torch.device) -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import os
-
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # macOS and other Unix systems
     except (ValueError, OSError, AttributeError):

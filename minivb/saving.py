@@ -1,7 +1,8 @@
 """Writing checkpoints: the official layout that checkpoint.py reads, written back.
 
 Everything minivb writes goes through here: a trained or fine-tuned model (`save_checkpoint`), an int8 checkpoint
-(quant.save_quantized), a full-size checkpoint of random weights (fullsize.py). They share three rules:
+(quant.save_quantized), a full-size checkpoint of random weights (fullsize.py), and a fine-tune's state for
+--resume (`save_training_state`). They share three rules:
 
 - One safetensors writer (`write_safetensors`): the header is built from the shapes alone, then each tensor is
   asked for, written and dropped in turn, so a writer never needs the whole model in memory. The data starts on a
@@ -150,3 +151,41 @@ def save_checkpoint(model, path, processor_from=None,
     if processor_from is not None:
         copy_processor_files(processor_from, path)
     write_json(os.path.join(path, "config.json"), config_dict(model.config), sort_keys=True)
+
+
+# ----------------------------------------------------------------------------- a fine-tune's resumable state
+
+
+def save_training_state(path: str, model, optimizer, step: int, losses: list, settings: dict) -> None:
+    """Everything --resume needs to reach the weights an uninterrupted run reaches: the trainable weights (in
+    float32, as trained), the optimizer's moments, the step (with the seed in `settings` it fixes the data order
+    and the learning rate), the RNG and the losses so far. Written to a temporary file and renamed, so that a crash
+    while saving leaves the previous state whole."""
+    state = {"step": step, "settings": settings, "losses": losses, "rng": torch.get_rng_state(),
+             "trainable": {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad},
+             "optimizer": optimizer.state_dict()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    with replacing(path) as temporary:
+        torch.save(state, temporary)
+
+
+def load_training_state(path: str, model, optimizer, settings: dict) -> tuple[int, list]:
+    """Restore what save_training_state wrote; refuse a state from a run with other settings. Returns (step,
+    losses)."""
+    # weights_only: the restricted unpickler that builds tensors, numbers and containers only, never runs code.
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved = {"dtype": str(torch.float32), **state["settings"]}  # states older than --dtype: the towers in float32
+    differ = {key: (saved.get(key), value) for key, value in settings.items() if saved.get(key) != value}
+    if differ:
+        listed = ", ".join(f"{key} was {old!r}, now {new!r}" for key, (old, new) in differ.items())
+        raise ValueError(f"{path} is the state of another run ({listed}): resume with the same settings")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in state["trainable"].items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"], state["losses"]

@@ -2,6 +2,7 @@
 in minivb and transformers; 1 and 2 processes (torchrun, gloo) follow the same losses; --resume reaches the weights
 of an uninterrupted run; a re-initialised bridge learns; bad input is refused before anything is written."""
 
+import argparse
 import csv
 import json
 import math
@@ -234,6 +235,19 @@ def mean_loss(model, dataset) -> float:
         return model(**batch, loss_only=True).loss.item()
 
 
+def test_a_state_written_before_dtype_resumes_with_float32_towers(dataset, tmp_path, capsys):
+    # A state written before --dtype has no "dtype" setting: its towers were float32, all finetune loaded then.
+    assert run(dataset, tmp_path / "out", "--save-every", "4", "--dtype", "float32") == 0
+    path = tmp_path / "out" / finetune.STATE_FILE
+    state = torch.load(path, weights_only=True)
+    del state["settings"]["dtype"]
+    torch.save(state, path)
+    capsys.readouterr()
+    assert run(dataset, tmp_path / "out", "--save-every", "4", "--resume", "--dtype", "bfloat16") == 2
+    assert "dtype was 'torch.float32', now 'torch.bfloat16'" in capsys.readouterr().err
+    assert run(dataset, tmp_path / "out", "--save-every", "4", "--resume", "--dtype", "float32") == 0
+
+
 def test_reinitialised_bridge_learns(dataset, tmp_path):
     """The recovery run, cut down (`make recover-toy` is the whole one): from a fresh Q-Former the loss falls.
 
@@ -317,6 +331,26 @@ def test_a_step_that_does_not_fit_is_refused_with_what_would(dataset, tmp_path, 
     assert "4 examples of 4 frames at once" in error and "--no-memory-check" in error
     assert "--micro-batch-size 2 --dtype bfloat16 (the global batch stays 4" in error
     assert not (tmp_path / "out").exists()
+
+
+def test_processes_on_one_cpu_machine_are_counted_together(monkeypatch):
+    # torchrun --nproc_per_node 2 on one CPU machine: both processes draw on its one MemAvailable. The toy's files
+    # store bf16, so bf16 towers are those files' pages, mapped once for both; float32 towers are each process's own.
+    config = load_config(TOY)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    model = finetune.training_model(config, torch.bfloat16)
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    assert set(stored_dtypes(TOY).values()) == {torch.bfloat16} and frozen > 0
+    one = {dtype: training_need(TOY, dtype, 4) for dtype in (torch.float32, torch.bfloat16)}
+    two = {torch.float32: 2 * one[torch.float32], torch.bfloat16: 2 * one[torch.bfloat16] - frozen}
+    args = argparse.Namespace(model=str(TOY), no_memory_check=False, num_frames=4, batch_size=8)
+    for dtype, need in two.items():
+        args.dtype = str(dtype).removeprefix("torch.")
+        monkeypatch.setattr(memory, "available_bytes", lambda device: need)
+        assert finetune.choose_dtype(args, torch.device("cpu"), 4) == dtype
+        monkeypatch.setattr(memory, "available_bytes", lambda device: need - 1)
+        with pytest.raises(memory.NotEnoughMemory, match="GB for its 2 processes on this machine"):
+            finetune.choose_dtype(args, torch.device("cpu"), 4)
 
 
 def test_the_official_7b_fine_tunes_on_24_gb_in_bfloat16_only():
