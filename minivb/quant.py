@@ -6,9 +6,10 @@ which is what lets vicuna-13b and flan-t5-xxl fit on a 24 GB machine.
 
 How: for each row of a weight matrix W (out, in), scale = max |W[row]| / 127 and W_int8 = round(W / scale), so
 W ~ W_int8 * scale with an error of at most scale / 2 per weight. The product x @ W.T becomes
-(x @ W_int8.T) * scale, which a decode step computes without ever materialising W in bf16 (a compiled kernel for
-one row, `torch._weight_int8pack_mm` for beams); a prompt's many rows go through a bf16 copy of 8 MB of W at a time
-(`int8_linear`).
+(x @ W_int8.T) * scale, which a decode step computes without ever materialising W in bf16 (a compiled kernel or
+`torch._weight_int8pack_mm` for one row, integer products (torch._int_mm) for beams on CPUs with int8 dot-product
+instructions); a prompt's many rows go through a bf16 copy of 8 MB of W at a time, or integer products where the
+prompt computes in fp32 (`int8_linear`).
 
 The quantization happens while each shard is read (checkpoint.load_state hands an Int8Linear its tensor through
 `load_weight`), so the bf16 model never exists in memory. Embeddings, norms, the vision encoder, the Q-Former and
@@ -20,6 +21,7 @@ once, as gpt-fast's quantize.py and llama.cpp's llama-quantize do, and writes an
 maps like any other: the int8 weights are the file's pages, nothing quantized, nothing copied (the 7B: 1.3 s).
 """
 
+import functools
 import os
 
 import torch
@@ -67,15 +69,17 @@ class Int8Linear(nn.Module):
             self.weight_scale[rows] = scales
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype == torch.bfloat16:
-            # The fast path (below): int8 weights read as they are, scaled per row after the product; a prompt's
-            # many rows through a bf16 copy of this matrix, a block of rows at a time.
+        if x.device.type == "cpu" and (x.dtype == torch.bfloat16 or _integer_rows(x)):
+            # The fast paths (below): int8 weights read as they are, scaled per row after the product.
             out = int8_linear(x, self.weight, self.weight_scale)
         else:
-            # The reference a reader checks the fast path against: dequantize, then an ordinary product
-            # (fp32 activations, GPUs; int8pack_mm is slow in fp32 on CPUs: 25 ms against 2.2 ms a 4096 x 11008).
-            out = F.linear(x, self.weight.to(x.dtype) * self.weight_scale[:, None].to(x.dtype))
+            out = self.reference(x)
         return out if self.bias is None else out + self.bias
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """What the fast paths are checked against: dequantize, then an ordinary product, without the bias (GPUs;
+        one fp32 row on a CPU, where int8pack_mm is slow: 25 ms against 2.2 ms a 4096 x 11008)."""
+        return F.linear(x, self.weight.to(x.dtype) * self.weight_scale[:, None].to(x.dtype))
 
     @staticmethod
     def products(x: torch.Tensor, layers, norm: nn.Module | None = None) -> list[torch.Tensor] | None:
@@ -176,11 +180,14 @@ def _fused_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x (..., in) bf16 on a CPU, weight (out, in) int8, scales (out,) -> x @ (weight * scales).T, (..., out)."""
+    """x (..., in) on a CPU (bf16; fp32 where integer products take it), weight (out, in) int8, scales (out,) ->
+    x @ (weight * scales).T, (..., out) in x's dtype."""
     rows = x.reshape(-1, x.shape[-1])  # (R, in)
     scales = scales.to(x.dtype)
     if _fused_row(x, weight):
         out = int8_rows_linears(rows, [(weight, scales)])[0]  # (1, out)
+    elif _integer_rows(x):
+        out = integer_linear(rows, weight, scales)  # (R, out)
     elif rows.shape[0] <= INT8_MATMUL_ROWS:
         out = torch._weight_int8pack_mm(rows, weight, scales)  # (R, out)
     else:
@@ -198,6 +205,84 @@ def int8_rows_linears(row: torch.Tensor, weights_and_scales: list, norm: nn.Modu
         return list(compiled_or_plain(_int8_normed_row_times_matrices, norm, row, *flat,
                                            plain=_plain_int8_normed_rows, normed=True))
     return list(compiled_or_plain(_int8_row_times_matrices, row.float(), *flat, plain=_int8pack_rows))
+
+
+# Several rows (beams, a batch's decode steps) on a CPU with int8 dot-product instructions (x86 VNNI, AMX):
+# torch._int_mm multiplies int8 by int8 into exact int32 sums with them (oneDNN), reading the int8 weight as it is.
+# The activations are not int8, so each row is cut in two int8 halves (`_int8_halves`) that go through one product as
+# 2R rows. Intel Xeon with AMX, 2 threads, 11008 x 4096, ms a matrix, best of 3 (the machine drifts ~2x):
+#     rows                         5        8       16       32       64      128      150
+#     this                       3.5      3.8-4.0  5.5      7.3-7.7  8.7-9.2  16-23    26
+#     int8pack_mm                5.7-6.6  8.0-8.2  14-16    24-27    44       94-98    101
+#     bf16 copy (8 MB blocks)      -       39-40   12-13    13-15    15-17    28-34    18-30
+#     bf16 weights: F.linear     4.4-5.2   -        -        -        -        -       11-22   (packed, 5 rows: 3.25)
+# So bf16 rows take it up to INTEGER_MAX_ROWS (5 beams x 25 videos) and a prompt's more rows keep the bf16 copy
+# (compiled, the halves and the sums would make 150 rows 18.5 ms: level with it, for 1-3 s of compiling at a cold
+# start). A CPU without native bf16 computes a prompt in fp32 (fast.compute_dtype), which the int8 weight would join
+# dequantized to fp32: there every count of rows takes this. Capped to AVX-512 VNNI without AMX or bf16
+# (ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI, as a Cascade Lake): 5 rows 5.0 against int8pack_mm's 6.6; 150 rows 36
+# against 139 for the fp32 product. Without VNNI oneDNN's int8 kernels saturate 16-bit pair sums and the products
+# come out wrong (capped to AVX2 or to AVX-512 without VNNI: off by 19295 in sums of 120472), so
+# `integer_products_pay` checks the CPU's flags and then one product at the limits of int8 against exact sums.
+# MINIVB_INT8_MM=0 turns the route off.
+INTEGER_MAX_ROWS = 128
+HALF = 128  # q = HALF * high + low
+GRID = HALF * HALF - 1  # 16383: |q| <= GRID, so high = floor(q / HALF) lies in [-128, 127] and low in [0, 127]
+
+
+def _int8_halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (R, in) float -> int8 halves (2R, in): rows [high; low], and step (R, 1) fp32, with
+    x ~ (HALF * high + low) * step: each row on a grid of 2 x GRID + 1 steps of its largest magnitude.
+
+    The grid costs at most step / 2 = 1/32766 of the row's largest value, less than bf16's own rounding of every
+    value above 1/64 of it; a product's error stays that of its bf16 result (1.7e-3 relative, as int8pack_mm's)."""
+    x = x.float()
+    step = x.abs().amax(-1, keepdim=True).clamp(min=1e-30) / GRID  # (R, 1); an all-zero row stays zero
+    q = torch.round(x / step)  # integers in [-GRID, GRID], exact in fp32
+    high = torch.floor(q / HALF)
+    return torch.cat([high, q - HALF * high]).to(torch.int8), step
+
+
+def _sum_halves(products: torch.Tensor, step: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The int32 products of `_int8_halves`' rows (2R, out) -> x @ (weight * scales).T (R, out) in scales' dtype."""
+    high, low = products.float().chunk(2)  # (R, out) each; int32 sums below 2^28, to fp32 within 2^-24
+    return ((HALF * high + low) * step * scales.float()).to(scales.dtype)
+
+
+def integer_linear(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """rows (R, in) float, weight (out, in) int8, scales (out,) -> (R, out) in scales' dtype, through torch._int_mm."""
+    halves, step = _int8_halves(rows)  # (2R, in) int8, (R, 1)
+    return _sum_halves(torch._int_mm(halves, weight.t()), step, scales)  # (2R, out) int32 -> (R, out)
+
+
+def integer_products_pay() -> bool:
+    """Whether several rows times an int8 weight take torch._int_mm (above): x86 CPUs with VNNI or AMX on which
+    oneDNN's int8 products are exact (`_int8_products_exact`). MINIVB_INT8_MM=0 turns it off."""
+    if fast.override("MINIVB_INT8_MM") is False:
+        return False
+    flags = fast._cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"}
+    return bool(flags) and torch.backends.mkldnn.is_available() and _int8_products_exact()
+
+
+@functools.cache
+def _int8_products_exact() -> bool:
+    """One 2 x 64 x 64 product of int8 extremes through torch._int_mm against exact sums: False where oneDNN's kernel
+    saturates (a CPU without VNNI, or ONEDNN_MAX_CPU_ISA capping it below: pairs of products summed in 16 bits, which
+    int8 extremes overflow), or where the op is missing."""
+    a = torch.tensor([[127] * 64, [-128, 127] * 32], dtype=torch.int8)  # (2, 64)
+    w = torch.tensor([[127] * 64, [-127] * 64] * 32, dtype=torch.int8)  # (64, 64)
+    try:
+        return torch.equal(torch._int_mm(a, w.t()).long(), a.long() @ w.long().t())
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def _integer_rows(x: torch.Tensor) -> bool:
+    """Whether x (..., in) takes integer_linear: on a CPU where it pays, several rows, up to INTEGER_MAX_ROWS of bf16
+    or any number of fp32 (above); outside autograd (the grid's rounding has no gradient)."""
+    rows = x.numel() // x.shape[-1]
+    return (1 < rows and (rows <= INTEGER_MAX_ROWS or x.dtype == torch.float32) and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and x.requires_grad) and integer_products_pay())
 
 
 # quantize_rows run op by op makes five passes over fp32 copies of each block of rows (float, abs, divide,

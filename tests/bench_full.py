@@ -165,14 +165,18 @@ def decode_bytes(model) -> int:
     return total
 
 
-def count_packed_products() -> None:
-    """Teach torch's FLOP counter the op minivb multiplies its packed weights with (packing.py: after the first beam
-    search, a prompt's products use them too): x (..., in) times a weight (out, in), 2 * rows * out * in."""
+def count_minivb_products() -> None:
+    """Teach torch's FLOP counter the ops minivb multiplies with beside F.linear: its packed weights (packing.py:
+    after the first beam search, a prompt's products use them too), x (..., in) times a weight (out, in), 2 * rows *
+    out * in; and int8 weights' integer products (quant.integer_linear, a prompt computed in fp32), whose two int8
+    halves of each row count as the one row they stand for: (2R, in) @ (in, out) is 2 * R * in * out."""
     from torch.utils.flop_counter import flop_registry, register_flop_formula
 
-    op = torch.ops.mkldnn._linear_pointwise
-    if op not in flop_registry:
-        register_flop_formula(op)(lambda x, w, *args, out_shape=None, **kwargs: 2 * math.prod(x) * w[0])
+    formulas = {torch.ops.mkldnn._linear_pointwise: lambda x, w, *a, out_shape=None, **k: 2 * math.prod(x) * w[0],
+                torch.ops.aten._int_mm: lambda a, b, *args, out_shape=None, **kwargs: a[0] * a[1] * b[1]}
+    for op, formula in formulas.items():
+        if op not in flop_registry:
+            register_flop_formula(op)(formula)
 
 
 def restart_packing(model) -> None:
@@ -258,7 +262,7 @@ def worker(args) -> None:
             long = 1 + PACK_AFTER + K
             result["long_beam_s"] = median(step_seconds(model, lambda: generate(long, beams=5), long)[-K:])
         # Counted last: after FlopCounterMode has run, minivb's compiled kernel runs ~10x slower in this process.
-        count_packed_products()
+        count_minivb_products()
         counter = FlopCounterMode(display=False)
         with counter:
             generate(1)

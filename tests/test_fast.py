@@ -342,6 +342,7 @@ def test_int8_products_equal_the_reference(monkeypatch):
     monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 1)  # 1 row through the compiled kernel at this size too
     monkeypatch.setattr(quant, "INT8_MATMUL_ROWS", 4)  # 2 rows through int8pack_mm, 9 through a bf16 copy
     monkeypatch.setattr(quant, "INT8_BLOCK_BYTES", 2 * 96 * 64)  # ... converted 64 output rows at a time: 2 blocks
+    monkeypatch.setenv("MINIVB_INT8_MM", "0")  # several rows: the paths of CPUs without integer products
     g = torch.Generator().manual_seed(0)
     layer = Int8Linear(96, 100, bias=True, dtype=torch.bfloat16)
     layer.load_weight(torch.randn(100, 96, generator=g))
@@ -349,7 +350,7 @@ def test_int8_products_equal_the_reference(monkeypatch):
         layer.bias.copy_(torch.randn(100, generator=g))
         for rows in (1, 2, 9):
             x = torch.randn(rows, 1, 96, generator=g)
-            reference = layer(x)  # fp32: the dequantized weight through F.linear
+            reference = layer.reference(x) + layer.bias  # fp32: the dequantized weight through F.linear
             got = layer(x.bfloat16())
             assert got.shape == (rows, 1, 100) and got.dtype == torch.bfloat16
             assert (got.float() - reference).abs().max() <= 2e-2 * reference.abs().max()
@@ -358,6 +359,53 @@ def test_int8_products_equal_the_reference(monkeypatch):
         assert (quant.int8_linear(one, layer.weight, layer.weight_scale).float() - packed.float()).abs().max() \
             <= 2**-7 * packed.float().abs().max()
     assert not compiling._compile_failed
+
+
+def test_int8_halves_rebuild_each_row():
+    x = torch.randn(5, 300, generator=torch.Generator().manual_seed(0)) * torch.tensor([1e-3, 1, 30, 1e4, 0])[:, None]
+    halves, step = quant._int8_halves(x)
+    high, low = halves[:5].long(), halves[5:].long()
+    assert halves.dtype == torch.int8 and high.min() >= -128 and high.max() <= 127 and low.min() >= 0
+    rebuilt = (quant.HALF * high + low) * step
+    largest = x.abs().amax(-1, keepdim=True)
+    assert ((rebuilt - x).abs() <= largest / 32766 * 1.0001).all()  # half a step of the row's grid
+    assert (rebuilt[4] == 0).all()  # an all-zero row stays zero, no division by zero
+
+
+VNNI = bool(fast._cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+@pytest.mark.skipif(not quant.integer_products_pay(), reason="no int8 dot-product instructions (VNNI, AMX) here")
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float32, 2e-4)])
+def test_integer_products_equal_the_reference(dtype, tol):
+    from minivb.quant import Int8Linear
+
+    g = torch.Generator().manual_seed(0)
+    layer = Int8Linear(300, 100, bias=True, dtype=torch.bfloat16)
+    layer.load_weight(torch.randn(100, 300, generator=g))
+    with torch.no_grad():
+        layer.bias.copy_(torch.randn(100, generator=g))
+        for rows in (2, 5, 128 if dtype == torch.bfloat16 else 300):  # bf16 prompts keep their own path
+            x = torch.randn(rows, 1, 300, generator=g).to(dtype)
+            assert quant._integer_rows(x)
+            reference = layer.reference(x.double()) + layer.bias.double()
+            got = layer(x)
+            assert got.shape == (rows, 1, 100) and got.dtype == dtype
+            assert (got.double() - reference).abs().max() <= tol * reference.abs().max()
+        assert not quant._integer_rows(x[:1])  # one row stays on int8pack_mm or the compiled kernel
+        assert quant._integer_rows(torch.zeros(129, 300)) and not quant._integer_rows(torch.zeros(129, 300).bfloat16())
+    x = torch.randn(3, 300, requires_grad=True)
+    assert not quant._integer_rows(x)  # autograd: the grid's rounding has no gradient
+
+
+@pytest.mark.skipif(not VNNI, reason="the CPU has no int8 dot-product instructions: nothing to refuse")
+def test_integer_products_are_refused_where_onednn_saturates():
+    # oneDNN capped below VNNI sums pairs of int8 products in 16 bits: wrong sums, which the probe catches.
+    code = "from minivb import quant; print(quant.integer_products_pay())"
+    for isa, expected in (("AVX2", "False"), ("AVX512_CORE", "False"), ("AVX512_CORE_VNNI", "True")):
+        env = {**os.environ, "ONEDNN_MAX_CPU_ISA": isa}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected, isa
 
 
 @torch.no_grad()
