@@ -245,7 +245,7 @@ def _int8_halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _sum_halves(products: torch.Tensor, step: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """The int32 products of `_int8_halves`' rows (2R, out) -> x @ (weight * scales).T (R, out) in scales' dtype."""
-    high, low = products.float().chunk(2)  # (R, out) each; int32 sums below 2^28, to fp32 within 2^-24
+    high, low = products.float().chunk(2)  # (R, out) each: |sums| <= 128 x 127 x in, exact in int32 up to in ~132k
     return ((HALF * high + low) * step * scales.float()).to(scales.dtype)
 
 
