@@ -344,40 +344,41 @@ def _int8_mismatch(key: str, path: str, stored_int8: bool, quantized_file: bool)
             f"file stores it as a float")
 
 
+def _stored_entries(path: str) -> dict[str, tuple[str, str, torch.dtype]]:
+    """{minivb parameter name: (file, official key, dtype)} of every tensor in the checkpoint's files, from their
+    headers alone. A tied embedding's aliases (T5's encoder and decoder embed_tokens) name the tensor of `shared`:
+    the first key read counts."""
+    entries = {}
+    for file in checkpoint_files(path):
+        with _open(file) as handle:
+            for key in handle.keys():
+                ours = map_key(ALIASES.get(key, key))
+                stored = handle.get_slice(key).get_dtype()
+                if ours is not None and stored in SAFETENSORS_DTYPES:
+                    entries.setdefault(ours, (file, key, SAFETENSORS_DTYPES[stored]))
+    return entries
+
+
 def stored_dtypes(path: str) -> dict[str, torch.dtype]:
     """{minivb parameter name: the dtype its tensor has in the checkpoint files}, read from the headers alone.
 
     A model loaded in float32 from bfloat16 (or float16) files holds the exact values of the file: written back in
     these dtypes, every tensor that was not changed is the same bytes again.
     """
-    dtypes = {}
-    for file in checkpoint_files(path):
-        with _open(file) as handle:
-            for key in handle.keys():
-                ours = map_key(key)
-                stored = handle.get_slice(key).get_dtype()
-                if key not in ALIASES and ours is not None and stored in SAFETENSORS_DTYPES:
-                    dtypes[ours] = SAFETENSORS_DTYPES[stored]
-    return dtypes
+    return {name: dtype for name, (file, key, dtype) in _stored_entries(path).items()}
 
 
 def stored_tensors(path: str):
-    """`read(name)`: minivb parameter `name` as the checkpoint's files store it (their dtype, their bytes), read from
-    its file when asked, one tensor at a time. A fine-tune writes its frozen towers back with it (saving.py): bit for
-    bit as they came in, whichever dtype it held them in while training."""
-    where = {}
-    for file in checkpoint_files(path):
-        with _open(file) as handle:
-            for key in handle.keys():
-                ours = map_key(ALIASES.get(key, key))
-                if ours is not None:
-                    where.setdefault(ours, (file, key))
+    """(stored_dtypes(path), `read(name)`): `read` gives minivb parameter `name` as the checkpoint's files store it
+    (their dtype, their bytes), read from its file when asked, one tensor at a time. A fine-tune writes its frozen
+    towers back with it (saving.py): bit for bit as they came in, whichever dtype it held them in while training."""
+    entries = _stored_entries(path)
 
     def read(name: str) -> torch.Tensor:
-        if name not in where:
+        if name not in entries:
             raise ValueError(f"{path} has no tensor {official_key(name)!r} to copy")
-        file, key = where[name]
+        file, key, _ = entries[name]
         with _open(file) as handle:
             return _read(handle, file, key)
 
-    return read
+    return {name: dtype for name, (file, key, dtype) in entries.items()}, read

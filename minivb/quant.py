@@ -226,6 +226,7 @@ def int8_rows_linears(row: torch.Tensor, weights_and_scales: list, norm: nn.Modu
 # `integer_products_pay` checks the CPU's flags and then one product at the limits of int8 against exact sums.
 # MINIVB_INT8_MM=0 turns the route off.
 INTEGER_MAX_ROWS = 128
+INT8_DOT_PRODUCT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})  # x86 VNNI (AVX-512, AVX) and AMX
 HALF = 128  # q = HALF * high + low
 GRID = HALF * HALF - 1  # 16383: |q| <= GRID, so high = floor(q / HALF) lies in [-128, 127] and low in [0, 127]
 
@@ -260,8 +261,8 @@ def integer_products_pay() -> bool:
     oneDNN's int8 products are exact (`_int8_products_exact`). MINIVB_INT8_MM=0 turns it off."""
     if fast.override("MINIVB_INT8_MM") is False:
         return False
-    flags = fast._cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"}
-    return bool(flags) and torch.backends.mkldnn.is_available() and _int8_products_exact()
+    has_instructions = bool(fast._cpu_flags() & INT8_DOT_PRODUCT_FLAGS)
+    return has_instructions and torch.backends.mkldnn.is_available() and _int8_products_exact()
 
 
 @functools.cache

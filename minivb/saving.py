@@ -23,7 +23,7 @@ from dataclasses import asdict
 
 import torch
 
-from .checkpoint import ALIGN, DTYPE_NAMES, official_key, stored_dtypes, stored_tensors
+from .checkpoint import ALIGN, DTYPE_NAMES, official_key, stored_tensors
 
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "preprocessor_config.json", "processor_config.json", "qformer_tokenizer")
@@ -132,7 +132,7 @@ def save_checkpoint(model, path, processor_from=None,
                          "minivb.quant.save_quantized (`python -m minivb quantize`)")
     os.makedirs(path, exist_ok=True)
     source, copied = copy_from or (None, ())
-    stored = stored_dtypes(source) if source is not None else {}
+    stored, read_stored = stored_tensors(source) if source is not None else ({}, None)  # dtypes, and a reader
     params, entries = {}, []
     for name, param in model.named_parameters():  # a tied lm_head is the same Parameter as `shared`: listed once
         if name in copied:
@@ -141,7 +141,6 @@ def save_checkpoint(model, path, processor_from=None,
             target = dtype.get(name, param.dtype) if isinstance(dtype, dict) else dtype or param.dtype
         params[official_key(name)] = (name, param, target)
         entries.append((official_key(name), target, tuple(param.shape)))
-    read_stored = stored_tensors(source) if source is not None else None
 
     def tensor(key):
         name, param, target = params[key]

@@ -372,7 +372,7 @@ def test_int8_halves_rebuild_each_row():
     assert (rebuilt[4] == 0).all()  # an all-zero row stays zero, no division by zero
 
 
-VNNI = bool(fast._cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+VNNI = bool(fast._cpu_flags() & quant.INT8_DOT_PRODUCT_FLAGS)
 
 
 @pytest.mark.skipif(not quant.integer_products_pay(), reason="no int8 dot-product instructions (VNNI, AMX) here")
