@@ -47,6 +47,7 @@ MINIVB_FUSED=0 or 1 overrides the choice of kernels for one row (`compiled_rows_
 
 import contextlib
 import functools
+import glob
 import os
 
 import torch
@@ -86,6 +87,24 @@ def _cpu_flags() -> frozenset:
             return frozenset(f.read().split())
     except OSError:
         return frozenset()  # unknown: fp32 compute is never slow, where bf16 compute may be 4x slow
+
+
+@functools.cache
+def last_level_cache_bytes() -> int:
+    """The size of the CPU's largest cache (Linux's sysfs: 307200K on the Intel Xeon measured, 32768K on the AMD
+    EPYC); 0 where unknown."""
+    sizes = []
+    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(index, encoding="utf-8") as f:
+                text = f.read().strip()  # "307200K"
+        except OSError:
+            continue
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        number, unit = (text[:-1], units[text[-1]]) if text[-1:] in units else (text, 1)
+        if number.isdigit():
+            sizes.append(int(number) * unit)
+    return max(sizes, default=0)
 
 
 def compute_dtype(weight_dtype: torch.dtype, phase: str, device, native_bf16: bool | None = None) -> torch.dtype:

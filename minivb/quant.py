@@ -8,7 +8,7 @@ How: for each row of a weight matrix W (out, in), scale = max |W[row]| / 127 and
 W ~ W_int8 * scale with an error of at most scale / 2 per weight. The product x @ W.T becomes
 (x @ W_int8.T) * scale, which a decode step computes without ever materialising W in bf16 (a compiled kernel or
 `torch._weight_int8pack_mm` for one row, integer products (torch._int_mm) for beams on CPUs with int8 dot-product
-instructions); a prompt's many rows go through a bf16 copy of 8 MB of W at a time, or integer products where the
+instructions); a prompt's many rows go through a bf16 copy of 8-32 MB of W at a time, or integer products where the
 prompt computes in fp32 (`int8_linear`).
 
 The quantization happens while each shard is read (checkpoint.load_state hands an Int8Linear its tensor through
@@ -23,6 +23,7 @@ maps like any other: the int8 weights are the file's pages, nothing quantized, n
 
 import functools
 import os
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -125,11 +126,21 @@ def check_quantize(quantize) -> None:
 # (An earlier table, taken at load average 8-11, put the crossing near 64 rows; on a quiet machine it is near 10.)
 INT8_MATMUL_ROWS = 8
 # The copy is made INT8_BLOCK_BYTES of bf16 at a time (a block of output rows), not for the whole matrix at once: a
-# fresh 90 MB tensor on every call pays its page faults and goes out to memory and back, where an 8 MB block is
-# reused by the allocator and still in cache when multiplied. 150 rows (quiet machine, ms a matrix): 11008 x 4096
-# whole copy 74.4, 8 MB blocks 41.2, bf16 F.linear 34.4; 4096 x 11008: 72.9, 44.0, 35.5; 4096 x 4096: 29.1, 15.4,
-# 13.2 (2 MB blocks: 56.0, 41.0, 15.4; 16 MB: 41.6, 42.0, 15.2).
-INT8_BLOCK_BYTES = 8 * 2**20
+# fresh 90 MB tensor on every call pays its page faults and goes out to memory and back, where a block is still in
+# cache when multiplied. 150 rows (AMD, quiet machine, ms a matrix): 11008 x 4096 whole copy 74.4, 8 MB blocks 41.2,
+# bf16 F.linear 34.4; 4096 x 11008: 72.9, 44.0, 35.5; 4096 x 4096: 29.1, 15.4, 13.2 (2 MB blocks: 56.0, 41.0, 15.4;
+# 16 MB: 41.6, 42.0, 15.2). Each block is written into one buffer kept from call to call (`_converted`), not into a
+# fresh tensor per block: the allocator did not reuse those for free. Intel Xeon (AMX, 300 MB of L3), 150 rows, ms a
+# matrix, best of 7 alternating, three runs (the machine drifting ~1.5x between them):
+#     matrix            bf16 F.linear   fresh 8 MB blocks   one buffer, 8 MB   16 MB            32 MB
+#     11008 x 4096      19.1-25.8       19.6-39.1           18.9-38.2          21.7-33.3        28.7-34.6
+#     4096 x 11008      20.2-21.4       32.1-34.6           24.2-34.0          22.0-32.4        24.7-29.1
+#     4096 x 4096        4.2-8.3         7.3-15.7            6.8-14.9           6.3-12.2         7.5-12.4
+# and in a model, the prompt of vicuna-7b cut to 4 + 4 layers (4 frames, ~145 rows; best of 5 alternating, three
+# runs): fresh 8 MB blocks 0.393 / 0.433 / 0.590 s, one buffer of 8 MB 0.397 / 0.378 / 0.574, 16 MB 0.371 / 0.352 /
+# 0.532, 32 MB 0.349 / 0.327 / 0.484 (bf16 weights: 0.442-0.446 in the slow phase of the third). So blocks of 32 MB
+# where the last-level cache is large (Intel's 300 MB), 8 MB where it is not (AMD's 32 MB, measured above).
+INT8_BLOCK_BYTES = 32 * 2**20 if fast.last_level_cache_bytes() >= 128 * 2**20 else 8 * 2**20
 # One row (greedy decoding) of an int8 matrix, on AMD (on the Intel Xeon measured int8pack_mm is the faster
 # everywhere: fast.compiled_rows_pay): int8pack_mm streams int8 at 23-25 GB/s, short of the ~34 GB/s the AMD machine
 # reads: on 2 cores it is bound by converting each weight to fp32, not by memory. A compiled
@@ -192,9 +203,23 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
         out = torch._weight_int8pack_mm(rows, weight, scales)  # (R, out)
     else:
         block = max(64, INT8_BLOCK_BYTES // (2 * weight.shape[1]) // 64 * 64)  # output rows converted at a time
-        products = [F.linear(rows, weight[i : i + block].to(x.dtype)) for i in range(0, weight.shape[0], block)]
+        products = [F.linear(rows, _converted(weight[i : i + block], x)) for i in range(0, weight.shape[0], block)]
         out = torch.cat(products, dim=-1) * scales  # (R, out)
     return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _converted(block: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """block (rows, in) int8 in x's dtype, written into this thread's buffer, kept from call to call (see
+    INT8_BLOCK_BYTES); a fresh tensor where autograd may keep it for the backward pass."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return block.to(x.dtype)
+    buffer = getattr(_conversions, "buffer", None)
+    if buffer is None or buffer.dtype != x.dtype or buffer.numel() < block.numel():
+        buffer = _conversions.buffer = torch.empty(block.numel(), dtype=x.dtype)  # the largest block so far
+    return buffer[: block.numel()].view(block.shape).copy_(block)
+
+
+_conversions = threading.local()  # each thread's buffer for _converted
 
 
 def int8_rows_linears(row: torch.Tensor, weights_and_scales: list, norm: nn.Module | None = None) -> list:

@@ -9,6 +9,7 @@ import copy
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,22 @@ def test_one_row_kernels_by_processor(monkeypatch):
     monkeypatch.setenv("MINIVB_FUSED", "yes")
     with pytest.raises(ValueError, match="MINIVB_FUSED must be 0 or 1"):
         fast.compiled_rows_pay()
+
+
+def test_last_level_cache_from_sysfs(monkeypatch, tmp_path):
+    sizes = {"index0": "48K", "index2": "2048K", "index3": "307200K", "index4": "odd"}  # L1, L2, L3, unreadable
+    for name, size in sizes.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "size").write_text(size + "\n")
+    monkeypatch.setattr(fast.glob, "glob", lambda pattern: sorted(str(p / "size") for p in tmp_path.iterdir()))
+    fast.last_level_cache_bytes.cache_clear()
+    try:
+        assert fast.last_level_cache_bytes() == 300 * 2**20
+        monkeypatch.setattr(fast.glob, "glob", lambda pattern: [])  # no sysfs (not Linux)
+        fast.last_level_cache_bytes.cache_clear()
+        assert fast.last_level_cache_bytes() == 0
+    finally:
+        fast.last_level_cache_bytes.cache_clear()
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -359,6 +376,34 @@ def test_int8_products_equal_the_reference(monkeypatch):
         assert (quant.int8_linear(one, layer.weight, layer.weight_scale).float() - packed.float()).abs().max() \
             <= 2**-7 * packed.float().abs().max()
     assert not compiling._compile_failed
+
+
+def test_int8_prompt_copies_reuse_one_buffer(monkeypatch):
+    """A prompt's bf16 copies of int8 blocks are written into one buffer kept between calls: layers of other sizes
+    after it get the products fresh copies give, bit for bit; under autograd each copy is fresh (a product keeps its
+    weight for the backward pass, which a later write into the buffer would change)."""
+    monkeypatch.setattr(quant, "INT8_BLOCK_BYTES", 2 * 96 * 64)  # 64 output rows at a time
+    monkeypatch.setenv("MINIVB_INT8_MM", "0")  # 12 rows through the bf16 copies on every CPU
+    monkeypatch.setattr(quant, "_conversions", threading.local())
+    g = torch.Generator().manual_seed(0)
+    layers = [quant.quantize_rows(torch.randn(out, 96, generator=g)) for out in (200, 70, 130)]  # 4, 2, 3 blocks
+    layers = [(weight, scales.bfloat16()) for weight, scales in layers]
+    x = torch.randn(12, 96, generator=g).bfloat16()
+    with torch.no_grad():
+        got = [quant.int8_linear(x, weight, scales) for weight, scales in layers]
+        assert quant._conversions.buffer.shape == (64 * 96,)  # the largest block, kept
+        with monkeypatch.context() as m:
+            m.setattr(quant, "_converted", lambda block, x: block.to(x.dtype))
+            fresh = [quant.int8_linear(x, weight, scales) for weight, scales in layers]
+    assert all(torch.equal(a, b) for a, b in zip(got, fresh))
+
+    monkeypatch.setattr(quant, "_conversions", threading.local())
+    weight, scales = layers[0]
+    x.requires_grad_(True)
+    quant.int8_linear(x, weight, scales).float().sum().backward()
+    assert getattr(quant._conversions, "buffer", None) is None
+    expected = (weight.float() * scales.float()[:, None]).sum(0)  # d(sum of x @ W.T) / dx: W's column sums
+    assert (x.grad.float() - expected).abs().max() <= 1e-2 * expected.abs().max()  # bf16's rounding of ~20
 
 
 def test_int8_halves_rebuild_each_row():
