@@ -30,6 +30,11 @@ class VisionConfig:
     qkv_bias: bool = True
     hidden_act: str = "gelu"
 
+    @property
+    def tokens(self) -> int:
+        """The tokens a frame becomes: its patches and the class token (257 at 224 px)."""
+        return (self.image_size // self.patch_size) ** 2 + 1
+
 
 @dataclass
 class QFormerConfig:

@@ -42,7 +42,8 @@ The kernels this file and the others compile are built, and fall back to plain P
 MINIVB_NATIVE_BF16=0 or 1 overrides the detection (to test, or to force a choice the flags get wrong; tests/test_fast.py
 checks the fp32 compute path with MINIVB_NATIVE_BF16=0).
 MINIVB_PACK=0 or 1 overrides load_model's choice to pack weights for beams (packing.py, memory.room_to_pack).
-MINIVB_FUSED=0 or 1 overrides the choice of kernels for one row (`compiled_rows_pay`: compiled on AMD only).
+MINIVB_FUSED=0 or 1 overrides the choice of kernels for one row (`compiled_rows_pay`: compiled on AMD with AVX-512
+only).
 """
 
 import contextlib
@@ -55,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from . import packing
+from . import compiling, packing
 from .compiling import compiled_or_plain
 
 # ----------------------------------------------------------------------------- 1. the compute dtype
@@ -309,13 +310,19 @@ def _mkl_on_amd() -> bool:
 # than reading it (a compiled sum of each row of a 1 GB matrix: fp32 28 GB/s, bf16 15, int8 13), and the library's
 # kernels, built on the machine's own instructions (avx512_bf16's dot product; int8pack_mm), are as fast or faster.
 # Other processors (x86 of other makers, Arm): nothing measured, so the library's, which is what transformers runs.
+# So are AMD processors without AVX-512 (Zen 2 and 3: most AMD laptops and desktops), where inductor builds 256-bit
+# kernels. Emulated on the Intel Xeon (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2, MINIVB_NATIVE_BF16=0), one
+# row, GB/s a matrix, best of 5-7: int8 11008 x 4096, compiled 1.2-1.3 against int8pack_mm's 11.4-16.4 (the 256-bit
+# kernel loads each 8 int8 weights as a partial 32-byte vector, through a copy); bf16, compiled against F.linear,
+# 4096 x 4096 9.8 / 11.1, 11008 x 4096 7.5 / 7.8, 4096 x 11008 10.3 / 11.2, 32000 x 4096 9.6 / 11.5.
 # MINIVB_FUSED=0 or 1 overrides the choice.
 def compiled_rows_pay() -> bool:
-    """Whether one row's products (greedy decoding) take the compiled kernels of this file and quant.py."""
+    """Whether one row's products (greedy decoding) take the compiled kernels of this file and quant.py: on AMD
+    processors whose compiled kernels are 512 bits wide (AVX-512)."""
     forced = override("MINIVB_FUSED")
     if forced is not None:
         return forced
-    return "AuthenticAMD" in _cpu_flags()
+    return "AuthenticAMD" in _cpu_flags() and compiling._vector_width() >= 512
 
 
 def decode_route(x: torch.Tensor, weight: torch.Tensor, packing: bool = False) -> str:

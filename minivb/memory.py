@@ -92,7 +92,7 @@ def decode_bytes(language_model: torch.nn.Module) -> int:
 def vision_bytes(config, element_size: int, num_frames: int) -> int:
     """The vision encoder's largest working set over `num_frames` frames (F), computing in `element_size` bytes."""
     v, F = config.vision, num_frames
-    N = (v.image_size // v.patch_size) ** 2 + 1
+    N = v.tokens
     # A ViT block holds its input, the normed input, q/k/v and the MLP's hidden layer twice (fc1 out, GELU out);
     # scaled_dot_product_attention's CPU kernel works in blocks and never holds the (N, N) scores whole.
     vision = F * N * (2 * v.hidden_size + 3 * v.hidden_size + 2 * v.intermediate_size) * element_size
@@ -185,7 +185,7 @@ def training_activation_bytes(config, element_size: int, vision_element_size: in
     e, B, T = element_size, batch_size, num_frames
     vision = vision_bytes(config, vision_element_size, B * T)
     v, q = config.vision, config.qformer
-    P, Q = (v.image_size // v.patch_size) ** 2 + 1, config.num_query_tokens
+    P, Q = v.tokens, config.num_query_tokens
     S = Q + text_tokens  # the Q-Former reads its queries and the instruction (fewer tokens: its own tokenizer)
     crosses = len(range(0, q.num_hidden_layers, q.cross_attention_frequency))
     # A Q-Former layer keeps, per token: its input, q, k, v, attention's output and its copy for the output

@@ -141,8 +141,8 @@ INT8_MATMUL_ROWS = 8
 # 0.532, 32 MB 0.349 / 0.327 / 0.484 (bf16 weights: 0.442-0.446 in the slow phase of the third). So blocks of 32 MB
 # where the last-level cache is large (Intel's 300 MB), 8 MB where it is not (AMD's 32 MB, measured above).
 INT8_BLOCK_BYTES = 32 * 2**20 if fast.last_level_cache_bytes() >= 128 * 2**20 else 8 * 2**20
-# One row (greedy decoding) of an int8 matrix, on AMD (on the Intel Xeon measured int8pack_mm is the faster
-# everywhere: fast.compiled_rows_pay): int8pack_mm streams int8 at 23-25 GB/s, short of the ~34 GB/s the AMD machine
+# One row (greedy decoding) of an int8 matrix, on AMD with AVX-512 (on the Intel Xeon measured, and on AMD with only
+# AVX2, int8pack_mm is the faster everywhere: fast.compiled_rows_pay): int8pack_mm streams int8 at 23-25 GB/s, short of the ~34 GB/s the AMD machine
 # reads: on 2 cores it is bound by converting each weight to fp32, not by memory. A compiled
 # multiply-and-sum with the row converted to fp32 once, before the kernel (not at each weight, as when it is bf16),
 # runs 25-28 GB/s for matrices of 4096 columns (4096 x 4096, 11008 x 4096, 32000 x 4096: 5-17 % faster, quiet

@@ -138,8 +138,11 @@ def test_decode_routes(monkeypatch):
 
 def test_one_row_kernels_by_processor(monkeypatch):
     monkeypatch.delenv("MINIVB_FUSED")
-    for words, pays in (({"AuthenticAMD", "avx512f"}, True), ({"GenuineIntel", "amx_bf16"}, False), (set(), False)):
+    machines = ((({"AuthenticAMD", "avx512f"}, 512), True), (({"AuthenticAMD", "avx2"}, 256), False),  # Zen 4, Zen 3
+                (({"GenuineIntel", "amx_bf16"}, 512), False), ((set(), 0), False))
+    for (words, width), pays in machines:
         monkeypatch.setattr(fast, "_cpu_flags", lambda: frozenset(words))
+        monkeypatch.setattr(compiling, "_vector_width", lambda: width)
         assert fast.compiled_rows_pay() == pays
     monkeypatch.setenv("MINIVB_FUSED", "0")  # the decode attention too: PyTorch's own kernel, as it is
     g = torch.Generator().manual_seed(0)
