@@ -8,8 +8,8 @@ How: for each row of a weight matrix W (out, in), scale = max |W[row]| / 127 and
 W ~ W_int8 * scale with an error of at most scale / 2 per weight. The product x @ W.T becomes
 (x @ W_int8.T) * scale, which a decode step computes without ever materialising W in bf16 (a compiled kernel or
 `torch._weight_int8pack_mm` for one row, integer products (torch._int_mm) for beams on CPUs with int8 dot-product
-instructions); a prompt's many rows go through a bf16 copy of 8-32 MB of W at a time, or integer products where the
-prompt computes in fp32 (`int8_linear`).
+instructions); a prompt's many rows go through copies of W in the prompt's dtype, a block of rows at a time
+(fast.linear_in_blocks), or integer products where the prompt computes in fp32 (`int8_linear`).
 
 The quantization happens while each shard is read (checkpoint.load_state hands an Int8Linear its tensor through
 `load_weight`), so the bf16 model never exists in memory. Embeddings, norms, the vision encoder, the Q-Former and
@@ -23,7 +23,6 @@ maps like any other: the int8 weights are the file's pages, nothing quantized, n
 
 import functools
 import os
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +69,7 @@ class Int8Linear(nn.Module):
             self.weight_scale[rows] = scales
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and (x.dtype == torch.bfloat16 or _integer_rows(x)):
+        if x.device.type == "cpu" and (x.dtype == torch.bfloat16 or _integer_rows(x) or _copied_rows(x)):
             # The fast paths (below): int8 weights read as they are, scaled per row after the product.
             out = int8_linear(x, self.weight, self.weight_scale)
         else:
@@ -79,7 +78,8 @@ class Int8Linear(nn.Module):
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """What the fast paths are checked against: dequantize, then an ordinary product, without the bias (GPUs;
-        one fp32 row on a CPU, where int8pack_mm is slow: 25 ms against 2.2 ms a 4096 x 11008)."""
+        a few fp32 rows on a CPU without integer products, where int8pack_mm is slow: 25 ms against 2.2 ms a 4096 x
+        11008)."""
         return F.linear(x, self.weight.to(x.dtype) * self.weight_scale[:, None].to(x.dtype))
 
     @staticmethod
@@ -125,22 +125,7 @@ def check_quantize(quantize) -> None:
 #     bf16 F.linear              6.1   5.4   5.9   5.8   8.5   7.4  10.0  17.1  26.3   (bf16 weights, for comparison)
 # (An earlier table, taken at load average 8-11, put the crossing near 64 rows; on a quiet machine it is near 10.)
 INT8_MATMUL_ROWS = 8
-# The copy is made INT8_BLOCK_BYTES of bf16 at a time (a block of output rows), not for the whole matrix at once: a
-# fresh 90 MB tensor on every call pays its page faults and goes out to memory and back, where a block is still in
-# cache when multiplied. 150 rows (AMD, quiet machine, ms a matrix): 11008 x 4096 whole copy 74.4, 8 MB blocks 41.2,
-# bf16 F.linear 34.4; 4096 x 11008: 72.9, 44.0, 35.5; 4096 x 4096: 29.1, 15.4, 13.2 (2 MB blocks: 56.0, 41.0, 15.4;
-# 16 MB: 41.6, 42.0, 15.2). Each block is written into one buffer kept from call to call (`_converted`), not into a
-# fresh tensor per block: the allocator did not reuse those for free. Intel Xeon (AMX, 300 MB of L3), 150 rows, ms a
-# matrix, best of 7 alternating, three runs (the machine drifting ~1.5x between them):
-#     matrix            bf16 F.linear   fresh 8 MB blocks   one buffer, 8 MB   16 MB            32 MB
-#     11008 x 4096      19.1-25.8       19.6-39.1           18.9-38.2          21.7-33.3        28.7-34.6
-#     4096 x 11008      20.2-21.4       32.1-34.6           24.2-34.0          22.0-32.4        24.7-29.1
-#     4096 x 4096        4.2-8.3         7.3-15.7            6.8-14.9           6.3-12.2         7.5-12.4
-# and in a model, the prompt of vicuna-7b cut to 4 + 4 layers (4 frames, ~145 rows; best of 5 alternating, three
-# runs): fresh 8 MB blocks 0.393 / 0.433 / 0.590 s, one buffer of 8 MB 0.397 / 0.378 / 0.574, 16 MB 0.371 / 0.352 /
-# 0.532, 32 MB 0.349 / 0.327 / 0.484 (bf16 weights: 0.442-0.446 in the slow phase of the third). So blocks of 32 MB
-# where the last-level cache is large (Intel's 300 MB), 8 MB where it is not (AMD's 32 MB, measured above).
-INT8_BLOCK_BYTES = 32 * 2**20 if fast.last_level_cache_bytes() >= 128 * 2**20 else 8 * 2**20
+# The copy is made a block of output rows at a time, into one buffer kept between calls: fast.linear_in_blocks.
 # One row (greedy decoding) of an int8 matrix, on AMD with AVX-512 (on the Intel Xeon measured, and on AMD with only
 # AVX2, int8pack_mm is the faster everywhere: fast.compiled_rows_pay): int8pack_mm streams int8 at 23-25 GB/s, short of the ~34 GB/s the AMD machine
 # reads: on 2 cores it is bound by converting each weight to fp32, not by memory. A compiled
@@ -191,8 +176,8 @@ def _fused_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x (..., in) on a CPU (bf16; fp32 where integer products take it), weight (out, in) int8, scales (out,) ->
-    x @ (weight * scales).T, (..., out) in x's dtype."""
+    """x (..., in) on a CPU (bf16; fp32 where integer products or the copies take it), weight (out, in) int8, scales
+    (out,) -> x @ (weight * scales).T, (..., out) in x's dtype."""
     rows = x.reshape(-1, x.shape[-1])  # (R, in)
     scales = scales.to(x.dtype)
     if _fused_row(x, weight):
@@ -202,24 +187,16 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     elif rows.shape[0] <= INT8_MATMUL_ROWS:
         out = torch._weight_int8pack_mm(rows, weight, scales)  # (R, out)
     else:
-        block = max(64, INT8_BLOCK_BYTES // (2 * weight.shape[1]) // 64 * 64)  # output rows converted at a time
-        products = [F.linear(rows, _converted(weight[i : i + block], x)) for i in range(0, weight.shape[0], block)]
-        out = torch.cat(products, dim=-1) * scales  # (R, out)
+        out = fast.linear_in_blocks(rows, weight) * scales  # (R, out): the int8 weight converted a block at a time
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _converted(block: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """block (rows, in) int8 in x's dtype, written into this thread's buffer, kept from call to call (see
-    INT8_BLOCK_BYTES); a fresh tensor where autograd may keep it for the backward pass."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        return block.to(x.dtype)
-    buffer = getattr(_conversions, "buffer", None)
-    if buffer is None or buffer.dtype != x.dtype or buffer.numel() < block.numel():
-        buffer = _conversions.buffer = torch.empty(block.numel(), dtype=x.dtype)  # the largest block so far
-    return buffer[: block.numel()].view(block.shape).copy_(block)
-
-
-_conversions = threading.local()  # each thread's buffer for _converted
+def _copied_rows(x: torch.Tensor) -> bool:
+    """Whether fp32 rows x (..., in) take int8_linear's copies of the weight a block at a time: a prompt computed in
+    fp32 (no native bf16) on a CPU without integer products (no VNNI: AMD's Zen 2 and 3, Intel before Ice Lake).
+    Emulated (AVX2 on the Intel Xeon), 150 rows, ms a matrix: 11008 x 4096 195 -> 99, 4096 x 11008 204 -> 101, 4096 x
+    4096 82 -> 42, against `reference`'s two fp32 copies of the whole matrix."""
+    return x.dtype == torch.float32 and x.numel() // x.shape[-1] > INT8_MATMUL_ROWS
 
 
 def int8_rows_linears(row: torch.Tensor, weights_and_scales: list, norm: nn.Module | None = None) -> list:
