@@ -13,13 +13,13 @@ on the native-bf16 machine, AMD EPYC with avx512_bf16, 2 cores; the AVX2 numbers
    products (150 x 4096 x 11008), 2 cores, PyTorch 2.13:
        native-bf16 machine (AMD EPYC, AVX-512 + avx512_bf16)   bf16 ~408 GFLOP/s   fp32 ~129 GFLOP/s
        AVX2 machine without native bf16 (from issue 12)         bf16  ~16 GFLOP/s   fp32  ~69 GFLOP/s
-   So without native bf16 the matrix-heavy phases (vision, Q-Former, prefill) compute in fp32 while the weights
-   stay bf16 in memory: `computing_in(torch.float32)` upcasts each weight at the call that uses it (one layer at a
-   time, never the whole model; a large one a block of rows at a time, into a buffer kept between calls:
-   `linear_in_blocks`, 1.4-1.5x faster for a prompt's 150 rows). Decoding, bound by memory bandwidth, stays in bf16 on both kinds of machine: an
-   upcast would write and read an fp32 copy of each weight (one row x 11008 x 4096, native-bf16 machine: bf16
-   F.linear 5.1 ms, upcast then fp32 62 ms; issue 12's AVX2 machine: bf16 F.linear 6.0 ms). `compute_dtype` is that
-   rule.
+   So without native bf16 the matrix-heavy phases (vision, Q-Former, prefill) compute in fp32 while the weights stay
+   bf16 in memory: `computing_in(torch.float32)` upcasts each weight at the call that uses it (one layer at a time,
+   never the whole model; a large one a block of rows at a time, into a buffer kept between calls:
+   `linear_in_blocks`, 1.4-1.5x faster for a prompt's 150 rows). Decoding, bound by memory bandwidth, stays in bf16
+   on both kinds of machine: an upcast would write and read an fp32 copy of each weight (one row x 11008 x 4096,
+   native-bf16 machine: bf16 F.linear 5.1 ms, upcast then fp32 62 ms; issue 12's AVX2 machine: bf16 F.linear 6.0 ms).
+   `compute_dtype` is that rule.
 
 2. One-row products. A greedy decode step multiplies each weight matrix by one row. On AMD, PyTorch's bf16 F.linear
    streams such a matrix at about half the rate the machine reads memory; a multiply-and-sum compiled by
@@ -129,14 +129,14 @@ class computing_in(TorchFunctionMode):
 
     Their floating arguments (activations, weights, biases, attention masks) are cast to `dtype` at the call, so a
     bf16 weight is upcast only while its layer runs and freed right after (a large one, outside autograd, a block of
-    rows at a time: `linear_in_blocks`). Embedding lookups cast the rows they
-    return, not the table. Every other operation keeps PyTorch's type promotion (fp32 activation * bf16 norm
-    weight = fp32). Native-bf16 machine, 150 x 4096 x 11008: bf16 weights upcast at each call 87 GFLOP/s, fp32
-    weights 129: the upcast costs a third at 150 rows, less with more (the ViT's 1028 for 4 frames); on the AVX2
-    machine it still wins ~3-4x over its 16 GFLOP/s bf16. Where gradients cross a frozen weight (a fine-tune's
-    language model) the product is `_FrozenLinear`'s, which keeps no upcast copy for the backward pass. That pass in
-    bf16 instead would be no choice: 170 x 4096 x 11008 backward, emulated AVX2 on the Intel Xeon, 48 s in bf16
-    against 0.14 s in fp32 (forward 0.70 against 0.18 s)."""
+    rows at a time: `linear_in_blocks`). Embedding lookups cast the rows they return, not the table. Every other
+    operation keeps PyTorch's type promotion (fp32 activation * bf16 norm weight = fp32). Native-bf16 machine, 150 x
+    4096 x 11008: bf16 weights upcast at each call 87 GFLOP/s, fp32 weights 129: the upcast costs a third at 150
+    rows, less with more (the ViT's 1028 for 4 frames); on the AVX2 machine it still wins ~3-4x over its 16 GFLOP/s
+    bf16. Where gradients cross a frozen weight (a fine-tune's language model) the product is `_FrozenLinear`'s,
+    which keeps no upcast copy for the backward pass. That pass in bf16 instead would be no choice: 170 x 4096 x
+    11008 backward, emulated AVX2 on the Intel Xeon, 48 s in bf16 against 0.14 s in fp32 (forward 0.70 against
+    0.18 s)."""
 
     UPCAST = {F.linear, F.conv2d, F.layer_norm, F.scaled_dot_product_attention}
 

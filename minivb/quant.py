@@ -127,10 +127,10 @@ def check_quantize(quantize) -> None:
 INT8_MATMUL_ROWS = 8
 # The copy is made a block of output rows at a time, into one buffer kept between calls: fast.linear_in_blocks.
 # One row (greedy decoding) of an int8 matrix, on AMD with AVX-512 (on the Intel Xeon measured, and on AMD with only
-# AVX2, int8pack_mm is the faster everywhere: fast.compiled_rows_pay): int8pack_mm streams int8 at 23-25 GB/s, short of the ~34 GB/s the AMD machine
-# reads: on 2 cores it is bound by converting each weight to fp32, not by memory. A compiled
-# multiply-and-sum with the row converted to fp32 once, before the kernel (not at each weight, as when it is bf16),
-# runs 25-28 GB/s for matrices of 4096 columns (4096 x 4096, 11008 x 4096, 32000 x 4096: 5-17 % faster, quiet
+# AVX2, int8pack_mm is the faster everywhere: fast.compiled_rows_pay): int8pack_mm streams int8 at 23-25 GB/s, short
+# of the ~34 GB/s the AMD machine reads: on 2 cores it is bound by converting each weight to fp32, not by memory. A
+# compiled multiply-and-sum with the row converted to fp32 once, before the kernel (not at each weight, as when it is
+# bf16), runs 25-28 GB/s for matrices of 4096 columns (4096 x 4096, 11008 x 4096, 32000 x 4096: 5-17 % faster, quiet
 # machine, alternating, best of 5). With more columns it loses: 11008 (the MLP's down projection) 15-16 GB/s against
 # int8pack_mm's 25-27, the fp32 row (44 KB) no longer fitting the first-level cache beside the streaming weight;
 # vicuna-13b's 5120 and 13824 columns 6-7 GB/s as whole rows (inductor's slower cascade sum beyond 4096, see
