@@ -1,8 +1,8 @@
 """Speed paths, all in one place: what runs faster than the plain code, on which machine, and the number measured.
-(Four live beside what they speed up and are listed here: weights packed for beams in packing.py, the int8 products
+(Five live beside what they speed up and are listed here: weights packed for beams in packing.py, the int8 products
 and quantizing in quant.py's "fast paths of int8" section, the attention of a decode step in decode_attention.py,
-all three built on this file's kernels, and moving the KV cache of a beam step a few layers at a time in
-llama.KVCache.reorder.)
+all three built on this file's kernels, weights converted to another dtype a block at a time in converting.py, and
+moving the KV cache of a beam step a few layers at a time in llama.KVCache.reorder.)
 
 The model files compute plainly: every product in the dtype the weights are stored in, through F.linear. Three
 things about CPUs make that slow, and this file answers them without changing what the model files compute (measured
@@ -16,10 +16,10 @@ on the native-bf16 machine, AMD EPYC with avx512_bf16, 2 cores; the AVX2 numbers
    So without native bf16 the matrix-heavy phases (vision, Q-Former, prefill) compute in fp32 while the weights stay
    bf16 in memory: `computing_in(torch.float32)` upcasts each weight at the call that uses it (one layer at a time,
    never the whole model; a large one a block of rows at a time, into a buffer kept between calls:
-   `linear_in_blocks`, 1.4-1.5x faster for a prompt's 150 rows). Decoding, bound by memory bandwidth, stays in bf16
-   on both kinds of machine: an upcast would write and read an fp32 copy of each weight (one row x 11008 x 4096,
-   native-bf16 machine: bf16 F.linear 5.1 ms, upcast then fp32 62 ms; issue 12's AVX2 machine: bf16 F.linear 6.0 ms).
-   `compute_dtype` is that rule.
+   `converting.linear_in_blocks`, 1.4-1.5x faster for a prompt's 150 rows). Decoding, bound by memory bandwidth,
+   stays in bf16 on both kinds of machine: an upcast would write and read an fp32 copy of each weight (one row x
+   11008 x 4096, native-bf16 machine: bf16 F.linear 5.1 ms, upcast then fp32 62 ms; issue 12's AVX2 machine: bf16
+   F.linear 6.0 ms). `compute_dtype` is that rule.
 
 2. One-row products. A greedy decode step multiplies each weight matrix by one row. On AMD, PyTorch's bf16 F.linear
    streams such a matrix at about half the rate the machine reads memory; a multiply-and-sum compiled by
@@ -49,16 +49,14 @@ only).
 
 import contextlib
 import functools
-import glob
 import os
-import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from . import compiling, packing
+from . import compiling, converting, packing
 from .compiling import compiled_or_plain
 
 # ----------------------------------------------------------------------------- 1. the compute dtype
@@ -92,24 +90,6 @@ def _cpu_flags() -> frozenset:
         return frozenset()  # unknown: fp32 compute is never slow, where bf16 compute may be 4x slow
 
 
-@functools.cache
-def last_level_cache_bytes() -> int:
-    """The size of the CPU's largest cache (Linux's sysfs: 307200K on the Intel Xeon measured, 32768K on the AMD
-    EPYC); 0 where unknown."""
-    sizes = []
-    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
-        try:
-            with open(index, encoding="utf-8") as f:
-                text = f.read().strip()  # "307200K"
-        except OSError:
-            continue
-        units = {"K": 2**10, "M": 2**20, "G": 2**30}
-        number, unit = (text[:-1], units[text[-1]]) if text[-1:] in units else (text, 1)
-        if number.isdigit():
-            sizes.append(int(number) * unit)
-    return max(sizes, default=0)
-
-
 def compute_dtype(weight_dtype: torch.dtype, phase: str, device, native_bf16: bool | None = None) -> torch.dtype:
     """The dtype the matrices of `phase` are multiplied in, for weights stored in `weight_dtype` on `device`.
 
@@ -129,14 +109,14 @@ class computing_in(TorchFunctionMode):
 
     Their floating arguments (activations, weights, biases, attention masks) are cast to `dtype` at the call, so a
     bf16 weight is upcast only while its layer runs and freed right after (a large one, outside autograd, a block of
-    rows at a time: `linear_in_blocks`). Embedding lookups cast the rows they return, not the table. Every other
-    operation keeps PyTorch's type promotion (fp32 activation * bf16 norm weight = fp32). Native-bf16 machine, 150 x
-    4096 x 11008: bf16 weights upcast at each call 87 GFLOP/s, fp32 weights 129: the upcast costs a third at 150
-    rows, less with more (the ViT's 1028 for 4 frames); on the AVX2 machine it still wins ~3-4x over its 16 GFLOP/s
-    bf16. Where gradients cross a frozen weight (a fine-tune's language model) the product is `_FrozenLinear`'s,
-    which keeps no upcast copy for the backward pass. That pass in bf16 instead would be no choice: 170 x 4096 x
-    11008 backward, emulated AVX2 on the Intel Xeon, 48 s in bf16 against 0.14 s in fp32 (forward 0.70 against
-    0.18 s)."""
+    rows at a time: `converting.linear_in_blocks`). Embedding lookups cast the rows they return, not the table. Every
+    other operation keeps PyTorch's type promotion (fp32 activation * bf16 norm weight = fp32). Native-bf16 machine,
+    150 x 4096 x 11008: bf16 weights upcast at each call 87 GFLOP/s, fp32 weights 129: the upcast costs a third at
+    150 rows, less with more (the ViT's 1028 for 4 frames); on the AVX2 machine it still wins ~3-4x over its 16
+    GFLOP/s bf16. Where gradients cross a frozen weight (a fine-tune's language model) the product is
+    `_FrozenLinear`'s, which keeps no upcast copy for the backward pass. That pass in bf16 instead would be no
+    choice: 170 x 4096 x 11008 backward, emulated AVX2 on the Intel Xeon, 48 s in bf16 against 0.14 s in fp32
+    (forward 0.70 against 0.18 s)."""
 
     UPCAST = {F.linear, F.conv2d, F.layer_norm, F.scaled_dot_product_attention}
 
@@ -157,10 +137,10 @@ class computing_in(TorchFunctionMode):
             frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
             if x.requires_grad and frozen and weight.dtype != self.dtype:
                 return _FrozenLinear.apply(self._cast(x), weight, bias)
-        elif func is F.linear:  # inference: a large weight is converted a block at a time (`linear_in_blocks`)
+        elif func is F.linear:  # inference: a large weight is converted a block at a time (converting.py)
             x, weight, bias = _linear_arguments(*args, **kwargs)
-            if weight.dtype != self.dtype and weight.numel() * self.dtype.itemsize > BLOCK_BYTES:
-                out = linear_in_blocks(self._cast(x), weight)
+            if weight.dtype != self.dtype and weight.numel() * self.dtype.itemsize > converting.BLOCK_BYTES:
+                out = converting.linear_in_blocks(self._cast(x), weight)
                 return out if bias is None else out + self._cast(bias)
         if func in self.UPCAST:
             args = tuple(self._cast(a) for a in args)
@@ -191,52 +171,6 @@ class _FrozenLinear(torch.autograd.Function):
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
         return grad @ weight.to(grad.dtype), None, None  # (..., out) @ (out, in) -> (..., in)
-
-
-# A product whose weight is stored in another dtype than it computes in (a bf16 weight in a prompt computed in fp32,
-# an int8 weight, quant.int8_linear) converts the weight first. Converted whole, a fresh 180 MB fp32 copy of an
-# 11008 x 4096 matrix on every call pays its page faults and goes out to memory and back; converted a block of output
-# rows at a time into one buffer kept between calls, each block is still in cache when multiplied. Blocks of 8 MB
-# where the last-level cache is small (AMD EPYC, 32 MB: 8 and 16 MB measured alike), 32 MB where it is large (the
-# Intel Xeon's 300 MB). Measured, ms a matrix, 2 threads, best of 5-7 alternating:
-#   int8 weights, 150 bf16 rows, AMD (quiet machine): 11008 x 4096 whole copy 74.4, 8 MB fresh blocks 41.2, bf16
-#     F.linear 34.4; 4096 x 11008: 72.9, 44.0, 35.5; 4096 x 4096: 29.1, 15.4, 13.2 (2 MB blocks: 56.0, 41.0, 15.4;
-#     16 MB: 41.6, 42.0, 15.2).
-#   int8 weights, 150 bf16 rows, Intel Xeon, three runs (the machine drifting ~1.5x between them):
-#       matrix            bf16 F.linear   fresh 8 MB blocks   one buffer, 8 MB   16 MB            32 MB
-#       11008 x 4096      19.1-25.8       19.6-39.1           18.9-38.2          21.7-33.3        28.7-34.6
-#       4096 x 11008      20.2-21.4       32.1-34.6           24.2-34.0          22.0-32.4        24.7-29.1
-#       4096 x 4096        4.2-8.3         7.3-15.7            6.8-14.9           6.3-12.2         7.5-12.4
-#     and the prompt of vicuna-7b cut to 4 + 4 layers (~145 rows, three runs): fresh 8 MB blocks 0.393 / 0.433 /
-#     0.590 s, one buffer of 8 MB 0.397 / 0.378 / 0.574, 16 MB 0.371 / 0.352 / 0.532, 32 MB 0.349 / 0.327 / 0.484
-#     (bf16 weights: 0.442-0.446 in the slow phase of the third).
-#   Without native bf16 (AVX2 emulated on the Intel Xeon), fp32 products, 32 MB blocks: bf16 weights upcast whole
-#     against in blocks, 150 rows: 11008 x 4096 135.5 -> 97.1, 4096 x 11008 156.9 -> 103.2, 4096 x 4096 52.6 ->
-#     37.6; the ViT's 1028 rows x 6144 x 1408 132.7 / 134.6 (alike: there the product outweighs the copy). int8
-#     weights against quant.Int8Linear.reference's two whole fp32 copies: 195 -> 99, 204 -> 101, 82 -> 42.
-BLOCK_BYTES = 32 * 2**20 if last_level_cache_bytes() >= 128 * 2**20 else 8 * 2**20
-
-
-def linear_in_blocks(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight.to(x.dtype)) for x (..., in) and a weight (out, in) of another dtype, without bias: the
-    weight converted BLOCK_BYTES at a time into this thread's buffer, kept between calls (fresh tensors where autograd
-    may keep them for the backward pass)."""
-    block = max(64, BLOCK_BYTES // (x.element_size() * weight.shape[1]) // 64 * 64)  # output rows converted at a time
-    fresh = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    products = [F.linear(x, weight[i : i + block].to(x.dtype) if fresh else _converted(weight[i : i + block], x.dtype))
-                for i in range(0, weight.shape[0], block)]
-    return torch.cat(products, dim=-1)  # (..., out)
-
-
-def _converted(block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """block (rows, in) in `dtype`, written into this thread's buffer (grown to the largest block so far)."""
-    buffer = getattr(_conversions, "buffer", None)
-    if buffer is None or buffer.dtype != dtype or buffer.numel() < block.numel():
-        buffer = _conversions.buffer = torch.empty(block.numel(), dtype=dtype)
-    return buffer[: block.numel()].view(block.shape).copy_(block)
-
-
-_conversions = threading.local()  # each thread's buffer for _converted
 
 
 def phase(name: str, weight: torch.Tensor):

@@ -9,7 +9,7 @@ W ~ W_int8 * scale with an error of at most scale / 2 per weight. The product x 
 (x @ W_int8.T) * scale, which a decode step computes without ever materialising W in bf16 (a compiled kernel or
 `torch._weight_int8pack_mm` for one row, integer products (torch._int_mm) for beams on CPUs with int8 dot-product
 instructions); a prompt's many rows go through copies of W in the prompt's dtype, a block of rows at a time
-(fast.linear_in_blocks), or integer products where the prompt computes in fp32 (`int8_linear`).
+(converting.linear_in_blocks), or integer products where the prompt computes in fp32 (`int8_linear`).
 
 The quantization happens while each shard is read (checkpoint.load_state hands an Int8Linear its tensor through
 `load_weight`), so the bf16 model never exists in memory. Embeddings, norms, the vision encoder, the Q-Former and
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fast
+from . import converting, fast
 from .compiling import compiled_or_plain
 
 QUANTIZE_CHOICES = ("int8",)
@@ -125,7 +125,7 @@ def check_quantize(quantize) -> None:
 #     bf16 F.linear              6.1   5.4   5.9   5.8   8.5   7.4  10.0  17.1  26.3   (bf16 weights, for comparison)
 # (An earlier table, taken at load average 8-11, put the crossing near 64 rows; on a quiet machine it is near 10.)
 INT8_MATMUL_ROWS = 8
-# The copy is made a block of output rows at a time, into one buffer kept between calls: fast.linear_in_blocks.
+# The copy is made a block of output rows at a time, into one buffer kept between calls: converting.linear_in_blocks.
 # One row (greedy decoding) of an int8 matrix, on AMD with AVX-512 (on the Intel Xeon measured, and on AMD with only
 # AVX2, int8pack_mm is the faster everywhere: fast.compiled_rows_pay): int8pack_mm streams int8 at 23-25 GB/s, short
 # of the ~34 GB/s the AMD machine reads: on 2 cores it is bound by converting each weight to fp32, not by memory. A
@@ -187,7 +187,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     elif rows.shape[0] <= INT8_MATMUL_ROWS:
         out = torch._weight_int8pack_mm(rows, weight, scales)  # (R, out)
     else:
-        out = fast.linear_in_blocks(rows, weight) * scales  # (R, out): the int8 weight converted a block at a time
+        out = converting.linear_in_blocks(rows, weight) * scales  # (R, out): the weight converted a block at a time
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import minivb
-from minivb import compiling, decode_attention, fast, llama, packing, quant
+from minivb import compiling, converting, decode_attention, fast, llama, packing, quant
 from minivb.__main__ import ASK_MAX_NEW_TOKENS, ASK_NUM_BEAMS
 from minivb.llama import RMSNorm
 from minivb.t5 import T5LayerNorm
@@ -161,15 +161,15 @@ def test_last_level_cache_from_sysfs(monkeypatch, tmp_path):
     for name, size in sizes.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "size").write_text(size + "\n")
-    monkeypatch.setattr(fast.glob, "glob", lambda pattern: sorted(str(p / "size") for p in tmp_path.iterdir()))
-    fast.last_level_cache_bytes.cache_clear()
+    monkeypatch.setattr(converting.glob, "glob", lambda pattern: sorted(str(p / "size") for p in tmp_path.iterdir()))
+    converting.last_level_cache_bytes.cache_clear()
     try:
-        assert fast.last_level_cache_bytes() == 300 * 2**20
-        monkeypatch.setattr(fast.glob, "glob", lambda pattern: [])  # no sysfs (not Linux)
-        fast.last_level_cache_bytes.cache_clear()
-        assert fast.last_level_cache_bytes() == 0
+        assert converting.last_level_cache_bytes() == 300 * 2**20
+        monkeypatch.setattr(converting.glob, "glob", lambda pattern: [])  # no sysfs (not Linux)
+        converting.last_level_cache_bytes.cache_clear()
+        assert converting.last_level_cache_bytes() == 0
     finally:
-        fast.last_level_cache_bytes.cache_clear()
+        converting.last_level_cache_bytes.cache_clear()
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -361,7 +361,7 @@ def test_int8_products_equal_the_reference(monkeypatch):
 
     monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 1)  # 1 row through the compiled kernel at this size too
     monkeypatch.setattr(quant, "INT8_MATMUL_ROWS", 4)  # 2 rows through int8pack_mm, 9 through a bf16 copy
-    monkeypatch.setattr(fast, "BLOCK_BYTES", 2 * 96 * 64)  # ... converted 64 output rows at a time: 2 blocks
+    monkeypatch.setattr(converting, "BLOCK_BYTES", 2 * 96 * 64)  # ... converted 64 output rows at a time: 2 blocks
     monkeypatch.setenv("MINIVB_INT8_MM", "0")  # several rows: the paths of CPUs without integer products
     g = torch.Generator().manual_seed(0)
     layer = Int8Linear(96, 100, bias=True, dtype=torch.bfloat16)
@@ -385,36 +385,36 @@ def test_int8_prompt_copies_reuse_one_buffer(monkeypatch):
     """A prompt's bf16 copies of int8 blocks are written into one buffer kept between calls: layers of other sizes
     after it get the products fresh copies give, bit for bit; under autograd each copy is fresh (a product keeps its
     weight for the backward pass, which a later write into the buffer would change)."""
-    monkeypatch.setattr(fast, "BLOCK_BYTES", 2 * 96 * 64)  # 64 output rows at a time
+    monkeypatch.setattr(converting, "BLOCK_BYTES", 2 * 96 * 64)  # 64 output rows at a time
     monkeypatch.setenv("MINIVB_INT8_MM", "0")  # 12 rows through the bf16 copies on every CPU
-    monkeypatch.setattr(fast, "_conversions", threading.local())
+    monkeypatch.setattr(converting, "_conversions", threading.local())
     g = torch.Generator().manual_seed(0)
     layers = [quant.quantize_rows(torch.randn(out, 96, generator=g)) for out in (200, 70, 130)]  # 4, 2, 3 blocks
     layers = [(weight, scales.bfloat16()) for weight, scales in layers]
     x = torch.randn(12, 96, generator=g).bfloat16()
     with torch.no_grad():
         got = [quant.int8_linear(x, weight, scales) for weight, scales in layers]
-        assert fast._conversions.buffer.shape == (64 * 96,)  # the largest block, kept
+        assert converting._conversions.buffer.shape == (64 * 96,)  # the largest block, kept
         with monkeypatch.context() as m:
-            m.setattr(fast, "_converted", lambda block, dtype: block.to(dtype))
+            m.setattr(converting, "_converted", lambda block, dtype: block.to(dtype))
             fresh = [quant.int8_linear(x, weight, scales) for weight, scales in layers]
     assert all(torch.equal(a, b) for a, b in zip(got, fresh))
 
-    monkeypatch.setattr(fast, "_conversions", threading.local())
+    monkeypatch.setattr(converting, "_conversions", threading.local())
     weight, scales = layers[0]
     x.requires_grad_(True)
     quant.int8_linear(x, weight, scales).float().sum().backward()
-    assert getattr(fast._conversions, "buffer", None) is None
+    assert getattr(converting._conversions, "buffer", None) is None
     expected = (weight.float() * scales.float()[:, None]).sum(0)  # d(sum of x @ W.T) / dx: W's column sums
     assert (x.grad.float() - expected).abs().max() <= 1e-2 * expected.abs().max()  # bf16's rounding of ~20
 
 
 def test_fp32_compute_converts_large_weights_in_blocks(monkeypatch):
     """Without native bf16 a prompt computes in fp32: a bf16 weight larger than BLOCK_BYTES is upcast a block of rows
-    at a time (fast.linear_in_blocks), into the kept buffer, with the products of the whole upcast; fp32 prompts on
+    at a time (converting.linear_in_blocks), into the kept buffer, with the products of the whole upcast; fp32 prompts on
     int8 layers without integer products take the same blocks, not Int8Linear.reference's whole fp32 copies."""
-    monkeypatch.setattr(fast, "BLOCK_BYTES", 4 * 96 * 64)  # 64 fp32 rows of 96 at a time
-    monkeypatch.setattr(fast, "_conversions", threading.local())
+    monkeypatch.setattr(converting, "BLOCK_BYTES", 4 * 96 * 64)  # 64 fp32 rows of 96 at a time
+    monkeypatch.setattr(converting, "_conversions", threading.local())
     monkeypatch.setenv("MINIVB_INT8_MM", "0")
     g = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(150, 96, generator=g).bfloat16(), torch.randn(150, generator=g).bfloat16()
@@ -422,17 +422,17 @@ def test_fp32_compute_converts_large_weights_in_blocks(monkeypatch):
     with torch.no_grad():
         with fast.computing_in(torch.float32):
             got = F.linear(x, weight, bias)
-        assert fast._conversions.buffer.dtype == torch.float32 and fast._conversions.buffer.numel() == 64 * 96
+        assert converting._conversions.buffer.dtype == torch.float32 and converting._conversions.buffer.numel() == 64 * 96
         expected = F.linear(x, weight.float(), bias.float())
         assert got.shape == (2, 10, 150) and got.dtype == torch.float32
         assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
         layer = quant.Int8Linear(96, 150, bias=False, dtype=torch.bfloat16)
         layer.load_weight(weight.float())
-        fast._conversions.buffer = None
+        converting._conversions.buffer = None
         assert quant._copied_rows(x) and not quant._copied_rows(x[:, :4])  # 20 rows copied in blocks; 8 not
         reference = layer.reference(x)
         assert (layer(x) - reference).abs().max() <= 1e-5 * reference.abs().max()
-        assert fast._conversions.buffer is not None
+        assert converting._conversions.buffer is not None
 
 
 def test_int8_halves_rebuild_each_row():
