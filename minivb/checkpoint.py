@@ -365,7 +365,7 @@ def stored_dtypes(path: str) -> dict[str, torch.dtype]:
     A model loaded in float32 from bfloat16 (or float16) files holds the exact values of the file: written back in
     these dtypes, every tensor that was not changed is the same bytes again.
     """
-    return {name: dtype for name, (file, key, dtype) in _stored_entries(path).items()}
+    return stored_tensors(path)[0]
 
 
 def stored_tensors(path: str):
