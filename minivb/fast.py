@@ -26,9 +26,9 @@ on the native-bf16 machine, AMD EPYC with avx512_bf16, 2 cores; the AVX2 numbers
    torch.compile (inductor's C++ backend) streams it near that rate. `Linear` takes it for one row of a large matrix,
    F.linear for everything else (prefill, small matrices, no compiler); `linears` does a layer's q, k and v (gate
    and up) in one call, with the pre-norm that feeds them. On the Intel Xeon measured, the library's kernels are as
-   fast or faster, and one row takes them there (`compiled_rows_pay`). The few rows of beams take a weight packed
-   once for oneDNN (packing.py), and so does one bf16 row where the compiled kernel does not pay; int8 weights take
-   kernels of their own (quant.int8_linear). Without native bf16, F.linear's cost grows with each bf16 row, and the
+   fast or faster, and one row takes them there (`compiled_rows_pay`): torch.mv for a bf16 row (`decode_route`'s
+   "vector", which streams at the memory rate where F.linear does not), F.linear for fp32. The few rows of beams take
+   a weight packed once for oneDNN (packing.py); int8 weights take kernels of their own (quant.int8_linear). Without native bf16, F.linear's cost grows with each bf16 row, and the
    few rows of beams take a compiled kernel that reads each weight once for all of them (`rows_linear`).
 
 3. The attention of a decode step (LLaMA's and T5's): on AMD, PyTorch's CPU flash-attention kernel is slow for one
@@ -314,15 +314,30 @@ def compiled_rows_pay() -> bool:
 
 
 def decode_route(x: torch.Tensor, weight: torch.Tensor, packing: bool = False) -> str:
-    """Which product `Linear` uses: "fused", "packed", "rows", "matrix" (weight @ x.T) or "plain" (F.linear).
+    """Which product `Linear` uses: "fused", "vector", "packed", "rows", "matrix" (weight @ x.T) or "plain" (F.linear).
 
     fused   one row (greedy decoding) of a large CPU matrix, outside autograd, both dtypes, on processors where the
             compiled kernel pays (compiled_rows_pay, AMD): measured above.
+    vector  one bf16 row of a large CPU matrix elsewhere: torch.mv, PyTorch's own matrix-vector kernel for bf16
+            (fp32 sums), which F.linear does not reach where the CPU has native bf16 (F.linear hands the row to
+            oneDNN's matrix product). Intel Xeon (AMX), 2 threads, a few hundred MB of each shape cycled (read from
+            memory), ms a matrix, two runs (the machine drifting):
+                matrix          F.linear        torch.mv       packed (packing.py)   a 1 GB fp32 sum reads
+                11008 x 4096    8.7 / 8.8       6.7 / 3.5      6.9 / 3.4             15 / 28 GB/s
+                4096 x 11008    4.8 / 6.1       4.2 / 4.2      3.6 / 5.7             22 / 26
+                4096 x 4096     2.3 / 1.7       1.3 / 1.4      1.9 / 1.3             23 / 28
+                32000 x 4096   12.4 / 18.4      9.9 / 14.7    13.2 / 13.7            22 / 24
+                2048 x 768      0.35 / 0.37     0.26 / 0.23    0.24 / 0.24           22 / 22
+            the same sums as F.linear's (equal bit for bit in 5 of these 6 shapes, the same error against fp32 in
+            the sixth), and as fast as the packed copy without one. Full-size vicuna-7b, a greedy token, three
+            rounds alternating in one process: F.linear 906 / 655 / 1421 ms, torch.mv 498 / 539 / 541 (98-121 % of
+            the floor measured beside each), the same tokens. Where the CPU has no native bf16 both take the same
+            kernel (AVX2 emulated on the Xeon: 11008 x 4096 7.7-8.0 ms either way). An fp32 row stays on F.linear,
+            MKL's matrix-vector product, which torch.mv calls too (11008 x 4096: 6.1 ms both). Once beams made a
+            packed copy of the weight, one row reads that copy instead (as fast), so that the plain weight's pages
+            are no longer read (memory.room_to_pack counts on it).
     packed  several rows of a large CPU matrix in a layer allowed to pack (`packing`): beams, a batch's decode
-            steps, and prompts once the copy exists, through the weight packed once for oneDNN (packing.py). Also
-            one bf16 row where the compiled kernel does not pay: on the Intel Xeon, one row x 11008 x 4096 bf16
-            (6 such matrices, best of 5) F.linear 4.1-4.8 ms, packed 3.0-3.1; make bench's medium model, a greedy
-            bf16 step 10.6-10.9 -> 8.5-8.9 ms (fp32 stays on MKL's F.linear there: 12.7-13.4 against 15.3-18.7).
+            steps, and prompts once the copy exists, through the weight packed once for oneDNN (packing.py).
     rows    2-8 rows (FEW_ROWS) of a large bf16 matrix on a CPU without native bf16 (beams there), through the
             compiled few-row kernel (`_rows_times_matrix`): F.linear's cost grows with each row there.
     matrix  2-8 rows of a large fp32 matrix with MKL on AMD, where nothing is packed: F.linear takes MKL's slow path
@@ -336,7 +351,9 @@ def decode_route(x: torch.Tensor, weight: torch.Tensor, packing: bool = False) -
         return "plain"
     if rows == 1 and compiled_rows_pay():
         return "fused"
-    if packing and can_pack(weight.dtype) and (rows > 1 or packed_serves_one_row(weight.dtype)):
+    if rows == 1 and weight.dtype == torch.bfloat16:
+        return "vector"
+    if packing and can_pack(weight.dtype) and rows > 1:
         return "packed"
     if 1 < rows <= FEW_ROWS and weight.dtype == torch.bfloat16 and not has_native_bf16():
         return "rows"
@@ -356,6 +373,14 @@ class Linear(nn.Linear):
         route = decode_route(x, self.weight, self.packed is not None)
         if route == "fused":
             return fused_linears(x, [self.weight], [self.bias])[0]
+        if route == "vector":
+            copy = None if self.packed is None else self.packed.current(self.weight)  # made by beams, if any
+            if copy is not None:
+                return packing.linear(x, copy, self.bias)
+            row = x.reshape(-1)  # (in,)
+            # (out,); with a bias, addmv adds it to the fp32 sums before rounding, as F.linear does
+            out = torch.mv(self.weight, row) if self.bias is None else torch.addmv(self.bias, self.weight, row)
+            return out.reshape(*x.shape[:-1], out.shape[-1])
         if route == "rows":
             return rows_linear(x, self.weight, self.bias)
         if route == "packed":
@@ -409,8 +434,9 @@ def can_pack(dtype: torch.dtype) -> bool:
 
 
 def packed_serves_one_row(dtype: torch.dtype) -> bool:
-    """Whether one row (a greedy step) takes a layer's packed copy too: bf16 where the compiled kernel does not pay
-    (see `decode_route`); fp32 rows stay on MKL's F.linear, and on AMD one row takes the compiled kernel."""
+    """Whether one row (a greedy step) reads a layer's packed copy where beams made one: bf16 where the compiled kernel
+    does not pay (`decode_route`'s "vector"); fp32 rows stay on MKL's F.linear, and on AMD one row takes the compiled
+    kernel. One row never makes a copy: torch.mv is as fast without it."""
     return dtype == torch.bfloat16 and not compiled_rows_pay() and can_pack(dtype)
 
 

@@ -272,12 +272,12 @@ def room_to_pack(model: torch.nn.Module, device="cpu", mapped: bool = False, wor
     since a greedy step still reads the plain weights. A 7B in bf16 on 24 GB has no room (16.6 + 13.2 GB); its cut
     to 4 + 4 layers, flan-t5-xl (8.4 + 5.6 GB) and the smaller models do.
 
-    Except where a greedy step reads the copy too (fast.packed_serves_one_row: a bf16 row off AMD) and the plain
-    weights are the checkpoint's own pages (`mapped`: every tensor stored in the dtype loaded): once packed,
-    nothing reads those pages, which the OS may then drop, so the copies need only the room the plain weights
-    had. Intel Xeon, full-size vicuna-7b in bf16 on 24 GB, 40 greedy tokens: 637 -> 517 ms a token once packed (at
-    the 24th, packing.PACK_AFTER then, which took 5.0 s), peak anonymous memory 13.7 GB, the page cache down from
-    17.1 to 10.7 GB.
+    Except where a greedy step reads the copy too once beams made it (fast.packed_serves_one_row: a bf16 row off
+    AMD) and the plain weights are the checkpoint's own pages (`mapped`: every tensor stored in the dtype loaded):
+    once packed, nothing reads those pages, which the OS may then drop, so the copies need only the room the plain
+    weights had. Intel Xeon, full-size vicuna-7b in bf16 on 24 GB, greedy steps packed at the 24th (when one row
+    packed too: packing.PACK_AFTER was 24), peak anonymous memory 13.7 GB, the page cache down from 17.1 to 10.7
+    GB.
     MINIVB_PACK=0 or 1 overrides the choice."""
     from .fast import override, packed_serves_one_row
 

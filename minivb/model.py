@@ -234,8 +234,8 @@ def load_model(path, dtype: torch.dtype | str = torch.float32, device="cpu", pro
     `dtype="auto"` (the CLI's default): bfloat16 if it fits, else bfloat16 with quantize="int8" (said on stderr).
     Where a second copy of the language model's weights fits in memory (memory.room_to_pack), its layers pack their
     weights for oneDNN once they have made packing.PACK_AFTER products of 2-128 rows (beam steps, a batch's decode
-    steps; and of one bf16 row off AMD, where the copy can take the place of the file's pages), which makes the
-    steps after it 1.2-2x faster (packing.py).
+    steps), which makes the steps after it 1.2-2x faster (packing.py). Where greedy steps read the copy too once it
+    exists (a bf16 row off AMD), it can take the place of the file's pages (memory.room_to_pack).
     """
     from . import fast, memory
     from .checkpoint import load_state, stored_dtypes

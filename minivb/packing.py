@@ -17,7 +17,8 @@ Packed is faster at any number of rows (16 / 80 rows x 11008 x 4096: bf16 6.7 ->
 28.5 -> 8.8 / 66 -> 34 ms). bf16 products are bit-identical to F.linear's; fp32 ones differ in the order of the
 sums (~1e-7 relative). On AMD, one row stays on the fused kernel (faster for 4096 columns: 11008 x 4096 3.5 against
 packed 4.7 ms); where that kernel does not pay (fast.compiled_rows_pay: the Intel Xeon measured), a bf16 row takes
-the packed copy too (11008 x 4096: 3.0 against F.linear's 4.1-4.8 ms), an fp32 row stays on MKL's F.linear.
+torch.mv, as fast as the packed copy without one (fast.decode_route's "vector"), and reads the copy where beams made
+one; an fp32 row stays on MKL's F.linear.
 The price: the packed copy is memory of its own, the size of the weight, and packing reads and writes every weight
 once. Whether that pays depends on how often the product comes back, which no layer knows in advance: an `ask` with
 5 beams makes 10-30 beam steps once, an evaluation makes thousands. Measured (same machine, bf16, 5 rows, ms):
@@ -27,14 +28,15 @@ once. Whether that pays depends on how often the product comes back, which no la
     2048 x 2048             0.44     0.23       0.21           4.8             23
     5120 x 2048             1.16     0.53       0.63           8.5             13
     32128 x 2048            7.20     2.95       4.25          75.2             18
-On the Intel Xeon (AMX), 2 threads, bf16, ms a matrix (400 MB of each shape: read from memory, not its cache):
+On the Intel Xeon (AMX), 2 threads, bf16, ms a matrix (400 MB of each shape: read from memory, not its cache; one
+row there now takes torch.mv, as fast as packed, and never packs):
     matrix               pack   1 row: F.linear  packed  to pay    5 rows: F.linear  packed  to pay
     4096 x 4096           8.3           1.30      1.08      36              1.33     1.03      27
     11008 x 4096         23.3           3.40      2.64      30              3.48     2.62      27
     4096 x 11008         20.3           3.29      2.68      33              3.25     2.64      33
     32000 x 4096         64.7          10.15      8.03      30             10.49     7.99      25
 and a whole full-size vicuna-7b there (bf16, 30 new tokens a generate call; packing, 2.6-3.1 s, against a gain of
-0.073 s a 5-beam step and 0.09 s a greedy token): 29-42 products.
+0.073 s a 5-beam step): 29-42 products.
 So a layer packs its weight at its PACK_AFTER-th product of up to PACK_MAX_ROWS rows without a copy: the rule of
 renting skis until the rent paid equals the price, which never costs more than twice the best choice made knowing
 the future. (At 24, the rule until the 7B was measured, an `ask` of 30 tokens, one answer a process, packed at its
@@ -86,9 +88,8 @@ def _identity(weight: torch.Tensor) -> tuple:
 
 
 class PackedWeight:
-    """One layer's packed copy of its weight, made at its PACK_AFTER-th product of up to PACK_MAX_ROWS rows (beam
-    steps, a batch's decode steps, an image's prompt; bf16 greedy steps off AMD) without one, and counted anew after
-    the weight changes.
+    """One layer's packed copy of its weight, made at its PACK_AFTER-th product of 2 to PACK_MAX_ROWS rows (beam
+    steps, a batch's decode steps, an image's prompt) without one, and counted anew after the weight changes.
 
     Copies and pickles of the layer (copy.deepcopy, torch.save of a module) get an empty PackedWeight: the copy is an
     opaque oneDNN tensor that neither can read, and packs again."""
@@ -99,6 +100,11 @@ class PackedWeight:
 
     def __reduce__(self):
         return PackedWeight, ()
+
+    def current(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """The packed copy of `weight` where one was made (and the weight has not changed since), without counting a
+        product: one bf16 row reads it where beams made it (fast.decode_route's "vector")."""
+        return self.copy[1] if self.copy is not None and self.copy[0] == _identity(weight) else None
 
     def get(self, weight: torch.Tensor, rows: int) -> torch.Tensor | None:
         """The packed copy for a product of `rows` rows by `weight`; None while there is none to use (fewer than
