@@ -28,8 +28,9 @@ on the native-bf16 machine, AMD EPYC with avx512_bf16, 2 cores; the AVX2 numbers
    and up) in one call, with the pre-norm that feeds them. On the Intel Xeon measured, the library's kernels are as
    fast or faster, and one row takes them there (`compiled_rows_pay`): torch.mv for a bf16 row (`decode_route`'s
    "vector", which streams at the memory rate where F.linear does not), F.linear for fp32. The few rows of beams take
-   a weight packed once for oneDNN (packing.py); int8 weights take kernels of their own (quant.int8_linear). Without native bf16, F.linear's cost grows with each bf16 row, and the
-   few rows of beams take a compiled kernel that reads each weight once for all of them (`rows_linear`).
+   a weight packed once for oneDNN (packing.py); int8 weights take kernels of their own (quant.int8_linear). Without
+   native bf16, F.linear's cost grows with each bf16 row, and the few rows of beams take a compiled kernel that reads
+   each weight once for all of them (`rows_linear`).
 
 3. The attention of a decode step (LLaMA's and T5's): on AMD, PyTorch's CPU flash-attention kernel is slow for one
    bf16 query a row; `decode_attention.attention` compiles the softmax written out, the batch folded into the heads
@@ -296,8 +297,9 @@ def _mkl_on_amd() -> bool:
 # On AMD, MKL's fp32 matrix-vector product takes a generic path and oneDNN's bf16 one reads at about half the memory
 # rate; a compiled multiply-and-sum streams near it. On the Intel Xeon, converting bf16 or int8 to fp32 costs more
 # than reading it (a compiled sum of each row of a 1 GB matrix: fp32 28 GB/s, bf16 15, int8 13), and the library's
-# kernels, built on the machine's own instructions (avx512_bf16's dot product; int8pack_mm), are as fast or faster.
-# Other processors (x86 of other makers, Arm): nothing measured, so the library's, which is what transformers runs.
+# kernels are as fast or faster: for bf16, torch.mv (20-26 GB/s, `decode_route`'s "vector"); int8pack_mm for int8.
+# Other processors (x86 of other makers, Arm): nothing measured, so the library's (torch.mv for a bf16 row, where
+# transformers runs F.linear).
 # So are AMD processors without AVX-512 (Zen 2 and 3: most AMD laptops and desktops), where inductor builds 256-bit
 # kernels. Emulated on the Intel Xeon (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2, MINIVB_NATIVE_BF16=0), one
 # row, GB/s a matrix, best of 5-7: int8 11008 x 4096, compiled 1.2-1.3 against int8pack_mm's 11.4-16.4 (the 256-bit
