@@ -21,16 +21,13 @@ on the native-bf16 machine, AMD EPYC with avx512_bf16, 2 cores; the AVX2 numbers
    11008 x 4096, native-bf16 machine: bf16 F.linear 5.1 ms, upcast then fp32 62 ms; issue 12's AVX2 machine: bf16
    F.linear 6.0 ms). `compute_dtype` is that rule.
 
-2. One-row products. A greedy decode step multiplies each weight matrix by one row. On AMD, PyTorch's bf16 F.linear
-   streams such a matrix at about half the rate the machine reads memory; a multiply-and-sum compiled by
-   torch.compile (inductor's C++ backend) streams it near that rate. `Linear` takes it for one row of a large matrix,
-   F.linear for everything else (prefill, small matrices, no compiler); `linears` does a layer's q, k and v (gate
-   and up) in one call, with the pre-norm that feeds them. On the Intel Xeon measured, the library's kernels are as
-   fast or faster, and one row takes them there (`compiled_rows_pay`): torch.mv for a bf16 row (`decode_route`'s
-   "vector", which streams at the memory rate where F.linear does not), F.linear for fp32. The few rows of beams take
-   a weight packed once for oneDNN (packing.py); int8 weights take kernels of their own (quant.int8_linear). Without
-   native bf16, F.linear's cost grows with each bf16 row, and the few rows of beams take a compiled kernel that reads
-   each weight once for all of them (`rows_linear`).
+2. Few-row products (decode steps), one route each (`decode_route`, its table). One row (greedy): on AMD, bf16
+   F.linear streams a matrix at about half the memory rate, a multiply-and-sum compiled by torch.compile near it;
+   elsewhere the library's kernels are as fast or faster (`compiled_rows_pay`): torch.mv for bf16, F.linear for
+   fp32. Several rows (beams, a batch): a weight packed once for oneDNN (packing.py), `weight @ x.T` before that on
+   CPUs with AMX, and without native bf16 a compiled kernel that reads each weight once for all rows (`rows_linear`).
+   `linears` does a layer's q, k and v (gate and up) in one call with their pre-norm; int8 weights take kernels of
+   their own (quant.int8_linear).
 
 3. The attention of a decode step (LLaMA's and T5's): on AMD, PyTorch's CPU flash-attention kernel is slow for one
    bf16 query a row; `decode_attention.attention` compiles the softmax written out, the batch folded into the heads
@@ -41,11 +38,8 @@ on the native-bf16 machine, AMD EPYC with avx512_bf16, 2 cores; the AVX2 numbers
 
 The kernels this file and the others compile are built, and fall back to plain PyTorch, in compiling.py.
 
-MINIVB_NATIVE_BF16=0 or 1 overrides the detection (to test, or to force a choice the flags get wrong; tests/test_fast.py
-checks the fp32 compute path with MINIVB_NATIVE_BF16=0).
-MINIVB_PACK=0 or 1 overrides load_model's choice to pack weights for beams (packing.py, memory.room_to_pack).
-MINIVB_FUSED=0 or 1 overrides the choice of kernels for one row (`compiled_rows_pay`: compiled on AMD with AVX-512
-only).
+Switches (0 or 1) that override a choice, to test or where the flags mislead: MINIVB_NATIVE_BF16 (`has_native_bf16`),
+MINIVB_PACK (load_model's packing: memory.room_to_pack), MINIVB_FUSED (`compiled_rows_pay`).
 """
 
 import contextlib
@@ -201,9 +195,8 @@ FUSED_CHUNK = 4096
 def _row_times_matrix(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """row (1, n, c) x weight (out, n, c) -> (1, out), accumulated in fp32: one multiply-and-sum, which inductor
     fuses into a single vectorized pass over the weight, split over the cores. Only for one row: each output is one
-    dot product, so R rows would convert and multiply each weight row R times (5 rows x 11008 x 4096 bf16, loaded
-    AMD machine with native bf16: 33 ms against F.linear's 16; the R sums unrolled into one loop, 74 against 38).
-    Without native bf16, that unrolled form is the faster one: `_rows_times_matrix`, below."""
+    dot product, so R rows would convert and multiply each weight row R times (5 rows x 11008 x 4096 bf16, AMD with
+    native bf16: 33 ms against F.linear's 16); without native bf16, R sums in one loop pay: `_rows_times_matrix`."""
     return (weight[None].float() * row[:, None].float()).sum(-1).sum(-1).to(row.dtype)
 
 
@@ -214,8 +207,7 @@ def _row_times_matrix(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 #     rows            1      2      3      5      8
 #     F.linear       7.7   11.3   14.4   21.5   34.5
 #     this kernel    8.1    9.2   10.6   12.7   22.8
-# (With native bf16, F.linear and the packed weight are the faster: see `_row_times_matrix`. Written as one broadcast
-# product, inductor converts each weight once for each row: 24.2 ms for 5.)
+# (With native bf16, the other routes are the faster. As one broadcast product, each weight converted per row: 24.2.)
 FEW_ROWS = 8
 
 
@@ -285,27 +277,21 @@ def _mkl_on_amd() -> bool:
     return torch.backends.mkl.is_available() and "AuthenticAMD" in _cpu_flags()
 
 
-# Whose kernels multiply one row: this file's compiled ones, or the library's (F.linear, int8pack_mm)? It depends on
-# the processor. Measured on two machines of the same size (2 cores, 24 GB, AVX-512 with native bf16), 2 threads:
-#                                               AMD EPYC (Zen 4)          Intel Xeon (AMX)
-#     one row x bf16 11008 x 4096, ms           F.linear 4.8              F.linear 3.1-5.0
-#                                               compiled 2.3-2.8          compiled 2.3-7.0 (drift; in cache)
-#     LLaMA at 7B widths, 4 layers + lm_head,   bf16 compiled 56.5        bf16 F.linear 133-150, compiled 150-159
-#       ms a greedy step                        int8 int8pack_mm 40.8     int8 int8pack_mm 63-67
-#                                               int8 compiled 37.1        int8 compiled 86-102
-#     make bench's medium model, fp32 greedy    compiled 1.8-1.9x tf      F.linear 22.0 ms, compiled 32.5, tf 23.9
-# On AMD, MKL's fp32 matrix-vector product takes a generic path and oneDNN's bf16 one reads at about half the memory
-# rate; a compiled multiply-and-sum streams near it. On the Intel Xeon, converting bf16 or int8 to fp32 costs more
-# than reading it (a compiled sum of each row of a 1 GB matrix: fp32 28 GB/s, bf16 15, int8 13), and the library's
-# kernels are as fast or faster: for bf16, torch.mv (20-26 GB/s, `decode_route`'s "vector"); int8pack_mm for int8.
-# Other processors (x86 of other makers, Arm): nothing measured, so the library's (torch.mv for a bf16 row, where
-# transformers runs F.linear).
-# So are AMD processors without AVX-512 (Zen 2 and 3: most AMD laptops and desktops), where inductor builds 256-bit
-# kernels. Emulated on the Intel Xeon (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2, MINIVB_NATIVE_BF16=0), one
-# row, GB/s a matrix, best of 5-7: int8 11008 x 4096, compiled 1.2-1.3 against int8pack_mm's 11.4-16.4 (the 256-bit
-# kernel loads each 8 int8 weights as a partial 32-byte vector, through a copy); bf16, compiled against F.linear,
-# 4096 x 4096 9.8 / 11.1, 11008 x 4096 7.5 / 7.8, 4096 x 11008 10.3 / 11.2, 32000 x 4096 9.6 / 11.5.
-# MINIVB_FUSED=0 or 1 overrides the choice.
+# Whose kernels multiply one row: this file's compiled ones, or the library's (torch.mv, int8pack_mm)? It depends on
+# the processor. Two machines of the same size (2 cores, 24 GB, AVX-512 with native bf16), 2 threads, ms:
+#                                           AMD EPYC (Zen 4)                   Intel Xeon (AMX)
+#     one row x bf16 11008 x 4096           F.linear 4.8, compiled 2.3-2.8     F.linear 3.1-8.8, compiled 2.3-7.0,
+#                                                                              torch.mv 3.5-6.7 (drift)
+#     LLaMA at 7B widths, 4 layers and      bf16 compiled 56.5                 bf16 F.linear 133-150, compiled 150-159
+#       the lm_head, a greedy step          int8 int8pack_mm 40.8, comp. 37.1  int8 int8pack_mm 63-67, comp. 86-102
+# On AMD a compiled multiply-and-sum streams near the memory rate, where oneDNN's bf16 reads at about half and MKL's
+# fp32 takes a generic path. On the Intel Xeon, converting bf16 or int8 to fp32 costs more than reading it (a
+# compiled sum of each row of a 1 GB matrix: fp32 28 GB/s, bf16 15, int8 13): the library's kernels are as fast or
+# faster there, and so they are on processors nothing was measured on. So are AMD processors without AVX-512 (Zen 2
+# and 3), where inductor builds 256-bit kernels: emulated on the Intel Xeon (ATEN_CPU_CAPABILITY=avx2,
+# ONEDNN_MAX_CPU_ISA=AVX2, MINIVB_NATIVE_BF16=0), one row, GB/s, int8 11008 x 4096 compiled 1.2-1.3 against
+# int8pack_mm's 11.4-16.4 (each 8 int8 weights loaded as a partial 32-byte vector, through a copy); bf16 compiled
+# 5-15 % behind F.linear (4096 x 4096 9.8 / 11.1, 32000 x 4096 9.6 / 11.5). MINIVB_FUSED=0 or 1 overrides the choice.
 def compiled_rows_pay() -> bool:
     """Whether one row's products (greedy decoding) take the compiled kernels of this file and quant.py: on AMD
     processors whose compiled kernels are 512 bits wide (AVX-512)."""
@@ -320,31 +306,35 @@ def decode_route(x: torch.Tensor, weight: torch.Tensor, packing: bool = False) -
 
     fused   one row (greedy decoding) of a large CPU matrix, outside autograd, both dtypes, on processors where the
             compiled kernel pays (compiled_rows_pay, AMD): measured above.
-    vector  one bf16 row of a large CPU matrix elsewhere: torch.mv, PyTorch's own matrix-vector kernel for bf16
-            (fp32 sums), which F.linear does not reach where the CPU has native bf16 (F.linear hands the row to
-            oneDNN's matrix product). Intel Xeon (AMX), 2 threads, a few hundred MB of each shape cycled (read from
-            memory), ms a matrix, two runs (the machine drifting):
-                matrix          F.linear        torch.mv       packed (packing.py)   a 1 GB fp32 sum reads
-                11008 x 4096    8.7 / 8.8       6.7 / 3.5      6.9 / 3.4             15 / 28 GB/s
-                4096 x 11008    4.8 / 6.1       4.2 / 4.2      3.6 / 5.7             22 / 26
-                4096 x 4096     2.3 / 1.7       1.3 / 1.4      1.9 / 1.3             23 / 28
-                32000 x 4096   12.4 / 18.4      9.9 / 14.7    13.2 / 13.7            22 / 24
-                2048 x 768      0.35 / 0.37     0.26 / 0.23    0.24 / 0.24           22 / 22
-            the same sums as F.linear's (equal bit for bit in 5 of these 6 shapes, the same error against fp32 in
-            the sixth), and as fast as the packed copy without one. Full-size vicuna-7b, a greedy token, three
-            rounds alternating in one process: F.linear 906 / 655 / 1421 ms, torch.mv 498 / 539 / 541 (98-121 % of
-            the floor measured beside each), the same tokens. Where the CPU has no native bf16 both take the same
-            kernel (AVX2 emulated on the Xeon: 11008 x 4096 7.7-8.0 ms either way). An fp32 row stays on F.linear,
-            MKL's matrix-vector product, which torch.mv calls too (11008 x 4096: 6.1 ms both). Once beams made a
-            packed copy of the weight, one row reads that copy instead (as fast), so that the plain weight's pages
-            are no longer read (memory.room_to_pack counts on it).
+    vector  one bf16 row of a large CPU matrix elsewhere: torch.mv, PyTorch's own bf16 matrix-vector kernel (fp32
+            sums), where F.linear hands the row to oneDNN's matrix product. Intel Xeon (AMX), 2 threads, ~1 GB of each
+            shape cycled, ms a matrix, two runs, F.linear / torch.mv / packed (packing.py): 11008 x 4096 8.7-8.8 /
+            3.5-6.7 / 3.4-6.9; 4096 x 11008 4.8-6.1 / 4.2 / 3.6-5.7; 4096 x 4096 1.7-2.3 / 1.3-1.4 / 1.3-1.9; 32000 x
+            4096 12.4-18.4 / 9.9-14.7 / 13.2-13.7: as fast as a packed copy without one, the same sums as F.linear's
+            (bit for bit in 5 of 6 shapes). Full-size vicuna-7b, a greedy token, three rounds in one process: F.linear
+            906 / 655 / 1421 ms, torch.mv 498 / 539 / 541 (98-121 % of the floor beside each), the same tokens.
+            Without native bf16 both are one kernel (AVX2 emulated: 11008 x 4096 7.7-8.0 ms either way); an fp32 row
+            stays on F.linear (MKL's, which torch.mv calls too). Where beams made a packed copy, one row reads it (as
+            fast), so that the plain weight's pages are no longer read (memory.room_to_pack counts on it).
     packed  several rows of a large CPU matrix in a layer allowed to pack (`packing`): beams, a batch's decode
             steps, and prompts once the copy exists, through the weight packed once for oneDNN (packing.py).
     rows    2-8 rows (FEW_ROWS) of a large bf16 matrix on a CPU without native bf16 (beams there), through the
             compiled few-row kernel (`_rows_times_matrix`): F.linear's cost grows with each row there.
-    matrix  2-8 rows of a large fp32 matrix with MKL on AMD, where nothing is packed: F.linear takes MKL's slow path
-            there, and `weight @ x.T` its matrix-matrix kernel (MATRIX_MIN_WEIGHTS). In bf16, F.linear is the
-            faster one (5 rows x 11008 x 4096: 4.8 ms against 7.9 ms), which is why this route is fp32 only.
+    matrix  `weight @ x.T`, where nothing is packed (yet): 2-8 rows of a large fp32 matrix with MKL on AMD, where
+            F.linear takes MKL's slow path and this its matrix-matrix kernel (MATRIX_MIN_WEIGHTS; in bf16 there,
+            F.linear is the faster: 5 rows x 11008 x 4096, 4.8 ms against 7.9); and 2-32 rows of a large bf16 matrix
+            on a CPU with AMX (`_amx_matrix_rows`), where oneDNN multiplies the weight as the left matrix without
+            repacking it as F.linear's right one. Intel Xeon (AMX), 2 threads, ~1 GB of each shape cycled, ms a
+            matrix, F.linear / weight @ x.T, the same products bit for bit:
+                rows            2             5             10            32            150 (a prompt: F.linear)
+                11008 x 4096    4.19 / 3.18   4.18 / 3.06   4.37 / 3.06   4.84 / 3.63   17.5 / 11.9
+                4096 x 11008    5.14 / 4.49   5.06 / 4.45   5.25 / 3.40   5.05 / 3.61    9.6 / 11.5
+                4096 x 4096     1.83 / 1.49   1.85 / 1.59   2.03 / 1.66   2.91 / 1.96    3.9 / 4.1
+                32000 x 4096   14.4 / 12.5   15.9 / 12.0   15.7 / 10.6   15.0 / 12.4    34.3 / 35.1
+                2048 x 768      0.27 / 0.16   0.26 / 0.21   0.26 / 0.17   0.32 / 0.23    0.76 / 0.43
+            (packed, once made: 5 rows x 11008 x 4096 2.6-3.0.) Full vicuna-7b, 5-beam steps, three rounds in one
+            process: F.linear 874 / 967 / 964 ms, this 820 / 810 / 841, the same tokens. The (rows, out) result is
+            made contiguous: as a transposed view, the attention after it summed in another order (scores differed).
     plain   everything else: prefill, training, GPUs, small matrices.
     """
     rows = x.numel() // x.shape[-1]
@@ -361,7 +351,18 @@ def decode_route(x: torch.Tensor, weight: torch.Tensor, packing: bool = False) -
         return "rows"
     if 1 < rows <= 8 and weight.dtype == torch.float32 and weight.numel() >= MATRIX_MIN_WEIGHTS and _mkl_on_amd():
         return "matrix"
+    if 1 < rows <= AMX_MATRIX_MAX_ROWS and weight.dtype == torch.bfloat16 and _amx_matrix_rows():
+        return "matrix"
     return "plain"
+
+
+AMX_MATRIX_MAX_ROWS = 32  # measured up to 32 rows (decode_route's table); a prompt's 150 gain nothing
+
+
+def _amx_matrix_rows() -> bool:
+    """Whether a few bf16 rows take `weight @ x.T`: on CPUs with AMX that multiply bf16 natively (on the AMD EPYC,
+    avx512_bf16 without AMX, F.linear was the faster)."""
+    return "amx_bf16" in _cpu_flags() and has_native_bf16()
 
 
 class Linear(nn.Linear):
@@ -392,10 +393,9 @@ class Linear(nn.Linear):
             route = decode_route(x, self.weight)  # not packed (yet): the best route without a copy
         if route == "matrix":
             rows = x.reshape(-1, x.shape[-1])  # (rows, in)
-            out = (self.weight @ rows.T).T  # (rows, out)
-            if self.bias is not None:
-                out = out + self.bias
-            return out.reshape(*x.shape[:-1], out.shape[-1])
+            # (out, rows) -> (rows, out); addmm adds a bias to the sums before rounding, as F.linear does
+            out = self.weight @ rows.T if self.bias is None else torch.addmm(self.bias[:, None], self.weight, rows.T)
+            return out.T.contiguous().reshape(*x.shape[:-1], out.shape[0])
         return F.linear(x, self.weight, self.bias)
 
     @staticmethod

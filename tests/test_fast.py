@@ -123,7 +123,8 @@ def test_decode_routes(monkeypatch):
         assert fast.decode_route(torch.zeros(9, 512), big) == "plain"  # prefill
         assert fast.decode_route(rows, big) == ("matrix" if fast._mkl_on_amd() else "plain")
         monkeypatch.setenv("MINIVB_NATIVE_BF16", "1")
-        assert fast.decode_route(rows.bfloat16(), big.bfloat16()) == "plain"  # bf16 F.linear is the faster there
+        amx = "amx_bf16" in fast._cpu_flags()  # a few bf16 rows: weight @ x.T with AMX, F.linear without
+        assert fast.decode_route(rows.bfloat16(), big.bfloat16()) == ("matrix" if amx else "plain")
         monkeypatch.setenv("MINIVB_NATIVE_BF16", "0")  # without native bf16, a few rows take the few-row kernel
         assert fast.decode_route(rows.bfloat16(), big.bfloat16()) == "rows"
         assert fast.decode_route(torch.zeros(9, 512).bfloat16(), big.bfloat16()) == "plain"  # more than FEW_ROWS
@@ -159,6 +160,34 @@ def test_vector_route_equals_linear(monkeypatch, bias):
             # both round fp32 sums to bf16: at most one bf16 step apart, as far from the exact sums as F.linear
             torch.testing.assert_close(got, expected, rtol=2 ** -7, atol=1e-2)
             assert (got.float() - exact).abs().max() <= 1.5 * (expected.float() - exact).abs().max() + 1e-2
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_amx_matrix_route_equals_linear(monkeypatch, bias):
+    """A few bf16 rows on a CPU with AMX: weight @ x.T, F.linear's products bit for bit, contiguous (as a transposed
+    view, the attention after it summed in another order). Forced here on any CPU: the route is a choice of kernel."""
+    monkeypatch.setenv("MINIVB_NATIVE_BF16", "1")
+    monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)
+    flags = fast._cpu_flags()
+    g = torch.Generator().manual_seed(0)
+    layer = fast.Linear(384, 160, bias=bias).bfloat16()
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(160, 384, generator=g))
+        if bias:
+            layer.bias.copy_(torch.randn(160, generator=g) * 10)
+        monkeypatch.setattr(fast, "_cpu_flags", lambda: flags | {"amx_bf16"})
+        for shape in ((5, 1, 384), (2, 3, 384), (fast.AMX_MATRIX_MAX_ROWS, 384)):
+            x = torch.randn(shape, generator=g).bfloat16()
+            assert fast.decode_route(x, layer.weight) == "matrix"
+            got = layer(x)
+            assert got.is_contiguous() and torch.equal(got, F.linear(x, layer.weight, layer.bias))
+        more = torch.randn(fast.AMX_MATRIX_MAX_ROWS + 1, 384, generator=g).bfloat16()
+        assert fast.decode_route(more, layer.weight) == "plain"  # a prompt's rows: F.linear
+        monkeypatch.setenv("MINIVB_NATIVE_BF16", "0")  # AMX flags but bf16 emulated: the few-row kernel
+        assert fast.decode_route(torch.zeros(5, 384).bfloat16(), layer.weight) == "rows"
+        monkeypatch.setenv("MINIVB_NATIVE_BF16", "1")
+        monkeypatch.setattr(fast, "_cpu_flags", lambda: flags - {"amx_bf16"})  # avx512_bf16 alone (the AMD EPYC)
+        assert fast.decode_route(torch.zeros(5, 384).bfloat16(), layer.weight) == "plain"
 
 
 def test_one_row_kernels_by_processor(monkeypatch):
