@@ -226,6 +226,11 @@ def int8_rows_linears(row: torch.Tensor, weights_and_scales: list, norm: nn.Modu
 # against 139 for the fp32 product. Without VNNI oneDNN's int8 kernels saturate 16-bit pair sums and the products
 # come out wrong (capped to AVX2 or to AVX-512 without VNNI: off by 19295 in sums of 120472), so
 # `integer_products_pay` checks the CPU's flags and then one product at the limits of int8 against exact sums.
+# With AMX, the weight goes in as the left matrix (`_int_mm(weight, halves.T)`), which oneDNN multiplies without
+# repacking it (as fast.py's "matrix" route does bf16), the same sums: Intel Xeon, whole integer_linear, ms, rows
+# 2 / 5 / 16 / 64 / 128: 11008 x 4096 3.14 / 3.30 / 3.82 / 7.95 / 19.3 -> 2.72 / 2.60 / 3.20 / 6.39 / 21.5;
+# 4096 x 11008 3.15 / 3.47 / 4.61 / 7.86 / 17.2 -> 2.62 / 2.77 / 4.12 / 7.02 / 12.9. With VNNI alone
+# (ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI) it is slower (5 rows 5.2 -> 7.5), so there the weight stays on the right.
 # MINIVB_INT8_MM=0 turns the route off.
 INTEGER_MAX_ROWS = 128
 INT8_DOT_PRODUCT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})  # x86 VNNI (AVX-512, AVX) and AMX
@@ -255,7 +260,11 @@ def _sum_halves(products: torch.Tensor, step: torch.Tensor, scales: torch.Tensor
 def integer_linear(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """rows (R, in) float, weight (out, in) int8, scales (out,) -> (R, out) in scales' dtype, through torch._int_mm."""
     halves, step = _int8_halves(rows)  # (2R, in) int8, (R, 1)
-    return _sum_halves(torch._int_mm(halves, weight.t()), step, scales)  # (2R, out) int32 -> (R, out)
+    if "amx_int8" in fast._cpu_flags():  # the weight on the left (above); contiguous, as fast.Linear's "matrix"
+        products = torch._int_mm(weight, halves.t()).t().contiguous()  # (out, 2R) -> (2R, out) int32
+    else:
+        products = torch._int_mm(halves, weight.t())  # (2R, out) int32
+    return _sum_halves(products, step, scales)  # (R, out)
 
 
 def integer_products_pay() -> bool:
@@ -275,7 +284,9 @@ def _int8_products_exact() -> bool:
     a = torch.tensor([[127] * 64, [-128, 127] * 32], dtype=torch.int8)  # (2, 64)
     w = torch.tensor([[127] * 64, [-127] * 64] * 32, dtype=torch.int8)  # (64, 64)
     try:
-        return torch.equal(torch._int_mm(a, w.t()).long(), a.long() @ w.long().t())
+        exact = a.long() @ w.long().t()  # both orders: integer_linear takes the weight on the left with AMX
+        return (torch.equal(torch._int_mm(a, w.t()).long(), exact)
+                and torch.equal(torch._int_mm(w, a.t()).long(), exact.t()))
     except (RuntimeError, AttributeError):
         return False
 

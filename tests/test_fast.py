@@ -526,6 +526,22 @@ def test_integer_products_equal_the_reference(dtype, tol):
     assert not quant._integer_rows(x)  # autograd: the grid's rounding has no gradient
 
 
+@pytest.mark.skipif(not quant.integer_products_pay(), reason="no int8 dot-product instructions (VNNI, AMX) here")
+def test_integer_products_with_the_weight_on_the_left_are_the_same(monkeypatch):
+    """With AMX the int8 weight is _int_mm's left matrix: the same exact sums, and a contiguous result."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randint(-127, 128, (96, 256), generator=g, dtype=torch.int8)
+    scales = torch.rand(96, generator=g).bfloat16() / 100
+    flags = fast._cpu_flags()
+    for rows in (2, 5, 40):
+        x = torch.randn(rows, 256, generator=g).bfloat16()
+        monkeypatch.setattr(fast, "_cpu_flags", lambda: flags | {"amx_int8"})
+        left = quant.integer_linear(x, weight, scales)
+        monkeypatch.setattr(fast, "_cpu_flags", lambda: flags - {"amx_int8"})
+        right = quant.integer_linear(x, weight, scales)
+        assert left.shape == (rows, 96) and left.is_contiguous() and torch.equal(left, right)
+
+
 @pytest.mark.skipif(not VNNI, reason="the CPU has no int8 dot-product instructions: nothing to refuse")
 def test_integer_products_are_refused_where_onednn_saturates():
     # oneDNN capped below VNNI sums pairs of int8 products in 16 bits: wrong sums, which the probe catches.
