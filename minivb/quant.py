@@ -260,11 +260,15 @@ def _sum_halves(products: torch.Tensor, step: torch.Tensor, scales: torch.Tensor
 def integer_linear(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """rows (R, in) float, weight (out, in) int8, scales (out,) -> (R, out) in scales' dtype, through torch._int_mm."""
     halves, step = _int8_halves(rows)  # (2R, in) int8, (R, 1)
-    if "amx_int8" in fast._cpu_flags():  # the weight on the left (above); contiguous, as fast.Linear's "matrix"
-        products = torch._int_mm(weight, halves.t()).t().contiguous()  # (out, 2R) -> (2R, out) int32
-    else:
-        products = torch._int_mm(halves, weight.t())  # (2R, out) int32
-    return _sum_halves(products, step, scales)  # (R, out)
+    return _sum_halves(_int8_products(halves, weight), step, scales)  # (2R, out) int32 -> (R, out)
+
+
+def _int8_products(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """a (M, in) int8 @ weight (out, in) int8 .T -> (M, out) exact int32 sums through torch._int_mm; with AMX the
+    weight is the left matrix (above), the result made contiguous, as fast.Linear's "matrix" route."""
+    if "amx_int8" in fast._cpu_flags():
+        return torch._int_mm(weight, a.t()).t().contiguous()  # (out, M) -> (M, out)
+    return torch._int_mm(a, weight.t())
 
 
 def integer_products_pay() -> bool:
@@ -284,9 +288,7 @@ def _int8_products_exact() -> bool:
     a = torch.tensor([[127] * 64, [-128, 127] * 32], dtype=torch.int8)  # (2, 64)
     w = torch.tensor([[127] * 64, [-127] * 64] * 32, dtype=torch.int8)  # (64, 64)
     try:
-        exact = a.long() @ w.long().t()  # both orders: integer_linear takes the weight on the left with AMX
-        return (torch.equal(torch._int_mm(a, w.t()).long(), exact)
-                and torch.equal(torch._int_mm(w, a.t()).long(), exact.t()))
+        return torch.equal(_int8_products(a, w).long(), a.long() @ w.long().t())  # the order integer_linear takes
     except (RuntimeError, AttributeError):
         return False
 
