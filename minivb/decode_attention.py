@@ -1,5 +1,6 @@
 """The attention of a decode step, one of fast.py's speed paths (LLaMA's and T5's): F.scaled_dot_product_attention,
-with a compiled path for one bf16 query a row on processors where compiled kernels pay (fast.compiled_rows_pay)."""
+with a compiled path for one bf16 query a row on processors where compiled kernels pay (fast.compiled_rows_pay);
+and LLaMA's beams, which attend to the prompt they share once for all of them (attention_after_shared_prompt)."""
 
 import functools
 
@@ -80,3 +81,63 @@ def attention(q, k, v, mask: torch.Tensor | None = None, enable_gqa: bool = Fals
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa, scale=scale)
     return _explicit_attention(q, k, v, mask, scale, kernel=_compiled_attention_rows)
 
+
+
+def _attention_and_logsumexp(q, k, v, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T / sqrt(Dh), masked) v for q (N, Hkv, M, Dh), k and v (N, Hkv, S, Dh), mask bool (True = attend)
+    broadcasting to (N, Hkv, M, S): the attended values (N, Hkv, M, Dh) in q's dtype, and each query's log-sum-exp
+    of its scores (N, Hkv, M) in fp32, which lets two parts of the keys be attended apart and joined exactly.
+    On a CPU, PyTorch's own flash-attention kernel, which computes both (F.scaled_dot_product_attention calls it
+    and keeps the first); elsewhere written out. A query that may see no key at all (a prompt of nothing but
+    padding) attends to nothing: zeros, and a log-sum-exp of -inf (the kernel gives 0, as if it had seen one)."""
+    if q.device.type != "cpu":
+        out, logsumexp = _written_out_attention_and_logsumexp(q, k, v, mask)
+    else:
+        additive = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
+        out, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=additive)[:2]
+    if mask is not None:
+        blind = ~mask.any(-1)  # (N or 1, 1 or Hkv, 1 or M): queries that see no key
+        out, logsumexp = out.masked_fill(blind[..., None], 0), logsumexp.masked_fill(blind, float("-inf"))
+    return out, logsumexp
+
+
+def _written_out_attention_and_logsumexp(q, k, v, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """_attention_and_logsumexp in fp32, op by op."""
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # (N, Hkv, M, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    logsumexp = scores.logsumexp(-1)  # (N, Hkv, M)
+    return ((scores - logsumexp[..., None]).exp() @ v.float()).to(q.dtype), logsumexp
+
+
+def attention_after_shared_prompt(q, prompt_k, prompt_v, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+    """A decode step of rows that share their prompt (llama.KVCache.share_prompt: beams, several samples):
+    q (R, H, 1, Dh); the prompt's prompt_k, prompt_v (B, Hkv, P, Dh), one row for each `R / B` rows in a row;
+    the tokens since, k and v (R, Hkv, t, Dh); mask bool (R or 1, 1, 1, P + t), True = attend, each row seeing at
+    least its new token -> (R, H, 1, Dh),
+    equal to F.scaled_dot_product_attention over the prompt's keys and values copied to every row, followed by the
+    row's own.
+
+    Each example's copies attend to its prompt as extra queries of one row, (B, Hkv, G * copies, Dh), which reads
+    the prompt once instead of once a copy; then every row attends to its own tokens; the two parts are joined by
+    their log-sum-exps: softmax over all keys = each part's softmax weighted by exp(its log-sum-exp - the whole's).
+    Native-bf16 Intel Xeon, 2 threads, 7B widths (32 heads of 128), 5 beams, 10 generated tokens, all 32 layers,
+    ms: prompt of 136 tokens (4 frames) 29 -> 21, 560 (16 frames) 97 -> 38, 1552 (48 frames) 290 -> 100."""
+    R, H, _, Dh = q.shape
+    B, Hkv, P, _ = prompt_k.shape
+    G, copies = H // Hkv, R // B  # query heads a kv head serves, rows a prompt serves
+    prompt_mask = own_mask = None
+    if mask is not None:
+        prompt_mask, own_mask = mask[..., :P], mask[..., P:]  # (R or 1, 1, 1, P) and (R or 1, 1, 1, t)
+        if prompt_mask.shape[0] == R:
+            prompt_mask = prompt_mask[::copies]  # (B, 1, 1, P): equal across the copies of a prompt
+    # The prompt: row r = (b, c), head h = (j, g) -> query (g, c) of row b, kv head j
+    queries = q.view(B, copies, Hkv, G, Dh).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * copies, Dh)
+    prompt_out, prompt_lse = _attention_and_logsumexp(queries, prompt_k, prompt_v, prompt_mask)
+    prompt_out = prompt_out.view(B, Hkv, G, copies, Dh).permute(0, 3, 1, 2, 4).reshape(R, Hkv, G, Dh)
+    prompt_lse = prompt_lse.view(B, Hkv, G, copies).permute(0, 3, 1, 2).reshape(R, Hkv, G)
+    # Each row's own tokens: head h = (j, g) -> query g of kv head j
+    own_out, own_lse = _attention_and_logsumexp(q.view(R, Hkv, G, Dh), k, v, own_mask)  # (R, Hkv, G, Dh), (R, Hkv, G)
+    lse = torch.logaddexp(prompt_lse, own_lse)  # (R, Hkv, G): the log-sum-exp over all P + t keys
+    out = (prompt_out.float() * (prompt_lse - lse).exp()[..., None] + own_out.float() * (own_lse - lse).exp()[..., None])
+    return out.to(q.dtype).view(R, H, 1, Dh)

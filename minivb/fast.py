@@ -31,7 +31,7 @@ on the native-bf16 machine, AMD EPYC with avx512_bf16, 2 cores; the AVX2 numbers
 
 3. The attention of a decode step (LLaMA's and T5's): on AMD, PyTorch's CPU flash-attention kernel is slow for one
    bf16 query a row; `decode_attention.attention` compiles the softmax written out, the batch folded into the heads
-   (one kernel for greedy decoding and beams).
+   (one kernel for greedy decoding and beams). Beams read their shared prompt once (attention_after_shared_prompt).
 
 4. Quantizing while loading: quant.quantize_block compiles int8 quantization's five passes over fp32 copies of each
    block into two (a 7B's 6.6 G linear weights: 7-13 s -> ~3 s).

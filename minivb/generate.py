@@ -103,11 +103,12 @@ def prefill(model, inputs_embeds, attention_mask, copies, max_new_tokens, use_ca
     # no one attends to them).
     positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # (B, L)
     mask = None if bool(attention_mask.all()) else attention_mask  # no padding: the plain causal path
-    # A prompt's copies are equal: it runs once and its keys and values are copied (transformers runs each copy).
-    cache = lm.new_cache(B, L + max_new_tokens) if use_cache else None
+    # A prompt's copies are equal: it runs once and its copies share its keys and values (llama.KVCache.share_prompt;
+    # transformers runs each copy and keeps a cache row for each).
+    cache = lm.new_cache(B, L + (max_new_tokens if copies == 1 else 0)) if use_cache else None
     logits = lm(inputs_embeds, mask, positions, cache, only_last_logits=True)[:, -1]  # (B, V)
     if cache is not None and copies > 1:
-        cache.repeat_rows(copies)
+        cache.share_prompt(copies, max_new_tokens)
 
     def rows(t):  # (B, ...) -> (R, ...): each example's copies one after the other
         return None if t is None else t.repeat_interleave(copies, dim=0)

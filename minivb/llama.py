@@ -72,6 +72,10 @@ class KVCache:
 
     keys / values: (num_layers, B, Hkv, max_length, Dh); slots [0, length) are filled. Each layer's attention
     writes its new keys with `update`; `Llama.forward` calls `advance` once all layers have written.
+
+    Beams share their prompt (and so do several samples of one prompt): after it, `share_prompt` keeps the prompt's
+    keys and values once per example, prompt_keys / prompt_values (num_layers, B, Hkv, P, Dh), and makes keys /
+    values hold only the tokens generated from then on, `copies` rows per example: their slot 0 is token P.
     """
 
     def __init__(self, num_layers, batch_size, num_kv_heads, max_length, head_dim, dtype, device):
@@ -80,28 +84,51 @@ class KVCache:
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.max_length = max_length
         self.length = 0
+        self.prompt_keys = self.prompt_values = None  # set by share_prompt
+        self.prompt_length = 0  # tokens held in prompt_keys / prompt_values, before keys' slot 0
+        self.copies = 1  # rows of keys per row of prompt_keys
 
     @property
     def batch_size(self) -> int:
         return self.keys.shape[1]
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this layer's new k, v (B, Hkv, L, Dh); return all its keys and values so far, (B, Hkv, S, Dh)."""
+        """Store this layer's new k, v (B, Hkv, L, Dh); return all its keys and values so far, (B, Hkv, S, Dh), or
+        after share_prompt those since the prompt (`shared_prompt` gives the prompt's)."""
         end = self.length + k.shape[2]
         if end > self.max_length:
             raise ValueError(f"KVCache full: {self.length} + {k.shape[2]} tokens exceed max_length {self.max_length}")
-        self.keys[layer_idx, :, :, self.length : end] = k
-        self.values[layer_idx, :, :, self.length : end] = v
+        start, end = self.length - self.prompt_length, end - self.prompt_length  # slots of keys / values
+        self.keys[layer_idx, :, :, start:end] = k
+        self.values[layer_idx, :, :, start:end] = v
         return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]  # views, no copy
 
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens
 
-    def repeat_rows(self, copies: int) -> None:
-        """Each row becomes `copies` rows in a row, (B, ...) -> (B * copies, ...): a prompt run once, then shared by
-        its beams (generate.prefill)."""
-        self.keys = self.keys.repeat_interleave(copies, dim=1)
-        self.values = self.values.repeat_interleave(copies, dim=1)
+    def shared_prompt(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This layer's prompt keys and values (B / copies, Hkv, P, Dh) after share_prompt, else None."""
+        if self.prompt_keys is None:
+            return None
+        return self.prompt_keys[layer_idx], self.prompt_values[layer_idx]
+
+    def share_prompt(self, copies: int, new_tokens: int) -> None:
+        """The prompt just run stays one row per example, shared by the `copies` rows that each decode up to
+        `new_tokens` tokens after it (generate.prefill: a beam search's beams, several samples of one prompt).
+
+        Copied to every row instead (transformers runs each copy of the prompt), a 7B's 136-token prompt with 5
+        beams is 0.4 GB of fresh memory written at the first beam step (~160 ms), and every beam step reads it five
+        times over; 48 frames make that 5.1 GB. decode_attention.attention_after_shared_prompt reads it once.
+        """
+        if self.prompt_keys is not None:
+            raise ValueError("KVCache.share_prompt: the prompt is shared already")
+        layers, B, Hkv, _, Dh = self.keys.shape
+        self.prompt_keys = self.keys[:, :, :, : self.length]  # (layers, B, Hkv, P, Dh)
+        self.prompt_values = self.values[:, :, :, : self.length]
+        self.prompt_length, self.copies = self.length, copies
+        self.keys = self.keys.new_zeros(layers, B * copies, Hkv, new_tokens, Dh)  # (layers, R, Hkv, new, Dh)
+        self.values = self.values.new_zeros(layers, B * copies, Hkv, new_tokens, Dh)
+        self.max_length = self.length + new_tokens
 
     def reorder(self, index: torch.LongTensor, start: int = 0) -> None:
         """Row b becomes old row index[b] (beam search keeps the beams it extends), from slot `start` on.
@@ -111,7 +138,12 @@ class KVCache:
         """
         if index.shape != (self.batch_size,):
             raise ValueError(f"KVCache.reorder: index must have shape ({self.batch_size},), got {tuple(index.shape)}")
-        filled = slice(start, self.length)  # only the filled slots are worth copying
+        example = torch.arange(len(index), device=index.device) // self.copies
+        if self.copies > 1 and not torch.equal(index // self.copies, example):
+            raise ValueError(f"KVCache.reorder: rows that share a prompt ({self.copies} a prompt) can only take each "
+                             f"other's place, got index {index.tolist()}")
+        # only the filled slots are worth copying (after share_prompt, keys' slot 0 is token prompt_length)
+        filled = slice(max(start, self.prompt_length) - self.prompt_length, self.length - self.prompt_length)
         layer_bytes = self.keys[0, :, :, filled].numel() * self.keys.element_size()
         step = max(1, REORDER_BYTES // max(1, layer_bytes))  # layers moved at a time (above)
         for cache in (self.keys, self.values):
@@ -142,11 +174,16 @@ class Attention(nn.Module):
         k = k.view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, Dh)
         v = v.view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, Dh)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        shared = None
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, Dh)
+            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, Dh): after share_prompt, those since the prompt
+            shared = cache.shared_prompt(self.layer_idx)  # the prompt's (B / copies, Hkv, P, Dh), or None
         # Grouped-query attention: each key/value head serves H / Hkv query heads, without materialising copies.
         # (decode_attention.attention is F.scaled_dot_product_attention, faster for a decode step's one query)
-        out = decode_attention.attention(q, k, v, mask, enable_gqa=self.num_kv_heads != self.num_heads)
+        if shared is not None:
+            out = decode_attention.attention_after_shared_prompt(q, *shared, k, v, mask)
+        else:
+            out = decode_attention.attention(q, k, v, mask, enable_gqa=self.num_kv_heads != self.num_heads)
         out = out.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim)  # (B, L, H*Dh)
         return self.o_proj(out)
 

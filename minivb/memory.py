@@ -117,12 +117,16 @@ def activation_bytes(config, element_size: int, workload: Workload = WORKLOAD) -
         encoder = w.batch_size * L * (4 * D + 3 * I) * e + w.batch_size * H * L * L * 4  # scores in fp32
         language = cache + R * L * D * e + encoder
     else:
-        D, I, B = t.hidden_size, t.intermediate_size, w.batch_size
-        cache_row = t.num_hidden_layers * 2 * t.num_key_value_heads * (L + w.max_new_tokens) * t.head_dim * e
+        D, I, B, new = t.hidden_size, t.intermediate_size, w.batch_size, w.max_new_tokens
+        token = t.num_hidden_layers * 2 * t.num_key_value_heads * t.head_dim * e  # a token's keys and values
         # Prefill runs each prompt once (generate.prefill), holding the residual stream and the normed copy, q/k/v,
-        # and the MLP's gate, up and their product; then its cache is copied to the R rows of its beams.
+        # and the MLP's gate, up and their product; its beams share its keys and values (KVCache.share_prompt)
+        # and keep their own for the tokens they generate.
         prefill = B * L * (5 * D + 3 * I) * e
-        language = max(B * cache_row + prefill, (B + R) * cache_row)
+        if w.num_beams == 1:
+            language = B * (L + new) * token + prefill
+        else:
+            language = B * L * token + max(prefill, R * new * token)
     logits = R * t.vocab_size * 4 * 2  # the last position's logits in fp32, and their log-softmax
     return max(vision, language) + logits
 

@@ -572,6 +572,43 @@ def test_decode_attention_equals_sdpa(num_kv_heads):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("num_kv_heads", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_after_a_shared_prompt_equals_sdpa_over_copies(num_kv_heads, dtype):
+    """Rows that share their example's prompt (beams) attend to it once, as extra queries, and to their own tokens
+    apart, the two joined by their log-sum-exps: equal to F.scaled_dot_product_attention over the prompt copied to
+    every row, in fp32; in bf16 within the rounding of the two parts (at most twice SDPA's own error against fp32).
+    PyTorch's flash kernel on a CPU (which gives the log-sum-exps) and the fp32 path written out for other devices."""
+    g = torch.Generator().manual_seed(0)
+    B, copies, H, P, t, Dh = 2, 3, 4, 9, 5, 16
+    R = B * copies
+    q = torch.randn(R, H, 1, Dh, generator=g).to(dtype)
+    prompt_k, prompt_v = (torch.randn(B, num_kv_heads, P, Dh, generator=g).to(dtype) for _ in range(2))
+    k, v = (torch.randn(R, num_kv_heads, t, Dh, generator=g).to(dtype) for _ in range(2))
+    keep = torch.ones(R, 1, 1, P + t, dtype=torch.bool)
+    keep[copies:, ..., :3] = False  # example 1's prompt is left-padded by 3
+    keep[1, ..., P + 2] = False  # and a row's own token masked (as a pad)
+    all_k = torch.cat([prompt_k.repeat_interleave(copies, 0), k], dim=2)  # (R, Hkv, P + t, Dh): the copies
+    all_v = torch.cat([prompt_v.repeat_interleave(copies, 0), v], dim=2)
+    gqa = num_kv_heads != H
+    exact = F.scaled_dot_product_attention(q.double(), all_k.double(), all_v.double(), keep, enable_gqa=gqa)
+    sdpa_error = (F.scaled_dot_product_attention(q, all_k, all_v, keep, enable_gqa=gqa).double() - exact).abs().max()
+    with torch.no_grad():
+        got = decode_attention.attention_after_shared_prompt(q, prompt_k, prompt_v, k, v, keep)
+    assert got.shape == (R, H, 1, Dh) and got.dtype == dtype
+    error = (got.double() - exact).abs().max()
+    assert error <= (1e-6 if dtype == torch.float32 else 2 * sdpa_error), (error, sdpa_error)
+    # One part: on a CPU, PyTorch's own kernel (SDPA's, bit for bit); written out in fp32 (other devices), the same
+    # log-sum-exps and values no further from the exact ones.
+    queries, own_keep = q.view(R, num_kv_heads, -1, Dh), keep[..., P:]  # (R, Hkv, G, Dh), (R, 1, 1, t)
+    out, lse = decode_attention._attention_and_logsumexp(queries, k, v, own_keep)
+    out2, lse2 = decode_attention._written_out_attention_and_logsumexp(queries, k, v, own_keep)
+    assert torch.equal(out, F.scaled_dot_product_attention(queries, k, v, own_keep))
+    exact = F.scaled_dot_product_attention(queries.double(), k.double(), v.double(), own_keep)
+    assert (lse - lse2).abs().max() <= 1e-5 * lse.abs().max()
+    assert (out2.double() - exact).abs().max() <= (out.double() - exact).abs().max() + 1e-6
+
+
 def test_decode_attention_with_a_position_bias_equals_sdpa():
     """T5's decode step: no score scaling, a bias per head added to the scores, masked keys at the lowest value."""
     g = torch.Generator().manual_seed(1)

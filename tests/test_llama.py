@@ -119,6 +119,40 @@ def test_reorder_selects_cache_rows():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("num_key_value_heads", [2, 4])
+def test_rows_that_share_a_prompt_equal_rows_that_copy_it(num_key_value_heads):
+    """generate.prefill runs each prompt once and its beams share its keys and values (KVCache.share_prompt): every
+    decode step equals the model run over each row's whole sequence, the prompt copied to every row."""
+    _, ours = build(num_key_value_heads)
+    prompt, new, copies = 5, 3, 3
+    embeds, mask = left_padded_batch([5, 2], total=prompt + new)  # two examples, one left-padded
+    mask[:, prompt:] = 1
+    positions = generation_positions(mask)
+    cache = ours.new_cache(batch_size=2, max_length=prompt)
+    ours(embeds[:, :prompt], mask[:, :prompt], positions[:, :prompt], cache)
+    cache.share_prompt(copies, new)
+    assert cache.prompt_keys.shape == (3, 2, num_key_value_heads, prompt, 16)  # (layers, B, Hkv, P, Dh), once
+    assert cache.keys.shape == (3, 2 * copies, num_key_value_heads, new, 16)  # (layers, R, Hkv, new, Dh)
+    # Each row continues its example's prompt with tokens of its own; beams move within their example.
+    g = torch.Generator().manual_seed(2)
+    rows = embeds.repeat_interleave(copies, dim=0)  # (R, prompt + new, D)
+    rows[:, prompt:] = torch.randn(rows[:, prompt:].shape, generator=g)
+    row_mask, row_positions = mask.repeat_interleave(copies, 0), positions.repeat_interleave(copies, 0)
+    for t in range(prompt, prompt + new):
+        if t == prompt + 1:
+            index = torch.tensor([2, 2, 0, 4, 3, 3])  # rows of example 0 stay among 0-2, of example 1 among 3-5
+            cache.reorder(index, start=prompt)
+            rows[:, :t] = rows[index, :t]
+        step = ours(rows[:, t : t + 1], row_mask[:, : t + 1], row_positions[:, t : t + 1], cache)
+        full = ours(rows[:, : t + 1], row_mask[:, : t + 1], row_positions[:, : t + 1])
+        assert (step[:, 0] - full[:, -1]).abs().max() <= TOL, t
+    with pytest.raises(ValueError, match="share a prompt"):
+        cache.reorder(torch.tensor([3, 1, 2, 0, 4, 5]))  # a beam of example 1 cannot continue example 0's prompt
+    with pytest.raises(ValueError, match="max_length"):
+        ours(rows[:, :1], torch.ones(2 * copies, prompt + new + 1), None, cache)  # past the room it was given
+
+
+@torch.no_grad()
 def test_bf16_runs_and_follows_transformers(monkeypatch):
     monkeypatch.setenv("MINIVB_NATIVE_BF16", "1")  # bf16 arithmetic, as transformers does it (see fast.py)
     ref, ours = build(2)
