@@ -68,8 +68,8 @@ class DecodeState:
     cache: KVCache | T5Cache | None
     attention_mask: torch.Tensor | None = None  # LLaMA: (R, S) cached + next token; None when nothing is padded
     positions: torch.Tensor | None = None  # LLaMA: (R, S) rotary position of every token so far
-    encoder_hidden: torch.Tensor | None = None  # T5: (R, S_enc, D)
-    encoder_mask: torch.Tensor | None = None  # T5: (R, S_enc)
+    encoder_hidden: torch.Tensor | None = None  # T5: (B, S_enc, D), shared by each example's R / B rows
+    encoder_mask: torch.Tensor | None = None  # T5: (B, S_enc)
     inputs: torch.Tensor | None = None  # without a cache: everything fed so far, LLaMA (R, S, D), T5 ids (R, S)
     prompt_length: int = 0  # LLaMA: cache slots the prompt fills
 
@@ -90,10 +90,10 @@ def prefill(model, inputs_embeds, attention_mask, copies, max_new_tokens, use_ca
     """
     lm = model.language_model
     if model.config.is_encoder_decoder:
-        # T5 reads the prompt once with its encoder; the decoder starts from decoder_start_token_id (the pad, 0).
-        encoder_hidden = lm.encode(inputs_embeds, attention_mask).repeat_interleave(copies, dim=0)  # (R, L, D)
-        attention_mask = attention_mask.repeat_interleave(copies, dim=0)  # (R, L)
-        R = attention_mask.shape[0]
+        # T5 reads the prompt once with its encoder, whose output the copies share (t5.T5Attention.attend); the
+        # decoder starts from decoder_start_token_id (the pad, 0).
+        encoder_hidden = lm.encode(inputs_embeds, attention_mask)  # (B, L, D)
+        R = attention_mask.shape[0] * copies
         start = torch.full((R, 1), model.config.text.decoder_start_token_id, device=attention_mask.device)
         cache = lm.new_cache(R, max_new_tokens, rows_per_example=copies) if use_cache else None
         state = DecodeState(cache, encoder_hidden=encoder_hidden, encoder_mask=attention_mask, inputs=start)

@@ -88,24 +88,22 @@ class T5Cache(KVCache):
     """What the decoder keeps between steps: LLaMA's KVCache for self-attention, plus the cross-attention.
 
     keys / values: self-attention, (num_layers, B, H, max_length, Dk), preallocated; slots [0, length) filled.
-    cross: per layer the cross-attention (keys, values) (B, H, S, Dk), computed from the encoder output on the
-    first decode call and reused by every later one (the encoder output does not change while decoding).
-    rows_per_example: rows that share one encoder output (beam search's beams: generate repeats each example's
-    encoder output that many times), so their cross-attention is the same.
+    cross: per layer the cross-attention (keys, values) (B / rows_per_example, H, S, Dk), one row per example,
+    computed from the encoder output on the first decode call and reused by every later one (the encoder output does
+    not change while decoding).
+    rows_per_example: decoder rows that share one encoder output (beam search's beams), in a row; beam search only
+    moves rows among those of their example (KVCache.reorder checks it), so their cross-attention stays in place.
     """
 
     def __init__(self, num_layers, batch_size, num_heads, max_length, head_dim, dtype, device, rows_per_example=1):
         super().__init__(num_layers, batch_size, num_heads, max_length, head_dim, dtype, device)
         self.cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
-        self.rows_per_example = rows_per_example
+        self.rows_per_example = self.copies = rows_per_example
 
     def reorder(self, index: torch.LongTensor, start: int = 0) -> None:
-        """Row b becomes old row index[b] (beam search keeps the beams it extends)."""
-        super().reorder(index, start)
-        # Rows that stay among the rows of their example keep the same cross-attention: moving it would copy it all
-        # for nothing (flan-t5-xl, 5 beams, 160 encoder tokens: 157 MB, ~10 ms of every beam step).
-        example = torch.arange(len(index), device=index.device) // self.rows_per_example
-        if not torch.equal(index // self.rows_per_example, example):
+        """Row b becomes old row index[b]; with one row per example, its cross-attention moves with it."""
+        super().reorder(index, start)  # refuses rows that would leave their example's rows
+        if self.copies == 1 and not torch.equal(index, torch.arange(len(index), device=index.device)):
             self.cross = [None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))
                           for kv in self.cross]
 
@@ -133,11 +131,22 @@ class T5Attention(nn.Module):
         return [self.heads(p) for p in fast.linears(x, self.q, self.k, self.v, norm=norm)]
 
     def attend(self, q, keys, values, bias) -> torch.Tensor:
-        """q (B, H, L, Dk) -> (B, L, D)."""
-        B, _, L, _ = q.shape
-        # (B, H, L, Dk): F.scaled_dot_product_attention, faster for a decode step's query
-        out = decode_attention.attention(q, keys, values, bias, scale=1.0)
-        return self.o(out.transpose(1, 2).reshape(B, L, self.num_heads * self.d_kv))  # (B, L, D)
+        """q (R, H, L, Dk), keys and values (B, H, K, Dk) with R a multiple of B -> (R, L, D).
+
+        R > B in cross-attention for beams: the R / B rows of an example (its beams, in a row) share its encoder
+        output, and attend to it as the query heads of grouped-query attention, `copies` of them a key/value head:
+        the same kernel and sums as each beam on a copy of its own (as transformers repeats the encoder output for
+        each beam: flan-t5-xxl's 160 encoder tokens are then 5 x 63 MB of keys and values projected at the first
+        beam step and read at every one)."""
+        R, H, L, Dk = q.shape
+        copies = R // keys.shape[0]
+        if copies > 1:  # row r = (b, c), head h -> row b, query head (h, c)
+            q = q.view(-1, copies, H, L, Dk).transpose(1, 2).reshape(-1, H * copies, L, Dk)  # (B, H * copies, L, Dk)
+        # F.scaled_dot_product_attention, faster for a decode step's query
+        out = decode_attention.attention(q, keys, values, bias, scale=1.0, enable_gqa=copies > 1)
+        if copies > 1:
+            out = out.view(-1, H, copies, L, Dk).transpose(1, 2)  # (B, copies, H, L, Dk)
+        return self.o(out.reshape(R, H, L, Dk).transpose(1, 2).reshape(R, L, H * Dk))  # (R, L, D)
 
     def forward(self, x, norm, keys, values, bias) -> torch.Tensor:
         """Cross-attention: x (B, L, D), the queries' side before its norm -> (B, L, D)."""
@@ -200,7 +209,7 @@ class T5Block(nn.Module):
             keys, values = cache.update(self.layer_idx, keys, values)  # (B, H, K, Dk)
         h = h + self.attn.attend(q, keys, values, bias)
         if encoder_hidden is not None:
-            keys, values = self.cross_keys_values(encoder_hidden, cache)  # (B, H, S, Dk)
+            keys, values = self.cross_keys_values(encoder_hidden, cache)  # (B or fewer: one per example, H, S, Dk)
             h = h + self.cross_attn(h, self.cross_attn_norm, keys, values, cross_bias)
         return h + self.ffn(h, self.ffn_norm)
 
@@ -292,16 +301,18 @@ class T5(nn.Module):
         """decoder_input_ids (B, L) -> logits (B, L, V), or (B, 1, V) for the last position only.
 
         encoder_hidden (B, S, D) and encoder_attention_mask (B, S) come from `encode`; with a cache whose
-        cross-attention is filled, encoder_hidden is not read again. decoder_attention_mask (B, K) covers the
+        cross-attention is filled, encoder_hidden is not read again. They may hold one row per example where each
+        example has B / that many decoder rows in a row (its beams), which share it (T5Attention.attend). decoder_attention_mask (B, K) covers the
         cached tokens and the new ones; causality is always applied on top of it.
         """
         if decoder_input_ids.dim() != 2:
             raise ValueError(f"decoder_input_ids must have shape (batch, length), got {tuple(decoder_input_ids.shape)}")
         B, L = decoder_input_ids.shape
         past = 0 if cache is None else cache.length
-        if encoder_hidden.shape[0] != B:
-            raise ValueError(f"encoder_hidden has batch size {encoder_hidden.shape[0]}, decoder_input_ids has {B}")
-        _check_mask("encoder_attention_mask", encoder_attention_mask, B, encoder_hidden.shape[1])
+        if B % encoder_hidden.shape[0]:
+            raise ValueError(f"encoder_hidden has batch size {encoder_hidden.shape[0]}, decoder_input_ids has {B}: "
+                             "expected the same, or a multiple (the rows of each example, in a row)")
+        _check_mask("encoder_attention_mask", encoder_attention_mask, *encoder_hidden.shape[:2])
         _check_mask("decoder_attention_mask (cached + new tokens)", decoder_attention_mask, B, past + L)
         if cache is not None:
             if cache.batch_size != B:

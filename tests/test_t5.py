@@ -192,23 +192,29 @@ def test_reorder_matches_full_recomputation():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("index, moves", [([1, 1, 2, 3], False), ([2, 0, 1, 3], True)])
-def test_beams_of_one_example_keep_their_cross_attention(index, moves):
-    """2 examples x 2 beams, each example's encoder output repeated for its beams (as generate does): rows that stay
-    among their example's rows keep the cross-attention in place; rows that leave it move it."""
+def test_beams_of_one_example_share_its_encoder_output():
+    """2 examples x 2 beams: the decoder's 4 rows read the 2 rows of encoder output (as generate passes it), each
+    example's beams as more queries of one row, and equal the decoder run with the encoder output repeated for each
+    beam; beams move among their example's rows and leave its cross-attention in place, and cannot leave them."""
     _, ours = build("t5")
     embeds, mask = encoder_batch(batch_size=2)
-    encoder_hidden = ours.encode(embeds, mask).repeat_interleave(2, dim=0)  # (4, S, D)
-    mask = mask.repeat_interleave(2, dim=0)
+    encoder_hidden = ours.encode(embeds, mask)  # (2, S, D)
+    repeated, repeated_mask = encoder_hidden.repeat_interleave(2, dim=0), mask.repeat_interleave(2, dim=0)
     ids = decoder_ids(batch_size=4, length=6)
     cache = ours.new_cache(batch_size=4, max_length=8, rows_per_example=2)
-    ours.decode(ids[:, :5], encoder_hidden, mask, cache=cache)
-    cross, index = list(cache.cross), torch.tensor(index)
+    first = ours.decode(ids[:, :5], encoder_hidden, mask, cache=cache)
+    assert (first - ours.decode(ids[:, :5], repeated, repeated_mask)).abs().max() <= TOL
+    assert cache.cross[0][0].shape[0] == 2  # once per example
+    cross, index = list(cache.cross), torch.tensor([1, 1, 2, 3])
     cache.reorder(index)
-    assert all((new is old) != moves for new, old in zip(cache.cross, cross))
-    last = ours.decode(ids[:, 5:], encoder_hidden[index], mask[index], cache=cache)
-    full = ours.decode(torch.cat([ids[index, :5], ids[:, 5:]], dim=1), encoder_hidden[index], mask[index])
+    assert all(new is old for new, old in zip(cache.cross, cross))
+    last = ours.decode(ids[:, 5:], encoder_hidden, mask, cache=cache)
+    full = ours.decode(torch.cat([ids[index, :5], ids[:, 5:]], dim=1), repeated, repeated_mask)
     assert (last - full[:, -1:]).abs().max() <= TOL
+    with pytest.raises(ValueError, match="share a prompt"):
+        cache.reorder(torch.tensor([2, 0, 1, 3]))
+    with pytest.raises(ValueError, match="multiple"):
+        ours.decode(ids[:3, :1], encoder_hidden, mask)
 
 
 @torch.no_grad()
