@@ -82,7 +82,6 @@ def attention(q, k, v, mask: torch.Tensor | None = None, enable_gqa: bool = Fals
     return _explicit_attention(q, k, v, mask, scale, kernel=_compiled_attention_rows)
 
 
-
 def _attention_and_logsumexp(q, k, v, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T / sqrt(Dh), masked) v for q (N, Hkv, M, Dh), k and v (N, Hkv, S, Dh), mask bool (True = attend)
     broadcasting to (N, Hkv, M, S): the attended values (N, Hkv, M, Dh) in q's dtype, and each query's log-sum-exp
@@ -111,12 +110,11 @@ def _written_out_attention_and_logsumexp(q, k, v, mask: torch.Tensor | None) -> 
 
 
 def attention_after_shared_prompt(q, prompt_k, prompt_v, k, v, mask: torch.Tensor | None) -> torch.Tensor:
-    """A decode step of rows that share their prompt (llama.KVCache.share_prompt: beams, several samples):
-    q (R, H, 1, Dh); the prompt's prompt_k, prompt_v (B, Hkv, P, Dh), one row for each `R / B` rows in a row;
-    the tokens since, k and v (R, Hkv, t, Dh); mask bool (R or 1, 1, 1, P + t), True = attend, each row seeing at
-    least its new token -> (R, H, 1, Dh),
-    equal to F.scaled_dot_product_attention over the prompt's keys and values copied to every row, followed by the
-    row's own.
+    """A decode step of rows that share their prompt (llama.KVCache.share_prompt: beams, several samples) -> (R, H, 1,
+    Dh), equal to F.scaled_dot_product_attention over the prompt's keys and values copied to every row, followed by
+    the row's own. q (R, H, 1, Dh); the prompt's prompt_k, prompt_v (B, Hkv, P, Dh), one row for each R / B rows in
+    a row; the tokens since, k and v (R, Hkv, t, Dh); mask bool (R or 1, 1, 1, P + t), True = attend, each row
+    seeing at least its new token.
 
     Each example's copies attend to its prompt as extra queries of one row, (B, Hkv, G * copies, Dh), which reads
     the prompt once instead of once a copy; then every row attends to its own tokens; the two parts are joined by
@@ -139,5 +137,5 @@ def attention_after_shared_prompt(q, prompt_k, prompt_v, k, v, mask: torch.Tenso
     # Each row's own tokens: head h = (j, g) -> query g of kv head j
     own_out, own_lse = _attention_and_logsumexp(q.view(R, Hkv, G, Dh), k, v, own_mask)  # (R, Hkv, G, Dh), (R, Hkv, G)
     lse = torch.logaddexp(prompt_lse, own_lse)  # (R, Hkv, G): the log-sum-exp over all P + t keys
-    out = (prompt_out.float() * (prompt_lse - lse).exp()[..., None] + own_out.float() * (own_lse - lse).exp()[..., None])
+    out = prompt_out.float() * (prompt_lse - lse).exp()[..., None] + own_out.float() * (own_lse - lse).exp()[..., None]
     return out.to(q.dtype).view(R, H, 1, Dh)

@@ -83,8 +83,8 @@ class DecodeState:
 
 
 def prefill(model, inputs_embeds, attention_mask, copies, max_new_tokens, use_cache):
-    """Run the whole prompt (B, L, D) once, and repeat each example's state `copies` times (its beams or its
-    samples), row by row: R = B * copies rows from here on.
+    """Run the whole prompt (B, L, D) once, and give each example `copies` rows from here on (its beams or its
+    samples), one after the other: R = B * copies rows, which share their example's prompt in the cache.
 
     Returns the first next-token logits (R, V) and the state to continue from.
     """
