@@ -112,10 +112,11 @@ def activation_bytes(config, element_size: int, workload: Workload = WORKLOAD) -
     L = w.num_frames * config.num_query_tokens + w.prompt_tokens
     if config.is_encoder_decoder:
         D, I, H, Dh = t.d_model, t.d_ff, t.num_heads, t.d_kv
-        # Decoder caches: self-attention over the new tokens, cross-attention over the whole prompt, every beam.
-        cache = t.num_decoder_layers * 2 * R * H * (w.max_new_tokens + L) * Dh * e
+        # Decoder caches: self-attention over each beam's new tokens, cross-attention over the whole prompt once per
+        # example (its beams share it: t5.T5Attention.attend).
+        cache = t.num_decoder_layers * 2 * H * (R * w.max_new_tokens + w.batch_size * L) * Dh * e
         encoder = w.batch_size * L * (4 * D + 3 * I) * e + w.batch_size * H * L * L * 4  # scores in fp32
-        language = cache + R * L * D * e + encoder
+        language = cache + w.batch_size * L * D * e + encoder
     else:
         D, I, B, new = t.hidden_size, t.intermediate_size, w.batch_size, w.max_new_tokens
         token = t.num_hidden_layers * 2 * t.num_key_value_heads * t.head_dim * e  # a token's keys and values
