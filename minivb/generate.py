@@ -83,8 +83,8 @@ class DecodeState:
 
 
 def prefill(model, inputs_embeds, attention_mask, copies, max_new_tokens, use_cache):
-    """Run the whole prompt (B, L, D) once, and give each example `copies` rows from here on (its beams or its
-    samples), one after the other: R = B * copies rows, which share their example's prompt in the cache.
+    """Run the whole prompt (B, L, D) once; each example then has `copies` rows in a row (its beams or samples),
+    R = B * copies, which share its prompt in the cache.
 
     Returns the first next-token logits (R, V) and the state to continue from.
     """
@@ -103,8 +103,7 @@ def prefill(model, inputs_embeds, attention_mask, copies, max_new_tokens, use_ca
     # no one attends to them).
     positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # (B, L)
     mask = None if bool(attention_mask.all()) else attention_mask  # no padding: the plain causal path
-    # A prompt's copies are equal: it runs once and its copies share its keys and values (llama.KVCache.share_prompt;
-    # transformers runs each copy and keeps a cache row for each).
+    # A prompt runs once, its copies sharing its keys and values (KVCache.share_prompt; transformers runs each copy).
     cache = lm.new_cache(B, L + (max_new_tokens if copies == 1 else 0)) if use_cache else None
     logits = lm(inputs_embeds, mask, positions, cache, only_last_logits=True)[:, -1]  # (B, V)
     if cache is not None and copies > 1:

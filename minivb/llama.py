@@ -138,8 +138,8 @@ class KVCache:
         """
         if index.shape != (self.batch_size,):
             raise ValueError(f"KVCache.reorder: index must have shape ({self.batch_size},), got {tuple(index.shape)}")
-        example = torch.arange(len(index), device=index.device) // self.copies
-        if self.copies > 1 and not torch.equal(index // self.copies, example):
+        if self.copies > 1 and not torch.equal(index // self.copies,
+                                               torch.arange(len(index), device=index.device) // self.copies):
             raise ValueError(f"KVCache.reorder: rows that share a prompt ({self.copies} a prompt) can only take each "
                              f"other's place, got index {index.tolist()}")
         # only the filled slots are worth copying (after share_prompt, keys' slot 0 is token prompt_length)

@@ -91,14 +91,15 @@ class T5Cache(KVCache):
     cross: per layer the cross-attention (keys, values) (B / rows_per_example, H, S, Dk), one row per example,
     computed from the encoder output on the first decode call and reused by every later one (the encoder output does
     not change while decoding).
-    rows_per_example: decoder rows that share one encoder output (beam search's beams), in a row; beam search only
-    moves rows among those of their example (KVCache.reorder checks it), so their cross-attention stays in place.
+    rows_per_example (kept as KVCache's `copies`): decoder rows that share one encoder output (beam search's beams),
+    in a row; beam search only moves rows among those of their example (KVCache.reorder checks it), so their
+    cross-attention stays in place.
     """
 
     def __init__(self, num_layers, batch_size, num_heads, max_length, head_dim, dtype, device, rows_per_example=1):
         super().__init__(num_layers, batch_size, num_heads, max_length, head_dim, dtype, device)
         self.cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
-        self.rows_per_example = self.copies = rows_per_example
+        self.copies = rows_per_example
 
     def reorder(self, index: torch.LongTensor, start: int = 0) -> None:
         """Row b becomes old row index[b]; with one row per example, its cross-attention moves with it."""
@@ -302,8 +303,8 @@ class T5(nn.Module):
 
         encoder_hidden (B, S, D) and encoder_attention_mask (B, S) come from `encode`; with a cache whose
         cross-attention is filled, encoder_hidden is not read again. They may hold one row per example where each
-        example has B / that many decoder rows in a row (its beams), which share it (T5Attention.attend). decoder_attention_mask (B, K) covers the
-        cached tokens and the new ones; causality is always applied on top of it.
+        example has B / that many decoder rows in a row (its beams), which share it (T5Attention.attend).
+        decoder_attention_mask (B, K) covers the cached tokens and the new ones; causality is always applied on top.
         """
         if decoder_input_ids.dim() != 2:
             raise ValueError(f"decoder_input_ids must have shape (batch, length), got {tuple(decoder_input_ids.shape)}")
