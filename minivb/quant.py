@@ -231,7 +231,13 @@ def int8_rows_linears(row: torch.Tensor, weights_and_scales: list, norm: nn.Modu
 # 2 / 5 / 16 / 64 / 128: 11008 x 4096 3.14 / 3.30 / 3.82 / 7.95 / 19.3 -> 2.72 / 2.60 / 3.20 / 6.39 / 21.5;
 # 4096 x 11008 3.15 / 3.47 / 4.61 / 7.86 / 17.2 -> 2.62 / 2.77 / 4.12 / 7.02 / 12.9. With VNNI alone
 # (ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI) it is slower (5 rows 5.2 -> 7.5), so there the weight stays on the right.
-# MINIVB_INT8_MM=0 turns the route off.
+# The AMD EPYC (Zen 4: VNNI, no AMX) differs from both: the weight on the right is the slowest route there, on the
+# left the fastest from ~8 rows, and int8pack_mm the fastest below. 2 threads, ms a 7B layer's seven matrices (4096
+# x 4096 x 4, 11008 x 4096 x 2, 4096 x 11008), best of 5, rows 2 / 5 / 8 / 12: weight on the right 33.4 / 36.4 / 41.0
+# / 44.8, on the left 19.4 / 26.6 / 21.2 / 28.5, int8pack_mm 9.8 / 22.0 / 25.6 / 36.7; 16 / 32 / 64 / 128 rows,
+# 11008 x 4096: left 5.8 / 8.7 / 15.0 / 27.8 against the bf16 copy's 8.4 / 11.4 / 17.8 / 33.1. The full 7B's 5-beam
+# steps took 1350 ms on the right (bf16: 757). So on AMD, bf16 rows take int8pack_mm up to INT8_MATMUL_ROWS and this
+# route, weight on the left, above. MINIVB_INT8_MM=0 turns the route off.
 INTEGER_MAX_ROWS = 128
 INT8_DOT_PRODUCT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})  # x86 VNNI (AVX-512, AVX) and AMX
 HALF = 128  # q = HALF * high + low
@@ -264,9 +270,9 @@ def integer_linear(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tenso
 
 
 def _int8_products(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """a (M, in) int8 @ weight (out, in) int8 .T -> (M, out) exact int32 sums through torch._int_mm; with AMX the
-    weight is the left matrix (above), the result made contiguous, as fast.Linear's "matrix" route."""
-    if "amx_int8" in fast._cpu_flags():
+    """a (M, in) int8 @ weight (out, in) int8 .T -> (M, out) exact int32 sums through torch._int_mm; with AMX and on
+    AMD the weight is the left matrix (above), the result made contiguous, as fast.Linear's "matrix" route."""
+    if fast._cpu_flags() & {"amx_int8", "AuthenticAMD"}:
         return torch._int_mm(weight, a.t()).t().contiguous()  # (out, M) -> (M, out)
     return torch._int_mm(a, weight.t())
 
@@ -295,9 +301,11 @@ def _int8_products_exact() -> bool:
 
 def _integer_rows(x: torch.Tensor) -> bool:
     """Whether x (..., in) takes integer_linear: on a CPU where it pays, several rows, up to INTEGER_MAX_ROWS of bf16
-    or any number of fp32 (above); outside autograd (the grid's rounding has no gradient)."""
+    (on AMD, more than INT8_MATMUL_ROWS) or any number of fp32 (above); outside autograd (the grid's rounding has no
+    gradient)."""
     rows = x.numel() // x.shape[-1]
-    return (1 < rows and (rows <= INTEGER_MAX_ROWS or x.dtype == torch.float32) and x.device.type == "cpu"
+    fewest = INT8_MATMUL_ROWS + 1 if x.dtype != torch.float32 and "AuthenticAMD" in fast._cpu_flags() else 2
+    return (fewest <= rows and (rows <= INTEGER_MAX_ROWS or x.dtype == torch.float32) and x.device.type == "cpu"
             and not (torch.is_grad_enabled() and x.requires_grad) and integer_products_pay())
 
 

@@ -505,9 +505,11 @@ VNNI = bool(fast._cpu_flags() & quant.INT8_DOT_PRODUCT_FLAGS)
 
 @pytest.mark.skipif(not quant.integer_products_pay(), reason="no int8 dot-product instructions (VNNI, AMX) here")
 @pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float32, 2e-4)])
-def test_integer_products_equal_the_reference(dtype, tol):
+def test_integer_products_equal_the_reference(dtype, tol, monkeypatch):
     from minivb.quant import Int8Linear
 
+    flags = fast._cpu_flags()
+    monkeypatch.setattr(fast, "_cpu_flags", lambda: flags - {"AuthenticAMD"})  # where 2 bf16 rows take the route
     g = torch.Generator().manual_seed(0)
     layer = Int8Linear(300, 100, bias=True, dtype=torch.bfloat16)
     layer.load_weight(torch.randn(100, 300, generator=g))
@@ -527,8 +529,21 @@ def test_integer_products_equal_the_reference(dtype, tol):
 
 
 @pytest.mark.skipif(not quant.integer_products_pay(), reason="no int8 dot-product instructions (VNNI, AMX) here")
+def test_on_amd_few_bf16_rows_keep_int8pack_mm(monkeypatch):
+    """On the AMD EPYC, int8pack_mm is the faster up to INT8_MATMUL_ROWS bf16 rows (quant.py's table); fp32 rows and
+    more bf16 rows take the integer products, with the weight on the left."""
+    flags = fast._cpu_flags()
+    monkeypatch.setattr(fast, "_cpu_flags", lambda: flags | {"AuthenticAMD"})
+    few, more = quant.INT8_MATMUL_ROWS, quant.INT8_MATMUL_ROWS + 1
+    assert not quant._integer_rows(torch.zeros(few, 64).bfloat16()) and quant._integer_rows(torch.zeros(few, 64))
+    assert quant._integer_rows(torch.zeros(more, 64).bfloat16())
+    monkeypatch.setattr(fast, "_cpu_flags", lambda: flags - {"AuthenticAMD"})
+    assert quant._integer_rows(torch.zeros(2, 64).bfloat16())
+
+
+@pytest.mark.skipif(not quant.integer_products_pay(), reason="no int8 dot-product instructions (VNNI, AMX) here")
 def test_integer_products_with_the_weight_on_the_left_are_the_same(monkeypatch):
-    """With AMX the int8 weight is _int_mm's left matrix: the same exact sums, and a contiguous result."""
+    """With AMX and on AMD the int8 weight is _int_mm's left matrix: the same exact sums, and a contiguous result."""
     g = torch.Generator().manual_seed(0)
     weight = torch.randint(-127, 128, (96, 256), generator=g, dtype=torch.int8)
     scales = torch.rand(96, generator=g).bfloat16() / 100
@@ -537,7 +552,7 @@ def test_integer_products_with_the_weight_on_the_left_are_the_same(monkeypatch):
         x = torch.randn(rows, 256, generator=g).bfloat16()
         monkeypatch.setattr(fast, "_cpu_flags", lambda: flags | {"amx_int8"})
         left = quant.integer_linear(x, weight, scales)
-        monkeypatch.setattr(fast, "_cpu_flags", lambda: flags - {"amx_int8"})
+        monkeypatch.setattr(fast, "_cpu_flags", lambda: flags - {"amx_int8", "AuthenticAMD"})
         right = quant.integer_linear(x, weight, scales)
         assert left.shape == (rows, 96) and left.is_contiguous() and torch.equal(left, right)
 
