@@ -374,12 +374,13 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         route = decode_route(x, self.weight, self.packed is not None)
+        if route in ("fused", "vector") and self.packed is not None:
+            copy = self.packed.for_one_row(self.weight, fused=route == "fused")  # made by beams, if any
+            if copy is not None:
+                return packing.linear(x, copy, self.bias)
         if route == "fused":
             return fused_linears(x, [self.weight], [self.bias])[0]
         if route == "vector":
-            copy = None if self.packed is None else self.packed.current(self.weight)  # made by beams, if any
-            if copy is not None:
-                return packing.linear(x, copy, self.bias)
             row = x.reshape(-1)  # (in,)
             # (out,); with a bias, addmv adds it to the fp32 sums before rounding, as F.linear does
             out = torch.mv(self.weight, row) if self.bias is None else torch.addmv(self.bias, self.weight, row)
@@ -401,8 +402,9 @@ class Linear(nn.Linear):
     @staticmethod
     def products(x: torch.Tensor, layers, norm: nn.Module | None = None) -> list[torch.Tensor] | None:
         """`linears`' fast path: the products of one row (normed by `norm`) with several layers' weights in one
-        compiled call, or None where a layer takes another route than "fused"."""
-        if any(decode_route(x, layer.weight) != "fused" for layer in layers):
+        compiled call, or None where a layer takes another route than "fused" (or reads its packed copy)."""
+        copies = [layer.packed.for_one_row(layer.weight) for layer in layers if layer.packed is not None]
+        if any(decode_route(x, layer.weight) != "fused" for layer in layers) or any(c is not None for c in copies):
             return None
         return fused_linears(x, [layer.weight for layer in layers], [layer.bias for layer in layers], norm)
 
@@ -435,15 +437,9 @@ def can_pack(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and has_native_bf16())
 
 
-def packed_serves_one_row(dtype: torch.dtype) -> bool:
-    """Whether one row (a greedy step) reads a layer's packed copy where beams made one: bf16 where the compiled kernel
-    does not pay (`decode_route`'s "vector"); fp32 rows stay on MKL's F.linear, and on AMD one row takes the compiled
-    kernel. One row never makes a copy: torch.mv is as fast without it."""
-    return dtype == torch.bfloat16 and not compiled_rows_pay() and can_pack(dtype)
-
-
-def allow_packing(model: nn.Module, allowed: bool = True) -> None:
-    """Let (or stop) every `Linear` of `model` pack its weight (packing.py); stopping frees the copies."""
+def allow_packing(model: nn.Module, allowed: bool = True, replaces: bool = False) -> None:
+    """Let (or stop) every `Linear` of `model` pack its weight (packing.py); stopping frees the copies. `replaces`:
+    each copy takes the place of its plain weight (packing.PackedWeight). Allowed anew, a layer counts anew."""
     for module in model.modules():
         if isinstance(module, Linear):
-            module.packed = (module.packed or packing.PackedWeight()) if allowed else None
+            module.packed = packing.PackedWeight(replaces) if allowed else None

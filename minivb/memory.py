@@ -139,12 +139,12 @@ COMPILE_BYTES = 120 * 10**6
 
 
 def packable_bytes(model: torch.nn.Module, allowed_only: bool = False) -> int:
-    """Bytes the packed copies of `model`'s fast.Linear weights would take (packing.py; of those allowed to pack, with
-    `allowed_only`). Works on a meta-device model."""
+    """Bytes the packed copies of `model`'s fast.Linear weights would take (packing.py; of those allowed to pack beside
+    their weight, with `allowed_only`: a copy that replaces it takes no room of its own). Works on a meta model."""
     from .fast import FUSED_MIN_WEIGHTS, Linear, can_pack
 
     weights = [m.weight for m in model.modules()
-               if isinstance(m, Linear) and (m.packed is not None or not allowed_only)]
+               if isinstance(m, Linear) and (m.packed is not None and not m.packed.replaces or not allowed_only)]
     return sum(w.numel() * w.element_size() for w in weights if w.numel() >= FUSED_MIN_WEIGHTS and can_pack(w.dtype))
 
 
@@ -271,30 +271,36 @@ def available_bytes(device: torch.device) -> int:
         return -1  # unknown: the check is skipped
 
 
-def room_to_pack(model: torch.nn.Module, device="cpu", mapped: bool = False, workload: Workload = WORKLOAD) -> bool:
-    """Whether `model` (on the meta device, in its dtype and quantization) may pack its language model's weights for
-    beam steps (packing.py): the packed copies are memory of their own, on top of everything `estimate` counts,
-    since a greedy step still reads the plain weights. A 7B in bf16 on 24 GB has no room (16.6 + 13.2 GB); its cut
-    to 4 + 4 layers, flan-t5-xl (8.4 + 5.6 GB) and the smaller models do.
+def room_to_pack(model: torch.nn.Module, device="cpu", mapped: bool = False,
+                 workload: Workload = WORKLOAD) -> str | None:
+    """Whether and how `model` (on the meta device, in its dtype and quantization) may pack its weights for beam
+    steps (packing.py), whose copies are memory of their own on top of everything `estimate` counts:
 
-    Except where a greedy step reads the copy too once beams made it (fast.packed_serves_one_row: a bf16 row off
-    AMD) and the plain weights are the checkpoint's own pages (`mapped`: every tensor stored in the dtype loaded):
-    once packed, nothing reads those pages, which the OS may then drop, so the copies need only the room the plain
-    weights had. Intel Xeon, full-size vicuna-7b in bf16 on 24 GB, greedy steps packed at the 24th (when one row
-    packed too: packing.PACK_AFTER was 24), peak anonymous memory 13.7 GB, the page cache down from 17.1 to 10.7
-    GB.
-    MINIVB_PACK=0 or 1 overrides the choice."""
-    from .fast import override, packed_serves_one_row
+    "beside"   the copies fit beside the plain weights, which one row may still read (on AMD it takes the fused
+               kernel): flan-t5-xl (8.4 + 5.6 GB), a 7B's cut to 4 + 4 layers and the smaller models on 24 GB;
+    "instead"  they fit only in the plain weights' place (a 7B in bf16 on 24 GB: 16.6 + 13.2 GB), where those are
+               the checkpoint's own pages (`mapped`: every tensor stored in the dtype loaded) and one row can read
+               the copy (bf16, where it packs; an fp32 row stays on MKL's F.linear). Once a weight is packed, every
+               product reads the copy and the weight's pages go back to the OS (packing.PackedWeight.replaces).
+               Full-size vicuna-7b in bf16, AMD EPYC, 24 GB: 5-beam steps 757-828 ms, 361-425 once packed (before,
+               its greedy steps read the plain weights, so it never packed); the file's resident pages 15.3 -> 2.4 GB;
+    None       otherwise (GPUs, weights that never pack, no room). MINIVB_PACK=0 (None) or 1 ("beside")
+               overrides the choice."""
+    from .fast import can_pack, override
 
     forced = override("MINIVB_PACK")
     if forced is not None:
-        return forced
+        return "beside" if forced else None
     packed = packable_bytes(model)
     if packed == 0 or torch.device(device).type != "cpu":
-        return False
-    available = available_bytes(torch.device(device))
-    beside = 0 if mapped and packed_serves_one_row(model.projection.weight.dtype) else packed
-    return available >= 0 and estimate(model, workload, device).total + beside <= available
+        return None
+    available, need = available_bytes(torch.device(device)), estimate(model, workload, device).total
+    if available >= 0 and need + packed <= available:
+        return "beside"
+    dtype = model.projection.weight.dtype
+    if mapped and dtype == torch.bfloat16 and can_pack(dtype) and 0 <= need <= available:
+        return "instead"
+    return None
 
 
 # What dtype="auto" loads, fastest first: bf16 (half the bytes of fp32 to read per decoded token), then bf16 with

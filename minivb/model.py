@@ -234,8 +234,8 @@ def load_model(path, dtype: torch.dtype | str = torch.float32, device="cpu", pro
     `dtype="auto"` (the CLI's default): bfloat16 if it fits, else bfloat16 with quantize="int8" (said on stderr).
     Where a second copy of the language model's weights fits in memory (memory.room_to_pack), its layers pack their
     weights for oneDNN once they have made packing.PACK_AFTER products of 2-128 rows (beam steps, a batch's decode
-    steps), which makes the steps after it 1.2-2x faster (packing.py). Where greedy steps read the copy too once it
-    exists (a bf16 row off AMD), it can take the place of the file's pages (memory.room_to_pack).
+    steps), which makes the steps after it 1.2-2x faster (packing.py). Where only one copy fits, a bf16 copy can take
+    the place of the file's pages: every product reads it once made (memory.room_to_pack).
     """
     from . import fast, memory
     from .checkpoint import load_state, stored_dtypes
@@ -272,8 +272,9 @@ def load_model(path, dtype: torch.dtype | str = torch.float32, device="cpu", pro
     # mapped: every tensor is stored in `dtype`, so each parameter becomes the file's own pages (load_state), and a
     # layer's packed copy can take their place (ViT and Q-Former layers pack too: all of them, not only the LLM's)
     mapped = all(d == dtype for d in stored_dtypes(str(path)).values())
-    if memory.room_to_pack(model, device, mapped, workload):
-        fast.allow_packing(model)  # beams multiply a copy of each weight packed once for oneDNN (packing.py)
+    room = memory.room_to_pack(model, device, mapped, workload)
+    if room:  # beams multiply a copy of each weight packed once for oneDNN (packing.py)
+        fast.allow_packing(model, replaces=room == "instead")
     model = model.to_empty(device=device)
     load_state(model, str(path), progress=progress)
     return model.eval()

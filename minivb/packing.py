@@ -16,7 +16,7 @@ uses; AB16b64a2b for bf16) and multiplied by `torch.ops.mkldnn._linear_pointwise
 Packed is faster at any number of rows (16 / 80 rows x 11008 x 4096: bf16 6.7 -> 4.7 / 19.8 -> 17.5 ms; fp32
 28.5 -> 8.8 / 66 -> 34 ms). bf16 products are bit-identical to F.linear's; fp32 ones differ in the order of the
 sums (~1e-7 relative). On AMD, one row stays on the fused kernel (faster for 4096 columns: 11008 x 4096 3.5 against
-packed 4.7 ms); where that kernel does not pay (fast.compiled_rows_pay: the Intel Xeon measured), a bf16 row takes
+packed 4.7 ms), except where the copy took the plain weight's place (below); where that kernel does not pay (fast.compiled_rows_pay: the Intel Xeon measured), a bf16 row takes
 torch.mv, as fast as the packed copy without one (fast.decode_route's "vector"), and reads the copy where beams made
 one; an fp32 row stays on MKL's F.linear.
 The price: the packed copy is memory of its own, the size of the weight, and packing reads and writes every weight
@@ -48,11 +48,21 @@ evaluation, multiply the packed copy from then on. (Packing at the first beam st
 5-beam step of full-size flan-t5-xl take 9.1 s, against transformers' 0.24 s: 2.9 GB packed at once, with the page
 cache filling the rest of the memory.) A video's prompt (4 frames: 128 visual tokens and
 the text, more than PACK_MAX_ROWS rows) never counts towards packing, but uses the copy once it exists (5-10 %
-faster in bf16, 1.7x in fp32). Only where `load_model` found room for a second copy of every packed weight
-(memory.room_to_pack), since a greedy step still reads the plain one; never in autograd (training reads the plain
-weight, and a weight that changes counts its products anew).
+faster in bf16, 1.7x in fp32). Never in autograd (training reads the plain weight, and a weight that changes
+counts its products anew).
+Only where `load_model` found room (memory.room_to_pack): for a second copy of every packed weight beside the plain
+one, or, for bf16 weights mapped from the checkpoint, in the plain weight's place (`PackedWeight.replaces`: from
+then on every product reads the copy, one row too, and the weight's pages go back to the OS, `page_out`). Full-size
+vicuna-7b in bf16, AMD EPYC, 24 GB (where one row read the plain weights through the fused kernel, it never packed):
+5-beam steps 757-828 ms unpacked, 361-425 once packed (one step of 13.5 s packing 13 GB); greedy 396-598 before,
+452-547 reading the copy; resident pages of the file 15.3 GB before, 2.4 after. Without `page_out` (another run,
+in a phase of the machine 1.2x slower): the OS kept 8.7 GB of them, which it must find and drop when memory runs
+short, as it did, slowly, on the Intel Xeon (README).
 """
 
+import ctypes
+import functools
+import mmap
 import sys
 
 import torch
@@ -87,24 +97,55 @@ def _identity(weight: torch.Tensor) -> tuple:
     return weight.data_ptr(), weight._version, weight.dtype
 
 
+MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now (a clean page of a file is dropped; never changes content)
+
+
+def page_out(tensor: torch.Tensor) -> None:
+    """Tell the OS a tensor's whole pages will not be read for a while (madvise MADV_PAGEOUT; Linux, else nothing).
+    For a weight mapped from its file, the OS drops them from memory at once, where it would otherwise keep them
+    until memory runs short and then choose what to drop by itself, the pages still read among them. The content never
+    changes: a page read again comes back from the file (anonymous pages, without swap, stay where they are)."""
+    if not sys.platform.startswith("linux") or tensor.device.type != "cpu":
+        return
+    page = mmap.PAGESIZE
+    start = -(-tensor.data_ptr() // page) * page  # whole pages only: a neighbour's bytes share the edge pages
+    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page  # its own bytes, not the file's
+    if tensor.is_contiguous() and end > start:
+        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_PAGEOUT)  # an error: ignored
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 class PackedWeight:
     """One layer's packed copy of its weight, made at its PACK_AFTER-th product of 2 to PACK_MAX_ROWS rows (beam
     steps, a batch's decode steps, an image's prompt) without one, and counted anew after the weight changes.
 
-    Copies and pickles of the layer (copy.deepcopy, torch.save of a module) get an empty PackedWeight: the copy is an
-    opaque oneDNN tensor that neither can read, and packs again."""
+    `replaces`: the copy takes the place of the plain weight (memory.room_to_pack's "instead": no room for both),
+    so once it is made every product reads it, one row too (fast.Linear), and the plain weight's pages go back to
+    the OS (`page_out`). Copies and pickles of the layer (copy.deepcopy, torch.save of a module) get an empty
+    PackedWeight: the copy is an opaque oneDNN tensor that neither can read, and packs again."""
 
-    def __init__(self):
+    def __init__(self, replaces: bool = False):
+        self.replaces = replaces
         self.copy = None  # (the weight's _identity when it was packed, the packed tensor)
         self.products = (None, 0)  # (the weight's _identity, its few-row products since, made without a copy)
 
     def __reduce__(self):
-        return PackedWeight, ()
+        return PackedWeight, (self.replaces,)
 
     def current(self, weight: torch.Tensor) -> torch.Tensor | None:
         """The packed copy of `weight` where one was made (and the weight has not changed since), without counting a
         product: one bf16 row reads it where beams made it (fast.decode_route's "vector")."""
         return self.copy[1] if self.copy is not None and self.copy[0] == _identity(weight) else None
+
+    def for_one_row(self, weight: torch.Tensor, fused: bool = True) -> torch.Tensor | None:
+        """The copy one row reads rather than `weight`, where beams made one: a row that would take torch.mv always
+        (as fast); one that would take the fused kernel (AMD: 11008 x 4096 in 3.5 ms, the copy 4.7) only where the
+        copy `replaces` the weight."""
+        return None if fused and not self.replaces else self.current(weight)
 
     def get(self, weight: torch.Tensor, rows: int) -> torch.Tensor | None:
         """The packed copy for a product of `rows` rows by `weight`; None while there is none to use (fewer than
@@ -123,4 +164,6 @@ class PackedWeight:
         packed = pack(weight)
         if packed is not None:
             self.copy = (identity, packed)
+            if self.replaces:
+                page_out(weight)
         return packed

@@ -183,7 +183,7 @@ def restart_packing(model) -> None:
     """minivb's layers drop their packed copies and count their few-row products from zero (packing.py)."""
     for module in model.modules():
         if getattr(module, "packed", None) is not None:
-            module.packed = type(module.packed)()
+            module.packed = type(module.packed)(module.packed.replaces)
 
 
 def worker(args) -> None:

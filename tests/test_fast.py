@@ -805,6 +805,78 @@ def test_one_bf16_row_never_packs_and_reads_the_copy_beams_made(monkeypatch):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("replaces", [False, True])
+def test_on_amd_one_row_reads_the_copy_only_where_it_replaced_the_weight(monkeypatch, replaces):
+    """On AMD one row takes the fused kernel, which reads the plain weight; where the copy took that weight's place
+    (memory.room_to_pack's "instead"), the row reads the copy once made, and the weight's pages went to the OS."""
+    monkeypatch.setenv("MINIVB_NATIVE_BF16", "1")
+    monkeypatch.setenv("MINIVB_FUSED", "1")  # AMD's choice (fast.compiled_rows_pay)
+    monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(packing, "PACK_AFTER", 3)
+    paged_out = []
+    monkeypatch.setattr(packing, "page_out", paged_out.append)
+    g = torch.Generator().manual_seed(0)
+    layers = [fast.Linear(192, 96).to(torch.bfloat16) for _ in range(2)]
+    for layer in layers:
+        fast.allow_packing(layer, replaces=replaces)
+        layer.weight.copy_(torch.randn(96, 192, generator=g))
+        layer.bias.copy_(torch.randn(96, generator=g))
+    row = torch.randn(1, 1, 192, generator=g).bfloat16()
+    norm = RMSNorm(192, eps=1e-6).to(torch.bfloat16)
+    fused = fast.linears(row, *layers, norm=norm)  # one compiled call for both, before any copy
+    for layer in layers:
+        for _ in range(3):  # beam steps: packed at the 3rd
+            layer(torch.randn(5, 1, 192, generator=g).bfloat16())
+        assert layer.packed.copy is not None
+    assert [w is layer.weight for w, layer in zip(paged_out, layers)] == ([True, True] if replaces else [])
+    spy = []
+    monkeypatch.setattr(fast, "fused_linears", lambda *args: spy.append(args) or pytest.fail("the fused kernel ran"))
+    if replaces:
+        for got, layer in zip(fast.linears(row, *layers, norm=norm), layers):
+            assert torch.equal(got, packing.linear(norm(row), layer.packed.copy[1], layer.bias))
+        for got, expected in zip(fast.linears(row, *layers, norm=norm), fused):
+            torch.testing.assert_close(got, expected, rtol=2 ** -7, atol=2e-2)  # other kernels, the same products
+    else:
+        with pytest.raises(pytest.fail.Exception, match="the fused kernel ran"):
+            layers[0](row)
+
+
+@torch.no_grad()
+def test_page_out_drops_a_mapped_weight_from_memory_and_keeps_its_values(tmp_path):
+    """packing.page_out hands a mapped weight's pages back to the OS (where the file system is on a disk: tmpfs keeps
+    them without swap); read again, they come back from the file with the same values."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    weight = torch.randn(2048, 1024).bfloat16()
+    safetensors_torch.save_file({"w": weight, "b": torch.ones(3)}, tmp_path / "w.safetensors")
+    with open(tmp_path / "w.safetensors", "rb") as f:
+        os.fsync(f.fileno())  # on the disk: pages still to be written could not be dropped
+    mapped = safetensors_torch.load_file(tmp_path / "w.safetensors")["w"]  # the file's pages, mapped
+    mapped.float().sum()  # read: resident
+    before = _resident_pages(mapped)
+    packing.page_out(mapped)
+    after = _resident_pages(mapped)
+    assert torch.equal(mapped, weight)
+    filesystem = max((m for m in Path("/proc/mounts").read_text().splitlines() if str(tmp_path).startswith(m.split()[1])),
+                     key=lambda m: len(m.split()[1]), default="? / ?").split()[2]
+    if sys.platform.startswith("linux") and filesystem not in ("tmpfs", "overlay", "?"):
+        assert before > 0.9 * mapped.nbytes // 4096 and after < 0.1 * before, (filesystem, before, after)
+
+
+def _resident_pages(tensor: torch.Tensor) -> int:
+    """How many of a tensor's whole pages are in memory (mincore)."""
+    import ctypes
+    import mmap
+
+    start = -(-tensor.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
+    pages = (tensor.data_ptr() + tensor.nbytes - start) // mmap.PAGESIZE
+    vector = (ctypes.c_ubyte * pages)()
+    if ctypes.CDLL(None, use_errno=True).mincore(ctypes.c_void_p(start), ctypes.c_size_t(pages * mmap.PAGESIZE),
+                                                 vector) != 0:
+        pytest.skip("mincore is not available here")
+    return sum(v & 1 for v in vector)
+
+
+@torch.no_grad()
 def test_packed_beams_generate_the_plain_tokens(bf16_model, monkeypatch):
     model, batch = bf16_model
     batch = {k: v for k, v in batch.items() if k != "labels"}

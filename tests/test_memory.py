@@ -249,7 +249,8 @@ def test_packing_only_where_a_second_copy_fits(monkeypatch):
     assert not memory.room_to_pack(model)
     assert minivb.load_model(TINY).language_model.lm_head.packed is None  # load_model asks the same question
     monkeypatch.setenv("MINIVB_PACK", "1")  # the override
-    assert memory.room_to_pack(model) and minivb.load_model(TINY).language_model.lm_head.packed is not None
+    assert memory.room_to_pack(model) == "beside"
+    assert not minivb.load_model(TINY).language_model.lm_head.packed.replaces  # forced: beside the plain weights
     fast.allow_packing(model)
     assert memory.estimate(model).packed == packed
     monkeypatch.setenv("MINIVB_PACK", "yes")
@@ -257,20 +258,26 @@ def test_packing_only_where_a_second_copy_fits(monkeypatch):
         memory.room_to_pack(model)
 
 
-def test_a_copy_that_serves_greedy_steps_takes_the_place_of_mapped_weights(monkeypatch):
-    """Where one bf16 row takes the packed copy (off AMD), a language model mapped from the file needs no room for
-    the copy beside it: once packed, its pages are the OS's to drop. Weights cast at load (not mapped) still do."""
+def test_a_bf16_copy_takes_the_place_of_mapped_weights_where_both_do_not_fit(monkeypatch):
+    """A language model mapped from the file needs no room for the copies beside it: once a weight is packed, every
+    product reads the copy and its pages are the OS's to drop ("instead"); where both fit, the plain weights stay
+    ("beside"). Weights cast at load (not mapped) need the room, and so do fp32 ones (one fp32 row stays on F.linear)."""
     monkeypatch.setenv("MINIVB_NATIVE_BF16", "1")
     monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)
-    model = build_on_meta(load_config(TINY), torch.bfloat16)
-    need, packed = memory.estimate(model).total, memory.packable_bytes(model)
-    monkeypatch.setattr(memory, "available_bytes", lambda device: need)
-    monkeypatch.setenv("MINIVB_FUSED", "0")  # the Intel Xeon's choice (fast.compiled_rows_pay)
-    assert memory.room_to_pack(model, mapped=True) and not memory.room_to_pack(model, mapped=False)
-    monkeypatch.setenv("MINIVB_FUSED", "1")  # AMD: a greedy step reads the plain weights, the copy needs room
-    assert not memory.room_to_pack(model, mapped=True)
-    monkeypatch.setattr(memory, "available_bytes", lambda device: need + packed)
-    assert memory.room_to_pack(model, mapped=True)
+    for fused in ("0", "1"):  # the Intel Xeon's choice (torch.mv for one row) and AMD's (the fused kernel)
+        monkeypatch.setenv("MINIVB_FUSED", fused)
+        for dtype in (torch.bfloat16, torch.float32):
+            model = build_on_meta(load_config(TINY), dtype)
+            need, packed = memory.estimate(model).total, memory.packable_bytes(model)
+            monkeypatch.setattr(memory, "available_bytes", lambda device: need)
+            instead = "instead" if dtype == torch.bfloat16 else None
+            assert (memory.room_to_pack(model, mapped=True), memory.room_to_pack(model, mapped=False)) == (instead, None)
+            fast.allow_packing(model, replaces=True)
+            assert memory.estimate(model).packed == 0  # no room of their own (beside: test above)
+            monkeypatch.setattr(memory, "available_bytes", lambda device: need - 1)
+            assert memory.room_to_pack(model, mapped=True) is None  # not even the model: load_model refuses
+            monkeypatch.setattr(memory, "available_bytes", lambda device: need + packed)
+            assert memory.room_to_pack(model, mapped=True) == memory.room_to_pack(model, mapped=False) == "beside"
 
 
 def test_the_frames_asked_for_enter_the_check(monkeypatch):
