@@ -438,8 +438,8 @@ def can_pack(dtype: torch.dtype) -> bool:
 
 
 def allow_packing(model: nn.Module, allowed: bool = True, replaces: bool = False) -> None:
-    """Let (or stop) every `Linear` of `model` pack its weight (packing.py); stopping frees the copies. `replaces`:
-    each copy takes the place of its plain weight (packing.PackedWeight). Allowed anew, a layer counts anew."""
+    """Let (or stop) every `Linear` and int8 layer of `model` pack its weight (packing.py); stopping frees the copies.
+    `replaces`: each copy takes the place of its plain weight (packing.PackedWeight). Allowed anew, counts anew."""
     for module in model.modules():
-        if isinstance(module, Linear):
+        if hasattr(module, "packed"):  # fast.Linear, quant.Int8Linear
             module.packed = packing.PackedWeight(replaces) if allowed else None

@@ -142,10 +142,14 @@ def packable_bytes(model: torch.nn.Module, allowed_only: bool = False) -> int:
     """Bytes the packed copies of `model`'s fast.Linear weights would take (packing.py; of those allowed to pack beside
     their weight, with `allowed_only`: a copy that replaces it takes no room of its own). Works on a meta model."""
     from .fast import FUSED_MIN_WEIGHTS, Linear, can_pack
+    from .quant import Int8Linear, int8_packing_pays
 
-    weights = [m.weight for m in model.modules()
-               if isinstance(m, Linear) and (m.packed is not None and not m.packed.replaces or not allowed_only)]
-    return sum(w.numel() * w.element_size() for w in weights if w.numel() >= FUSED_MIN_WEIGHTS and can_pack(w.dtype))
+    def packs(weight: torch.Tensor) -> bool:
+        return can_pack(weight.dtype) or weight.dtype == torch.int8 and int8_packing_pays()
+
+    weights = [m.weight for m in model.modules() if isinstance(m, (Linear, Int8Linear))
+               and (m.packed is not None and not m.packed.replaces or not allowed_only)]
+    return sum(w.numel() * w.element_size() for w in weights if w.numel() >= FUSED_MIN_WEIGHTS and packs(w))
 
 
 def estimate(model: torch.nn.Module, workload: Workload = WORKLOAD, device="cpu") -> Estimate:
@@ -277,7 +281,8 @@ def room_to_pack(model: torch.nn.Module, device="cpu", mapped: bool = False,
     steps (packing.py), whose copies are memory of their own on top of everything `estimate` counts:
 
     "beside"   the copies fit beside the plain weights, which one row may still read (on AMD it takes the fused
-               kernel): flan-t5-xl (8.4 + 5.6 GB), a 7B's cut to 4 + 4 layers and the smaller models on 24 GB;
+               kernel): flan-t5-xl (8.4 + 5.6 GB), a 7B in int8 (on AMD: 9.5 + 6.6 GB), a 7B's cut to 4 + 4
+               layers and the smaller models on 24 GB;
     "instead"  they fit only in the plain weights' place (a 7B in bf16 on 24 GB: 16.6 + 13.2 GB), where those are
                the checkpoint's own pages (`mapped`: every tensor stored in the dtype loaded) and one row can read
                the copy (bf16, where it packs; an fp32 row stays on MKL's F.linear). Once a weight is packed, every

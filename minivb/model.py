@@ -269,9 +269,10 @@ def load_model(path, dtype: torch.dtype | str = torch.float32, device="cpu", pro
     # (empty: untouched pages hold no memory). The loader swaps in the file's own tensor where it is stored in that
     # dtype and casts into the storage otherwise: peak memory stays near one copy of the weights.
     model = build_on_meta(config, dtype, quantize)
-    # mapped: every tensor is stored in `dtype`, so each parameter becomes the file's own pages (load_state), and a
-    # layer's packed copy can take their place (ViT and Q-Former layers pack too: all of them, not only the LLM's)
-    mapped = all(d == dtype for d in stored_dtypes(str(path)).values())
+    # mapped: nothing quantized and every tensor stored in `dtype`, so each parameter becomes the file's own pages
+    # (load_state), and a layer's packed copy can take their place (ViT and Q-Former layers pack too). int8 weights
+    # pack only beside their own: quantized at load they are copies, and one int8 row never reads the packed copy.
+    mapped = quantize is None and all(d == dtype for d in stored_dtypes(str(path)).values())
     room = memory.room_to_pack(model, device, mapped, workload)
     if room:  # beams multiply a copy of each weight packed once for oneDNN (packing.py)
         fast.allow_packing(model, replaces=room == "instead")

@@ -1,5 +1,6 @@
 """Weights packed once into oneDNN's blocked layout, for the products that come back at every decode step (beams, a
-batch): `fast.Linear` keeps a `PackedWeight` where `load_model` allowed it (memory.room_to_pack).
+batch): `fast.Linear` and `quant.Int8Linear` keep a `PackedWeight` where `load_model` allowed it
+(memory.room_to_pack); int8 weights pack for oneDNN's integer products (`pack_int8`, below `linear`).
 
 F.linear on a CPU hands a few-row product to oneDNN (bf16) or MKL (fp32) with the weight in its plain (out, in)
 layout. oneDNN's bf16 kernel repacks that weight into its blocked layout at every call (ONEDNN_VERBOSE=1 shows
@@ -91,6 +92,62 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> 
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+# int8 weights (quant.Int8Linear) pack too. torch._int_mm repacks an int8 weight for oneDNN at every call, as F.linear
+# does a bf16 one; packed once (`torch.ops.onednn.qlinear_prepack`, the op inductor's int8 graphs use) and multiplied
+# by `qlinear_pointwise`, the same exact sums are 2-3x faster. AMD EPYC, 2 threads, ms a matrix, best of 5, bf16 rows
+# cut in two int8 halves each (quant.integer_linear; 5 beams: 10 rows):
+#     matrix          rows   packed   _int_mm (weight left)   int8pack_mm   bf16 F.linear / packed   packing it
+#     11008 x 4096      10     2.19           5.70                 5.7            5.0 / 2.9              112
+#     4096 x 11008      10     1.78           5.06                 5.6            5.3 / -                117
+#     4096 x 4096       10     0.73           1.87                 2.2            1.9 / 1.0               48
+#     11008 x 4096     300     32.1           34.5          (bf16 copy 37.6)     33.2                      -
+# One row (2 halves) 2.10 against int8pack_mm's 1.7, so one row keeps its kernels. Packing costs what ~35 products
+# save, as bf16's does: the same rule (PACK_AFTER). Full-size vicuna-7b's int8 checkpoint, 5-beam steps 868-926 ms,
+# 388-443 once packed (one step of 18.8 s packing 6.6 GB). Measured on AMD only (quant.int8_packing_pays).
+int8_refused = False  # set when oneDNN refused to pack an int8 weight here: the unpacked int8 products from then on
+
+
+def pack_int8(weight: torch.Tensor) -> torch.Tensor | None:
+    """An int8 weight (out, in) packed for oneDNN (an opaque tensor) for `int8_products`; None (said once) where
+    oneDNN refuses it."""
+    global int8_refused
+    try:
+        return torch.ops.onednn.qlinear_prepack(weight, None)
+    except (RuntimeError, AttributeError) as error:  # AttributeError: a build of PyTorch without the op
+        print(f"minivb: oneDNN could not pack an int8 weight ({type(error).__name__}: "
+              f"{str(error).splitlines()[0][:100]}): beam steps keep the unpacked int8 products", file=sys.stderr)
+        int8_refused = True
+        return None
+
+
+def int8_products(a: torch.Tensor, packed: torch.Tensor, out: int) -> torch.Tensor:
+    """a (M, in) int8 @ the weight (out, in) as `pack_int8` left it .T -> (M, out): oneDNN's int32 sums, as fp32."""
+    unsigned = (a.short() + 128).to(torch.uint8)  # oneDNN takes unsigned activations: a zero point of 128
+    ones, zeros = _unit_scales(out)  # the weight's scales and zero points
+    return torch.ops.onednn.qlinear_pointwise(unsigned, 1.0, 128, packed, ones, zeros, None, 1.0, 0, torch.float32,
+                                              "none", [], "")
+
+
+@functools.cache
+def _unit_scales(out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales of 1 and zero points of 0 for `out` output rows, kept for the whole process: PyTorch caches oneDNN's
+    primitive with their addresses (a second product after the first's tensors were freed crashed the process)."""
+    return torch.ones(out), torch.zeros(out, dtype=torch.long)
+
+
+@functools.cache
+def int8_products_exact() -> bool:
+    """One 2 x 64 x 64 product of int8 extremes through `int8_products` against exact sums: False where oneDNN's
+    kernel saturates (a CPU without VNNI, or ONEDNN_MAX_CPU_ISA capping it below) or the ops are missing."""
+    a = torch.tensor([[127] * 64, [-128, 127] * 32], dtype=torch.int8)  # (2, 64)
+    w = torch.tensor([[127] * 64, [-127] * 64] * 32, dtype=torch.int8)  # (64, 64)
+    try:
+        sums = int8_products(a, torch.ops.onednn.qlinear_prepack(w, None), 64)  # |sums| < 2^24: exact in fp32
+    except (RuntimeError, AttributeError):
+        return False
+    return torch.equal(sums.long(), a.long() @ w.long().t())
+
+
 def _identity(weight: torch.Tensor) -> tuple:
     """What changes when the weight does: its storage (a new tensor, `.to()`) and its version (an in-place write:
     an optimizer step, load_state_dict)."""
@@ -147,9 +204,10 @@ class PackedWeight:
         copy `replaces` the weight."""
         return None if fused and not self.replaces else self.current(weight)
 
-    def get(self, weight: torch.Tensor, rows: int) -> torch.Tensor | None:
+    def get(self, weight: torch.Tensor, rows: int, make=pack) -> torch.Tensor | None:
         """The packed copy for a product of `rows` rows by `weight`; None while there is none to use (fewer than
-        PACK_AFTER such products so far) and where oneDNN refuses to pack."""
+        PACK_AFTER such products so far) and where oneDNN refuses to pack. `make`: the function that packs (int8
+        weights: pack_int8)."""
         identity = _identity(weight)
         if self.copy is not None and self.copy[0] == identity:
             return self.copy[1]
@@ -161,7 +219,7 @@ class PackedWeight:
         self.products = (identity, count)
         if count < PACK_AFTER:
             return None
-        packed = pack(weight)
+        packed = make(weight)
         if packed is not None:
             self.copy = (identity, packed)
             if self.replaces:

@@ -8,7 +8,7 @@ How: for each row of a weight matrix W (out, in), scale = max |W[row]| / 127 and
 W ~ W_int8 * scale with an error of at most scale / 2 per weight. The product x @ W.T becomes
 (x @ W_int8.T) * scale, which a decode step computes without ever materialising W in bf16 (a compiled kernel or
 `torch._weight_int8pack_mm` for one row, integer products (torch._int_mm) for beams on CPUs with int8 dot-product
-instructions); a prompt's many rows go through copies of W in the prompt's dtype, a block of rows at a time
+instructions, and on AMD, once a weight has made enough of them, its copy packed for oneDNN); a prompt's many rows go through copies of W in the prompt's dtype, a block of rows at a time
 (converting.linear_in_blocks), or integer products where the prompt computes in fp32 (`int8_linear`).
 
 The quantization happens while each shard is read (checkpoint.load_state hands an Int8Linear its tensor through
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import converting, fast
+from . import converting, fast, packing
 from .compiling import compiled_or_plain
 
 QUANTIZE_CHOICES = ("int8",)
@@ -68,8 +68,15 @@ class Int8Linear(nn.Module):
             self.weight[rows] = quantized
             self.weight_scale[rows] = scales
 
+    packed = None  # a packing.PackedWeight where fast.allow_packing let the layer pack its weight (packing.pack_int8)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and (x.dtype == torch.bfloat16 or _integer_rows(x) or _copied_rows(x)):
+        copy = None if self.packed is None or not _packed_rows(x) else self.packed.get(
+            self.weight, x.numel() // x.shape[-1], make=packing.pack_int8)
+        if copy is not None:
+            rows = x.reshape(-1, x.shape[-1])  # (R, in)
+            out = packed_integer_linear(rows, copy, self.weight_scale.to(x.dtype)).reshape(*x.shape[:-1], -1)
+        elif x.device.type == "cpu" and (x.dtype == torch.bfloat16 or _integer_rows(x) or _copied_rows(x)):
             # The fast paths (below): int8 weights read as they are, scaled per row after the product.
             out = int8_linear(x, self.weight, self.weight_scale)
         else:
@@ -139,6 +146,10 @@ INT8_MATMUL_ROWS = 8
 # A greedy step of LLaMA at 7B widths, 4 layers and the lm_head, best of 4 rounds alternating: int8pack_mm everywhere
 # 40.8 ms, this kernel where it pays 37.1 ms, bf16 56.5 ms (1.39x -> 1.52x bf16).
 INT8_FUSED_MAX_IN = 4096
+# int8pack_mm (PyTorch 2.13, AMD EPYC) takes widths (in) that are multiples of 16 only: at others (8, 24, 100, 300)
+# it crashed the process for several rows and returned NaN or 1e32 for one. The official widths are multiples of 64;
+# any other takes the block copies (and, for one row, no compiled kernel: its plain fallback is int8pack_mm).
+INT8PACK_WIDTHS = 16
 
 
 def _int8_row_times_matrix(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -172,7 +183,8 @@ def _plain_int8_normed_rows(norm: nn.Module, row: torch.Tensor, *weights_and_sca
 def _fused_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether x (..., in) is one row that the compiled int8 kernel multiplies faster than int8pack_mm (above)."""
     return (x.numel() == x.shape[-1] and fast.compiled_rows_pay() and weight.shape[1] <= INT8_FUSED_MAX_IN
-            and weight.numel() >= fast.FUSED_MIN_WEIGHTS and not torch.is_grad_enabled())
+            and weight.numel() >= fast.FUSED_MIN_WEIGHTS and weight.shape[1] % INT8PACK_WIDTHS == 0
+            and not torch.is_grad_enabled())
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -184,7 +196,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
         out = int8_rows_linears(rows, [(weight, scales)])[0]  # (1, out)
     elif _integer_rows(x):
         out = integer_linear(rows, weight, scales)  # (R, out)
-    elif rows.shape[0] <= INT8_MATMUL_ROWS:
+    elif rows.shape[0] <= INT8_MATMUL_ROWS and weight.shape[1] % INT8PACK_WIDTHS == 0:
         out = torch._weight_int8pack_mm(rows, weight, scales)  # (R, out)
     else:
         out = converting.linear_in_blocks(rows, weight) * scales  # (R, out): the weight converted a block at a time
@@ -307,6 +319,31 @@ def _integer_rows(x: torch.Tensor) -> bool:
     fewest = INT8_MATMUL_ROWS + 1 if x.dtype != torch.float32 and "AuthenticAMD" in fast._cpu_flags() else 2
     return (fewest <= rows and (rows <= INTEGER_MAX_ROWS or x.dtype == torch.float32) and x.device.type == "cpu"
             and not (torch.is_grad_enabled() and x.requires_grad) and integer_products_pay())
+
+
+# ----------------------------------------------------------------------------- int8 weights packed once, for beams
+
+# Several rows by an int8 weight packed once for oneDNN (packing.pack_int8; its table): the same exact sums as
+# integer_linear's, 2-3x faster, once a weight has made packing.PACK_AFTER products (the bf16 rule). Measured on AMD.
+
+
+def int8_packing_pays() -> bool:
+    """Whether int8 weights pack for several rows: on AMD with integer products (above), where oneDNN's packed
+    products are exact too (packing.int8_products_exact)."""
+    return ("AuthenticAMD" in fast._cpu_flags() and not packing.int8_refused and integer_products_pay()
+            and packing.int8_products_exact())
+
+
+def packed_integer_linear(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """integer_linear with the weight as packing.pack_int8 left it: rows (R, in) float -> (R, out) in scales' dtype."""
+    halves, step = _int8_halves(rows)  # (2R, in) int8
+    return _sum_halves(packing.int8_products(halves, packed, scales.shape[0]), step, scales)
+
+
+def _packed_rows(x: torch.Tensor) -> bool:
+    """Whether x (..., in) may take (and count towards) a packed copy: several rows on a CPU, outside autograd."""
+    return (x.numel() > x.shape[-1] and x.device.type == "cpu" and x.is_floating_point()
+            and not (torch.is_grad_enabled() and x.requires_grad) and int8_packing_pays())
 
 
 # quantize_rows run op by op makes five passes over fp32 copies of each block of rows (float, abs, divide,

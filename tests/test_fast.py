@@ -568,6 +568,76 @@ def test_integer_products_are_refused_where_onednn_saturates():
 
 
 @torch.no_grad()
+def test_int8pack_mm_never_takes_several_rows_of_a_width_it_crashes_on(monkeypatch):
+    """torch._weight_int8pack_mm (PyTorch 2.13, AMD EPYC) crashed the process for 2-8 bf16 rows of a width not a
+    multiple of 16, and gave NaN or 1e32 for one: those rows take the block copies (official widths: multiples of 64)."""
+    from minivb.quant import Int8Linear
+
+    flags = fast._cpu_flags()
+    monkeypatch.setattr(fast, "_cpu_flags", lambda: flags | {"AuthenticAMD"})
+    g = torch.Generator().manual_seed(0)
+    layer = Int8Linear(100, 64, bias=False, dtype=torch.bfloat16)
+    layer.load_weight(torch.randn(64, 100, generator=g))
+    for rows in (1, 2, 4, 8):
+        x = torch.randn(rows, 100, generator=g).bfloat16()
+        reference = layer.reference(x.double())
+        assert (layer(x).double() - reference).abs().max() <= 2e-2 * reference.abs().max()
+
+
+@torch.no_grad()
+@pytest.mark.skipif(not quant.integer_products_pay() or not packing.int8_products_exact(),
+                    reason="no exact int8 dot products (VNNI, AMX) in oneDNN here")
+def test_packed_int8_products_equal_the_integer_products(monkeypatch):
+    """On AMD, int8 weights pack once for oneDNN at their PACK_AFTER-th product of several rows (packing.pack_int8):
+    the same exact sums as torch._int_mm's (but for fp32's rounding of them); beams, and a prompt once packed, read the
+    copy; one row keeps its kernels; autograd and a changed weight never read it."""
+    from minivb.quant import Int8Linear
+
+    flags = fast._cpu_flags()
+    monkeypatch.setattr(fast, "_cpu_flags", lambda: flags | {"AuthenticAMD"})
+    monkeypatch.setattr(packing, "PACK_AFTER", 3)
+    g = torch.Generator().manual_seed(0)
+    layer = Int8Linear(300, 100, bias=True, dtype=torch.bfloat16)
+    layer.load_weight(torch.randn(100, 300, generator=g))
+    layer.bias.copy_(torch.randn(100, generator=g))
+    fast.allow_packing(layer)
+    beams = torch.randn(5, 1, 300, generator=g).bfloat16()
+    for _ in range(3):  # packed at the 3rd product, which reads the copy
+        assert layer.packed.copy is None
+        got = layer(beams)
+    assert layer.packed.copy is not None and got.dtype == torch.bfloat16 and got.shape == (5, 1, 100)
+    reference = layer.reference(beams.double()) + layer.bias.double()
+    assert (got.double() - reference).abs().max() <= 2e-2 * reference.abs().max()  # bf16's own rounding
+    rows = beams.reshape(5, 300)
+    exact = quant._sum_halves(quant._int8_products(quant._int8_halves(rows)[0], layer.weight).double(),
+                              quant._int8_halves(rows)[1].double(), layer.weight_scale.double())
+    assert (quant.packed_integer_linear(rows, layer.packed.copy[1], layer.weight_scale.float()) - exact).abs().max() \
+        <= 1e-6 * exact.abs().max()  # the sums themselves: fp32 rounding only
+    calls, original = [], quant.packed_integer_linear
+    monkeypatch.setattr(quant, "packed_integer_linear", lambda *args: calls.append(len(args[0])) or original(*args))
+    prompt = torch.randn(1, packing.PACK_MAX_ROWS + 20, 300, generator=g).bfloat16()
+    reference = layer.reference(prompt.double()) + layer.bias.double()
+    assert (layer(prompt).double() - reference).abs().max() <= 2e-2 * reference.abs().max()
+    layer(beams[:1])  # one row: int8pack_mm or the compiled kernel, never the copy
+    with torch.enable_grad():
+        layer(beams.requires_grad_())  # autograd: the reference
+    assert calls == [packing.PACK_MAX_ROWS + 20]  # only the prompt read the copy
+    layer.weight.mul_(-1)  # a changed weight: its stale copy is dropped and counted anew
+    layer(beams)
+    assert layer.packed.copy is None and layer.packed.products[1] == 1
+
+
+@pytest.mark.skipif(not VNNI, reason="the CPU has no int8 dot-product instructions: nothing to refuse")
+def test_packed_int8_products_are_refused_where_onednn_saturates():
+    code = "from minivb import packing; print(packing.int8_products_exact())"
+    for isa, expected in (("AVX2", "False"), ("AVX512_CORE_VNNI", "True")):
+        env = {**os.environ, "ONEDNN_MAX_CPU_ISA": isa}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected, isa
+    assert not quant.int8_packing_pays() or "AuthenticAMD" in fast._cpu_flags()  # measured on AMD only
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("num_kv_heads", [4, 2])
 def test_decode_attention_equals_sdpa(num_kv_heads):
     g = torch.Generator().manual_seed(0)

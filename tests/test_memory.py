@@ -258,6 +258,20 @@ def test_packing_only_where_a_second_copy_fits(monkeypatch):
         memory.room_to_pack(model)
 
 
+def test_load_model_packs_in_place_of_mapped_bf16_weights_never_of_int8_ones(tmp_path, monkeypatch):
+    """Where only one copy fits, a bf16 model mapped from its file packs in the weights' place; the same file loaded
+    in int8 does not pack at all (its int8 weights are copies made at load: the packed ones would need room too)."""
+    monkeypatch.setenv("MINIVB_NATIVE_BF16", "1")
+    monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)  # the tiny model's layers count as large
+    minivb.save_checkpoint(minivb.load_model(TINY), tmp_path, processor_from=TINY, dtype=torch.bfloat16)
+    for quantize, expected in ((None, {True}), ("int8", {None})):
+        need = memory.estimate(build_on_meta(load_config(tmp_path), torch.bfloat16, quantize)).total
+        monkeypatch.setattr(memory, "available_bytes", lambda device: need)  # room for the model, not its copies
+        model = minivb.load_model(tmp_path, dtype=torch.bfloat16, quantize=quantize)
+        packed = {m.packed and m.packed.replaces for m in model.modules() if hasattr(m, "packed")}
+        assert packed == expected, quantize
+
+
 def test_a_bf16_copy_takes_the_place_of_mapped_weights_where_both_do_not_fit(monkeypatch):
     """A language model mapped from the file needs no room for the copies beside it: once a weight is packed, every
     product reads the copy and its pages are the OS's to drop ("instead"); where both fit, the plain weights stay

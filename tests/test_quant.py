@@ -106,7 +106,9 @@ def test_auto_takes_the_fastest_that_fits_with_one_estimate(monkeypatch, capsys)
     reads = []
     monkeypatch.setattr(memory, "available_bytes", lambda device: reads.append(device) or (bf16 + int8) // 2)
     model = minivb.load_model(path, dtype="auto")
-    assert len(reads) == 2  # MemAvailable read once for the choice, once by the loader (checkpoint.load_state)
+    # MemAvailable read once for the choice, once by the loader (checkpoint.load_state), and where int8 weights pack
+    # (on AMD: the lm_head here), once for the room to pack (memory.room_to_pack)
+    assert len(reads) == 2 + (memory.packable_bytes(build_on_meta(config, torch.bfloat16, "int8")) > 0)
     assert any(isinstance(m, Int8Linear) for m in model.language_model.modules())
     assert model.language_model.norm.weight.dtype == torch.bfloat16
     assert "loaded in int8" in capsys.readouterr().err
