@@ -17,9 +17,9 @@ uses; AB16b64a2b for bf16) and multiplied by `torch.ops.mkldnn._linear_pointwise
 Packed is faster at any number of rows (16 / 80 rows x 11008 x 4096: bf16 6.7 -> 4.7 / 19.8 -> 17.5 ms; fp32
 28.5 -> 8.8 / 66 -> 34 ms). bf16 products are bit-identical to F.linear's; fp32 ones differ in the order of the
 sums (~1e-7 relative). On AMD, one row stays on the fused kernel (faster for 4096 columns: 11008 x 4096 3.5 against
-packed 4.7 ms), except where the copy took the plain weight's place (below); where that kernel does not pay (fast.compiled_rows_pay: the Intel Xeon measured), a bf16 row takes
-torch.mv, as fast as the packed copy without one (fast.decode_route's "vector"), and reads the copy where beams made
-one; an fp32 row stays on MKL's F.linear.
+packed 4.7 ms), except where the copy took the plain weight's place (below); where that kernel does not pay
+(fast.compiled_rows_pay: the Intel Xeon measured), a bf16 row takes torch.mv, as fast as the packed copy without
+one (fast.decode_route's "vector"), and reads the copy where beams made one; an fp32 row stays on MKL's F.linear.
 The price: the packed copy is memory of its own, the size of the weight, and packing reads and writes every weight
 once. Whether that pays depends on how often the product comes back, which no layer knows in advance: an `ask` with
 5 beams makes 10-30 beam steps once, an evaluation makes thousands. Measured (same machine, bf16, 5 rows, ms):

@@ -8,8 +8,9 @@ How: for each row of a weight matrix W (out, in), scale = max |W[row]| / 127 and
 W ~ W_int8 * scale with an error of at most scale / 2 per weight. The product x @ W.T becomes
 (x @ W_int8.T) * scale, which a decode step computes without ever materialising W in bf16 (a compiled kernel or
 `torch._weight_int8pack_mm` for one row, integer products (torch._int_mm) for beams on CPUs with int8 dot-product
-instructions, and on AMD, once a weight has made enough of them, its copy packed for oneDNN); a prompt's many rows go through copies of W in the prompt's dtype, a block of rows at a time
-(converting.linear_in_blocks), or integer products where the prompt computes in fp32 (`int8_linear`).
+instructions, and on AMD, once a weight has made enough of them, through its copy packed for oneDNN); a prompt's
+many rows go through copies of W in the prompt's dtype, a block of rows at a time (converting.linear_in_blocks), or
+integer products where the prompt computes in fp32 (`int8_linear`).
 
 The quantization happens while each shard is read (checkpoint.load_state hands an Int8Linear its tensor through
 `load_weight`), so the bf16 model never exists in memory. Embeddings, norms, the vision encoder, the Q-Former and
@@ -47,6 +48,8 @@ class Int8Linear(nn.Module):
     """A linear layer whose weight is int8 with one scale per output row (`weight_scale`, the name a quantized
     checkpoint stores it under: quant.save_quantized); bias (if any) stays in the model's dtype."""
 
+    packed = None  # a packing.PackedWeight where fast.allow_packing let the layer pack its weight (packing.pack_int8)
+
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -67,8 +70,6 @@ class Int8Linear(nn.Module):
             quantized, scales = quantize_block(tensor[rows])  # quantize_rows, compiled where it pays (below)
             self.weight[rows] = quantized
             self.weight_scale[rows] = scales
-
-    packed = None  # a packing.PackedWeight where fast.allow_packing let the layer pack its weight (packing.pack_int8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         copy = None if self.packed is None or not _packed_rows(x) else self.packed.get(

@@ -275,7 +275,8 @@ def test_load_model_packs_in_place_of_mapped_bf16_weights_never_of_int8_ones(tmp
 def test_a_bf16_copy_takes_the_place_of_mapped_weights_where_both_do_not_fit(monkeypatch):
     """A language model mapped from the file needs no room for the copies beside it: once a weight is packed, every
     product reads the copy and its pages are the OS's to drop ("instead"); where both fit, the plain weights stay
-    ("beside"). Weights cast at load (not mapped) need the room, and so do fp32 ones (one fp32 row stays on F.linear)."""
+    ("beside"). Weights cast at load (not mapped) need the room, and so do fp32 ones (an fp32 row stays on
+    F.linear)."""
     monkeypatch.setenv("MINIVB_NATIVE_BF16", "1")
     monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)
     for fused in ("0", "1"):  # the Intel Xeon's choice (torch.mv for one row) and AMD's (the fused kernel)
@@ -285,7 +286,8 @@ def test_a_bf16_copy_takes_the_place_of_mapped_weights_where_both_do_not_fit(mon
             need, packed = memory.estimate(model).total, memory.packable_bytes(model)
             monkeypatch.setattr(memory, "available_bytes", lambda device: need)
             instead = "instead" if dtype == torch.bfloat16 else None
-            assert (memory.room_to_pack(model, mapped=True), memory.room_to_pack(model, mapped=False)) == (instead, None)
+            assert memory.room_to_pack(model, mapped=True) == instead
+            assert memory.room_to_pack(model, mapped=False) is None
             fast.allow_packing(model, replaces=True)
             assert memory.estimate(model).packed == 0  # no room of their own (beside: test above)
             monkeypatch.setattr(memory, "available_bytes", lambda device: need - 1)
