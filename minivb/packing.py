@@ -100,10 +100,12 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> 
 #     11008 x 4096      10     2.19           5.70                 5.7            5.0 / 2.9              112
 #     4096 x 11008      10     1.78           5.06                 5.6            5.3 / -                117
 #     4096 x 4096       10     0.73           1.87                 2.2            1.9 / 1.0               48
-#     11008 x 4096     300     32.1           34.5          (bf16 copy 37.6)     33.2                      -
-# One row (2 halves) 2.10 against int8pack_mm's 1.7, so one row keeps its kernels. Packing costs what ~35 products
+# One row (2 halves) 2.10 against int8pack_mm's 1.7, so one row keeps its kernels, and a prompt's 150 rows its bf16
+# copies (quant.int8_linear), packed 34.9 / 13.7 ms against 35.9 / 13.5 at a 7B's 11008 / 4096 x 4096, but at
+# flan-t5-xl's widths 5.3 / 15.5 against 3.6 / 8.4 (2048 x 2048 / 2048 x 5120). Packing costs what ~35 products
 # save, as bf16's does: the same rule (PACK_AFTER). Full-size vicuna-7b's int8 checkpoint, 5-beam steps 868-926 ms,
-# 388-443 once packed (one step of 18.8 s packing 6.6 GB). Measured on AMD only (quant.int8_packing_pays).
+# 388-443 once packed (one step of 18.8 s packing 6.6 GB); flan-t5-xl's, 200-215 -> 140-167 ms (3.6 s). Measured
+# on AMD only (quant.int8_packing_pays).
 int8_refused = False  # set when oneDNN refused to pack an int8 weight here: the unpacked int8 products from then on
 
 

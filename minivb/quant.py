@@ -342,8 +342,9 @@ def packed_integer_linear(rows: torch.Tensor, packed: torch.Tensor, scales: torc
 
 
 def _packed_rows(x: torch.Tensor) -> bool:
-    """Whether x (..., in) may take (and count towards) a packed copy: several rows on a CPU, outside autograd."""
-    return (x.numel() > x.shape[-1] and x.device.type == "cpu" and x.is_floating_point()
+    """Whether x (..., in) may take (and count towards) a packed copy: 2 to packing.PACK_MAX_ROWS rows on a CPU,
+    outside autograd. A prompt's rows keep the block copies, which are as fast or faster (packing.py's table)."""
+    return (1 < x.numel() // x.shape[-1] <= packing.PACK_MAX_ROWS and x.device.type == "cpu" and x.is_floating_point()
             and not (torch.is_grad_enabled() and x.requires_grad) and int8_packing_pays())
 
 
