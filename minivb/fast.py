@@ -440,6 +440,8 @@ def can_pack(dtype: torch.dtype) -> bool:
 def allow_packing(model: nn.Module, allowed: bool = True, replaces: bool = False) -> None:
     """Let (or stop) every `Linear` and int8 layer of `model` pack its weight (packing.py); stopping frees the copies.
     `replaces`: each copy takes the place of its plain weight (packing.PackedWeight). Allowed anew, counts anew."""
+    from .quant import Int8Linear  # (quant imports this file)
+
     for module in model.modules():
-        if hasattr(module, "packed"):  # fast.Linear, quant.Int8Linear
+        if isinstance(module, (Linear, Int8Linear)):  # the layers memory.packable_bytes counts
             module.packed = packing.PackedWeight(replaces) if allowed else None
