@@ -234,8 +234,9 @@ def load_model(path, dtype: torch.dtype | str = torch.float32, device="cpu", pro
     `dtype="auto"` (the CLI's default): bfloat16 if it fits, else bfloat16 with quantize="int8" (said on stderr).
     Where a second copy of the language model's weights fits in memory (memory.room_to_pack), its layers pack their
     weights for oneDNN once they have made packing.PACK_AFTER products of 2-128 rows (beam steps, a batch's decode
-    steps), which makes the steps after it 1.2-2x faster (packing.py). Where only one copy fits, a bf16 copy can take
-    the place of the file's pages: every product reads it once made (memory.room_to_pack).
+    steps), which makes the steps after it 1.2-2x faster (packing.py). Where only one copy fits, the copies can take
+    the place of the file's pages (bf16, or an int8 checkpoint's int8): every product reads them once made
+    (memory.room_to_pack).
     """
     from . import fast, memory
     from .checkpoint import load_state, stored_dtypes
@@ -269,10 +270,13 @@ def load_model(path, dtype: torch.dtype | str = torch.float32, device="cpu", pro
     # (empty: untouched pages hold no memory). The loader swaps in the file's own tensor where it is stored in that
     # dtype and casts into the storage otherwise: peak memory stays near one copy of the weights.
     model = build_on_meta(config, dtype, quantize)
-    # mapped: nothing quantized and every tensor stored in `dtype`, so each parameter becomes the file's own pages
-    # (load_state), and a layer's packed copy can take their place (ViT and Q-Former layers pack too). int8 weights
-    # pack only beside their own: quantized at load they are copies, and one int8 row never reads the packed copy.
-    mapped = quantize is None and all(d == dtype for d in stored_dtypes(str(path)).values())
+    # mapped: every tensor stored as the model holds it (in `dtype`; an int8 checkpoint's int8 weights as int8), so
+    # each becomes the file's own pages (load_state), and a layer's packed copy can take their place. int8 weights
+    # quantized at load are copies of their own: those pack only beside them. (The int8 weights' scales, fp32 in the
+    # file and cast to `dtype`, a few MB, do not count.)
+    held = model.state_dict()
+    mapped = all(held[name].dtype == stored for name, stored in stored_dtypes(str(path)).items()
+                 if name in held and not name.endswith("weight_scale"))
     room = memory.room_to_pack(model, device, mapped, workload)
     if room:  # beams multiply a copy of each weight packed once for oneDNN (packing.py)
         fast.allow_packing(model, replaces=room == "instead")

@@ -72,8 +72,7 @@ class Int8Linear(nn.Module):
             self.weight_scale[rows] = scales
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        copy = None if self.packed is None or not _packed_rows(x) else self.packed.get(
-            self.weight, x.numel() // x.shape[-1], make=packing.pack_int8)
+        copy = self.packed_copy(x)
         if copy is not None:
             rows = x.reshape(-1, x.shape[-1])  # (R, in)
             out = packed_integer_linear(rows, copy, self.weight_scale.to(x.dtype)).reshape(*x.shape[:-1], -1)
@@ -83,6 +82,21 @@ class Int8Linear(nn.Module):
         else:
             out = self.reference(x)
         return out if self.bias is None else out + self.bias
+
+    def packed_copy(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The packed copy of the weight that x (..., in) is multiplied by, if any (packing.py): several rows (beams)
+        make it and read it; where it took the weight's place (packing.PackedWeight.replaces: an int8 checkpoint with
+        no room for both), one row and a prompt read it too, so that the weight's pages are never read again (at
+        vicuna-13b's widths, AMD, ms a matrix, int8_linear / the copy: one row 1.2 / 1.4 (5120 x 5120), 3.0 / 3.9
+        (13824 x 5120), 2.9 / 3.7 (5120 x 13824); 150 rows 24 / 22, 59 / 61, 60 / 59; 5 rows 3.6 / 1.6, 9.2 / 4.2,
+        8.1 / 3.9)."""
+        if self.packed is None:
+            return None
+        if _packed_rows(x):
+            return self.packed.get(self.weight, x.numel() // x.shape[-1], make=packing.pack_int8)
+        if self.packed.replaces and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
+            return self.packed.current(self.weight)
+        return None
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """What the fast paths are checked against: dequantize, then an ordinary product, without the bias (GPUs;
@@ -96,6 +110,8 @@ class Int8Linear(nn.Module):
         or None where a layer takes another route."""
         if not (x.device.type == "cpu" and x.dtype == torch.bfloat16 and all(_fused_row(x, m.weight) for m in layers)):
             return None
+        if any(m.packed is not None and m.packed.for_one_row(m.weight) is not None for m in layers):
+            return None  # a copy took a weight's place: the row reads it (forward)
         outs = int8_rows_linears(x.reshape(1, -1), [(m.weight, m.weight_scale.to(x.dtype)) for m in layers], norm)
         return [(out if m.bias is None else out + m.bias).reshape(*x.shape[:-1], m.out_features)
                 for out, m in zip(outs, layers)]

@@ -630,6 +630,51 @@ def test_packed_int8_products_equal_the_integer_products(monkeypatch):
     assert layer.packed.copy is None and layer.packed.products[1] == 1
 
 
+@torch.no_grad()
+@pytest.mark.skipif(not quant.integer_products_pay() or not packing.int8_products_exact(),
+                    reason="no exact int8 dot products (VNNI, AMX) in oneDNN here")
+def test_an_int8_copy_that_replaced_its_weight_serves_every_product(monkeypatch):
+    """Where the packed int8 copy took the place of the checkpoint's int8 pages (memory.room_to_pack's "instead"),
+    one row and a prompt read it too, never the weight (whose pages went to the OS); autograd still reads the weight.
+    Beside the weight (test above), they keep their kernels."""
+    from minivb.quant import Int8Linear
+
+    flags = fast._cpu_flags()
+    monkeypatch.setattr(fast, "_cpu_flags", lambda: flags | {"AuthenticAMD"})
+    monkeypatch.setattr(packing, "PACK_AFTER", 3)
+    monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)  # one row would take the compiled kernel if it pays
+    paged_out = []
+    monkeypatch.setattr(packing, "page_out", paged_out.append)
+    g = torch.Generator().manual_seed(0)
+    layers = [Int8Linear(256, 96, bias=False, dtype=torch.bfloat16) for _ in range(2)]
+    for layer in layers:
+        layer.load_weight(torch.randn(96, 256, generator=g))
+        fast.allow_packing(layer, replaces=True)
+    row = torch.randn(1, 1, 256, generator=g).bfloat16()
+    before = fast.linears(row, *layers)  # no copy yet: the int8 kernels
+    for layer in layers:
+        for _ in range(3):  # beam steps: packed at the 3rd
+            layer(torch.randn(5, 1, 256, generator=g).bfloat16())
+        assert layer.packed.copy is not None
+    assert [w is layer.weight for w, layer in zip(paged_out, layers)] == [True, True]
+    calls, original, int8_linear = [], quant.packed_integer_linear, quant.int8_linear
+    monkeypatch.setattr(quant, "packed_integer_linear", lambda *args: calls.append(len(args[0])) or original(*args))
+    for read in ("int8_rows_linears", "int8_linear"):  # the one-row kernels and the prompt's copies read the weight
+        monkeypatch.setattr(quant, read, lambda *args, read=read: pytest.fail(f"{read} read the weight"))
+    prompt = torch.randn(1, packing.PACK_MAX_ROWS + 20, 256, generator=g).bfloat16()
+    for layer, got, expected in zip(layers, fast.linears(row, *layers), before):
+        reference = layer.reference(row.double())
+        assert (got.double() - reference).abs().max() <= 2e-2 * reference.abs().max()
+        torch.testing.assert_close(got, expected, rtol=2 ** -7, atol=2e-2)  # other kernels, the same products
+        reference = layer.reference(prompt.double())
+        assert (layer(prompt).double() - reference).abs().max() <= 2e-2 * reference.abs().max()
+    assert calls == [1, 1, packing.PACK_MAX_ROWS + 20, packing.PACK_MAX_ROWS + 20]  # every product read the copy
+    monkeypatch.setattr(quant, "int8_linear", int8_linear)
+    with torch.enable_grad():
+        layers[0](row.clone().requires_grad_())  # autograd: from the weight (int8pack_mm), never the copy
+    assert len(calls) == 4
+
+
 @pytest.mark.skipif(not VNNI, reason="the CPU has no int8 dot-product instructions: nothing to refuse")
 def test_packed_int8_products_are_refused_where_onednn_saturates():
     code = "from minivb import packing; print(packing.int8_products_exact())"

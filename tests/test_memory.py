@@ -20,6 +20,7 @@ import minivb
 from minivb import fast, finetune, memory
 from minivb.config import InstructBlipVideoConfig, LlamaConfig, QFormerConfig, VisionConfig, load_config
 from minivb.model import InstructBlipVideo, build_on_meta
+from minivb.quant import save_quantized
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "weights" / "vicuna-tiny"
@@ -258,18 +259,22 @@ def test_packing_only_where_a_second_copy_fits(monkeypatch):
         memory.room_to_pack(model)
 
 
-def test_load_model_packs_in_place_of_mapped_bf16_weights_never_of_int8_ones(tmp_path, monkeypatch):
-    """Where only one copy fits, a bf16 model mapped from its file packs in the weights' place; the same file loaded
-    in int8 does not pack at all (its int8 weights are copies made at load: the packed ones would need room too)."""
+def test_load_model_packs_in_place_of_mapped_weights_never_of_copies(tmp_path, monkeypatch):
+    """Where only one copy fits, a bf16 model mapped from its file packs in the weights' place, and so does an int8
+    checkpoint (its int8 weights are the file's pages too); the bf16 file quantized at load does not pack at all (its
+    int8 weights are copies made at load: the packed ones would need room too), nor does it loaded in fp32 (cast)."""
     monkeypatch.setenv("MINIVB_NATIVE_BF16", "1")
     monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)  # the tiny model's layers count as large
-    minivb.save_checkpoint(minivb.load_model(TINY), tmp_path, processor_from=TINY, dtype=torch.bfloat16)
-    for quantize, expected in ((None, {True}), ("int8", {None})):
-        need = memory.estimate(build_on_meta(load_config(tmp_path), torch.bfloat16, quantize)).total
+    bf16, int8 = tmp_path / "bf16", tmp_path / "int8"
+    minivb.save_checkpoint(minivb.load_model(TINY), bf16, processor_from=TINY, dtype=torch.bfloat16)
+    save_quantized(bf16, int8)
+    for path, dtype, quantize, expected in ((bf16, torch.bfloat16, None, {True}), (int8, torch.bfloat16, "int8", {True}),
+                                            (bf16, torch.bfloat16, "int8", {None}), (bf16, torch.float32, None, {None})):
+        need = memory.estimate(build_on_meta(load_config(path), dtype, quantize)).total
         monkeypatch.setattr(memory, "available_bytes", lambda device: need)  # room for the model, not its copies
-        model = minivb.load_model(tmp_path, dtype=torch.bfloat16, quantize=quantize)
+        model = minivb.load_model(path, dtype=dtype, quantize=quantize)
         packed = {m.packed and m.packed.replaces for m in model.modules() if hasattr(m, "packed")}
-        assert packed == expected, quantize
+        assert packed == expected, (path.name, dtype, quantize)
 
 
 def test_a_bf16_copy_takes_the_place_of_mapped_weights_where_both_do_not_fit(monkeypatch):
