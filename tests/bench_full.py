@@ -168,12 +168,16 @@ def decode_bytes(model) -> int:
 def count_minivb_products() -> None:
     """Teach torch's FLOP counter the ops minivb multiplies with beside F.linear: its packed weights (packing.py:
     after the first beam search, a prompt's products use them too), x (..., in) times a weight (out, in), 2 * rows *
-    out * in; and int8 weights' integer products (quant.integer_linear, a prompt computed in fp32), whose two int8
-    halves of each row count as the one row they stand for: (2R, in) @ (in, out) is 2 * R * in * out."""
+    out * in; and int8 weights' integer products (quant.integer_linear, a prompt computed in fp32; and their packed
+    copies, packing.int8_products, which a prompt reads where they replaced the int8 weights), whose two int8 halves
+    of each row count as the one row they stand for: (2R, in) @ (in, out) is 2 * R * in * out."""
     from torch.utils.flop_counter import flop_registry, register_flop_formula
 
     formulas = {torch.ops.mkldnn._linear_pointwise: lambda x, w, *a, out_shape=None, **k: 2 * math.prod(x) * w[0],
-                torch.ops.aten._int_mm: lambda a, b, *args, out_shape=None, **kwargs: a[0] * a[1] * b[1]}
+                torch.ops.aten._int_mm: lambda a, b, *args, out_shape=None, **kwargs: a[0] * a[1] * b[1],
+                # qlinear_pointwise(x, x_scale, x_zero_point, packed (in, out), ...): the halves, as _int_mm's
+                torch.ops.onednn.qlinear_pointwise:
+                    lambda x, x_scale, x_zero_point, w, *a, out_shape=None, **k: math.prod(x) * w[1]}
     for op, formula in formulas.items():
         if op not in flop_registry:
             register_flop_formula(op)(formula)
