@@ -284,12 +284,13 @@ def room_to_pack(model: torch.nn.Module, device="cpu", mapped: bool = False,
                kernel): flan-t5-xl (8.4 + 5.6 GB), a 7B in int8 (on AMD: 9.5 + 6.6 GB), a 7B's cut to 4 + 4
                layers and the smaller models on 24 GB;
     "instead"  they fit only in the plain weights' place (a 7B in bf16 on 24 GB: 16.6 + 13.2 GB; vicuna-13b's int8
-               checkpoint: 16.5 + 12.9), where those are the checkpoint's own pages (`mapped`: every tensor stored as
+               checkpoint: 15.9 + 12.9), where those are the checkpoint's own pages (`mapped`: every tensor stored as
                the model holds it) and one row can read the copy (bf16, where it packs, and int8, which packs where
                quant.int8_packing_pays; an fp32 row stays on MKL's F.linear). Once a weight is packed, every product
                reads the copy and the weight's pages go back to the OS (packing.PackedWeight.replaces).
                Full-size vicuna-7b in bf16, AMD EPYC, 24 GB: 5-beam steps 757-828 ms, 361-425 once packed (before,
-               its greedy steps read the plain weights, so it never packed); the file's resident pages 15.3 -> 2.4 GB;
+               its greedy steps read the plain weights, so it never packed); the file's resident pages 15.3 -> 2.4 GB.
+               vicuna-13b's int8 checkpoint: 1613-1854 -> 752-952 ms (its greedy steps 607-685 -> 698-779);
     None       otherwise (GPUs, weights that never pack, no room). MINIVB_PACK=0 (None) or 1 ("beside")
                overrides the choice."""
     from .fast import can_pack, override

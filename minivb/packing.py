@@ -52,8 +52,9 @@ the text, more than PACK_MAX_ROWS rows) never counts towards packing, but uses t
 faster in bf16, 1.7x in fp32). Never in autograd (training reads the plain weight, and a weight that changes
 counts its products anew).
 Only where `load_model` found room (memory.room_to_pack): for a second copy of every packed weight beside the plain
-one, or, for bf16 weights mapped from the checkpoint, in the plain weight's place (`PackedWeight.replaces`: from
-then on every product reads the copy, one row too, and the weight's pages go back to the OS, `page_out`). Full-size
+one, or, for bf16 weights (and an int8 checkpoint's int8 weights) mapped from the file, in the plain weight's place
+(`PackedWeight.replaces`: from then on every product reads the copy, one row too, and the weight's pages go back to
+the OS, `page_out`). Full-size
 vicuna-7b in bf16, AMD EPYC, 24 GB (where one row read the plain weights through the fused kernel, it never packed):
 5-beam steps 757-828 ms unpacked, 361-425 once packed (one step of 13.5 s packing 13 GB); greedy 396-598 before,
 452-547 reading the copy; resident pages of the file 15.3 GB before, 2.4 after. Without `page_out` (another run,
