@@ -103,8 +103,12 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> 
 #     4096 x 4096       10     0.73           1.87                 2.2            1.9 / 1.0               48
 # One row (2 halves) 2.10 against int8pack_mm's 1.7, so one row keeps its kernels, and a prompt's 150 rows its bf16
 # copies (quant.int8_linear), packed 34.9 / 13.7 ms against 35.9 / 13.5 at a 7B's 11008 / 4096 x 4096, but at
-# flan-t5-xl's widths 5.3 / 15.5 against 3.6 / 8.4 (2048 x 2048 / 2048 x 5120). Packing costs what ~35 products
-# save, as bf16's does: the same rule (PACK_AFTER). Full-size vicuna-7b's int8 checkpoint, 5-beam steps 868-926 ms,
+# flan-t5-xl's widths 5.3 / 15.5 against 3.6 / 8.4 (2048 x 2048 / 2048 x 5120); where the copy replaced an int8
+# checkpoint's weight, both read it (quant.Int8Linear.packed_copy). Packing costs what ~35 products save, as bf16's
+# does: the same rule (PACK_AFTER). (oneDNN packs int8 through its generic reorder, "simple:any" in ONEDNN_VERBOSE,
+# ~0.4 GB/s: vicuna-13b's 12.9 GB in 34.8 s.) The packed product takes the same time for 1 to 10 rows (11008 x 4096:
+# 1.97-2.14 ms, ~22 GB/s; 1 thread 3.6 ms): bound by the kernel's work per weight, not by its rows or by memory,
+# which is why int8 beams gain ~1.5x over bf16's packed product a matrix (2.1 against 3.1 ms), not the 2x of bytes. Full-size vicuna-7b's int8 checkpoint, 5-beam steps 868-926 ms,
 # 388-443 once packed (one step of 18.8 s packing 6.6 GB); flan-t5-xl's, 200-215 -> 140-167 ms (3.6 s). Measured
 # on AMD only (quant.int8_packing_pays).
 int8_refused = False  # set when oneDNN refused to pack an int8 weight here: the unpacked int8 products from then on
