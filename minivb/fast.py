@@ -403,9 +403,10 @@ class Linear(nn.Linear):
     def products(x: torch.Tensor, layers, norm: nn.Module | None = None) -> list[torch.Tensor] | None:
         """`linears`' fast path: the products of one row (normed by `norm`) with several layers' weights in one
         compiled call, or None where a layer takes another route than "fused" (or reads its packed copy)."""
-        copies = [layer.packed.for_one_row(layer.weight) for layer in layers if layer.packed is not None]
-        if any(decode_route(x, layer.weight) != "fused" for layer in layers) or any(c is not None for c in copies):
+        if any(decode_route(x, layer.weight) != "fused" for layer in layers):
             return None
+        if any(layer.packed is not None and layer.packed.for_one_row(layer.weight) is not None for layer in layers):
+            return None  # a copy took a weight's place: the row reads it (forward)
         return fused_linears(x, [layer.weight for layer in layers], [layer.bias for layer in layers], norm)
 
 

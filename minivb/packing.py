@@ -108,9 +108,9 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> 
 # does: the same rule (PACK_AFTER). (oneDNN packs int8 through its generic reorder, "simple:any" in ONEDNN_VERBOSE,
 # ~0.4 GB/s: vicuna-13b's 12.9 GB in 34.8 s.) The packed product takes the same time for 1 to 10 rows (11008 x 4096:
 # 1.97-2.14 ms, ~22 GB/s; 1 thread 3.6 ms): bound by the kernel's work per weight, not by its rows or by memory,
-# which is why int8 beams gain ~1.5x over bf16's packed product a matrix (2.1 against 3.1 ms), not the 2x of bytes. Full-size vicuna-7b's int8 checkpoint, 5-beam steps 868-926 ms,
-# 388-443 once packed (one step of 18.8 s packing 6.6 GB); flan-t5-xl's, 200-215 -> 140-167 ms (3.6 s). Measured
-# on AMD only (quant.int8_packing_pays).
+# which is why int8 beams gain ~1.5x over bf16's packed product a matrix (2.1 against 3.1 ms), not the 2x of bytes.
+# Full-size vicuna-7b's int8 checkpoint, 5-beam steps 868-926 ms, 388-443 once packed (one step of 18.8 s packing
+# 6.6 GB); flan-t5-xl's, 200-215 -> 140-167 ms (3.6 s). Measured on AMD only (quant.int8_packing_pays).
 int8_refused = False  # set when oneDNN refused to pack an int8 weight here: the unpacked int8 products from then on
 
 
@@ -142,17 +142,24 @@ def _unit_scales(out: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ones(out), torch.zeros(out, dtype=torch.long)
 
 
-@functools.cache
-def int8_products_exact() -> bool:
-    """One 2 x 64 x 64 product of int8 extremes through `int8_products` against exact sums: False where oneDNN's
-    kernel saturates (a CPU without VNNI, or ONEDNN_MAX_CPU_ISA capping it below) or the ops are missing."""
+def exact_at_int8_limits(product) -> bool:
+    """One 2 x 64 x 64 product of int8 extremes, `product(a, w)` -> the sums of a @ w.T, against exact sums: False
+    where oneDNN's kernel saturates (a CPU without VNNI, or ONEDNN_MAX_CPU_ISA capping it below: pairs of products
+    summed in 16 bits, which int8 extremes overflow) or the ops are missing. Both int8 routes are checked with it
+    (`int8_products_exact`, quant's torch._int_mm)."""
     a = torch.tensor([[127] * 64, [-128, 127] * 32], dtype=torch.int8)  # (2, 64)
     w = torch.tensor([[127] * 64, [-127] * 64] * 32, dtype=torch.int8)  # (64, 64)
     try:
-        sums = int8_products(a, torch.ops.onednn.qlinear_prepack(w, None), 64)  # |sums| < 2^24: exact in fp32
+        sums = product(a, w)
     except (RuntimeError, AttributeError):
         return False
     return torch.equal(sums.long(), a.long() @ w.long().t())
+
+
+@functools.cache
+def int8_products_exact() -> bool:
+    """Whether `int8_products` is exact here (exact_at_int8_limits; |sums| < 2^24: exact in its fp32 output)."""
+    return exact_at_int8_limits(lambda a, w: int8_products(a, torch.ops.onednn.qlinear_prepack(w, None), w.shape[0]))
 
 
 def _identity(weight: torch.Tensor) -> tuple:

@@ -317,15 +317,9 @@ def integer_products_pay() -> bool:
 
 @functools.cache
 def _int8_products_exact() -> bool:
-    """One 2 x 64 x 64 product of int8 extremes through torch._int_mm against exact sums: False where oneDNN's kernel
-    saturates (a CPU without VNNI, or ONEDNN_MAX_CPU_ISA capping it below: pairs of products summed in 16 bits, which
-    int8 extremes overflow), or where the op is missing."""
-    a = torch.tensor([[127] * 64, [-128, 127] * 32], dtype=torch.int8)  # (2, 64)
-    w = torch.tensor([[127] * 64, [-127] * 64] * 32, dtype=torch.int8)  # (64, 64)
-    try:
-        return torch.equal(_int8_products(a, w).long(), a.long() @ w.long().t())  # the order integer_linear takes
-    except (RuntimeError, AttributeError):
-        return False
+    """Whether torch._int_mm's products, in the order integer_linear takes, are exact here
+    (packing.exact_at_int8_limits)."""
+    return packing.exact_at_int8_limits(_int8_products)
 
 
 def _integer_rows(x: torch.Tensor) -> bool:
