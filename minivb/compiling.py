@@ -1,7 +1,8 @@
 """How minivb compiles its kernels (fast.py's few-row products, quant.py's int8 ones and quantizing,
 decode_attention.py's softmax): torch.compile's inductor, C++ on the CPU, with the plain PyTorch code as the fallback
-wherever no compiler is found or compiling fails (said once, on stderr). The switches below are each measured where
-they are set.
+wherever no compiler is found or compiling fails (said once, on stderr); a kernel with a fast plain route beside it
+is compiled only once it has paid for its compiling (`_renting`). The switches below are each measured where they are
+set.
 """
 
 import functools
@@ -13,6 +14,14 @@ import torch
 import torch.fx.experimental._config  # dynamo's shape switches (use_duck_shape, below)
 
 _compile_failed = False  # set when compiling failed on this machine: the plain paths from then on
+
+
+def override(name: str) -> bool | None:
+    """The switch environment variable `name` sets: True for 1, False for 0, None where it is unset."""
+    value = os.environ.get(name)
+    if value is not None and value not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return None if value is None else value == "1"
 
 
 def _plain_instead(reason: str) -> None:
@@ -92,13 +101,65 @@ def _compile_failure(error: Exception) -> None:
     _compiled.cache_clear()
 
 
-def compiled_or_plain(function, *args, plain=None, normed: bool = False):
+# ----------------------------------------------------------------------------- compiling where it pays
+
+# Compiling costs seconds in every process, even with each kernel in inductor's disk cache: ~1.4 s at the first
+# kernel (dynamo and inductor starting), then 0.1-0.9 s for each kernel and each shape it specialises. Most kernels
+# here have a fast plain route beside them (F.linear, int8pack_mm, the attention's matrix products), which they beat
+# by some microseconds for each MB they read (their callers' `saves`), so a short job never earns its compiling back.
+# So those kernels are rented, as packing.py rents packed weights: their plain routes run until what the compiled
+# kernels would have saved adds up to COMPILE_SECONDS (what compiling costs), then everything compiles at its next
+# call, as does everything once any kernel has compiled (dynamo's start is paid); a decode whose first step shows
+# that its steps to come will pay compiles at once (`expect`). Full-size flan-t5-xl, AMD EPYC, fresh processes from
+# their start, two rounds, compiled at first use / rented: an answer as `ask` gives it (5 beams, 30 tokens) 18.8-21.3
+# / 16.4-17.2 s, a first token 12.6-14.2 / 10.7-11.4 s (more in the README, "How minivb computes on a CPU").
+# MINIVB_COMPILE=1 compiles at first use, 0 never.
+COMPILE_SECONDS = 2.0
+_rent_paid = 0.0  # seconds the rented kernels would have saved so far in this process
+_bought = False  # whether kernels compile from now on
+
+
+def _renting(saves: float) -> bool:
+    """Whether a kernel that would save `saves` seconds in this call takes its plain route (the rent above)."""
+    global _rent_paid, _bought
+    if not _bought:
+        _rent_paid += saves
+        _bought = _rent_paid >= COMPILE_SECONDS
+    return not _bought
+
+
+def rent_paid() -> float:
+    return _rent_paid
+
+
+def expect(seconds: float) -> None:
+    """The rented kernels will save `seconds` more (a decode's steps to come, generate.decode_step): where that
+    and what they saved so far cover compiling, compile from the next call on rather than rent until then."""
+    if _rent_paid + seconds >= COMPILE_SECONDS:
+        buy()
+
+
+def buy() -> None:
+    """Compile from the next call on, as the rent does once it has paid (and a benchmark measuring the steady state)."""
+    global _bought
+    _bought = True
+
+
+def compiled_or_plain(function, *args, plain=None, normed: bool = False, saves: float | None = None):
     """`function(*args)` through its compiled kernel; where there is none or compiling fails, `plain(*args)`: by
-    default `function` itself, run op by op. normed: a kernel that starts with a pre-norm (_NORMED_OPTIONS)."""
+    default `function` itself, run op by op. normed: a kernel that starts with a pre-norm (_NORMED_OPTIONS). saves:
+    the seconds the kernel would save in this call over `plain`, a fast route of its own: `plain` until they have
+    paid for compiling (`_renting`)."""
+    global _bought
+    forced = override("MINIVB_COMPILE")
+    if forced is False or (forced is None and saves is not None and _renting(saves)):
+        return (plain or function)(*args)
     kernel = _compiled(function, normed)
     if kernel is not None:
         try:
-            return kernel(*args)
+            out = kernel(*args)
+            _bought = True  # dynamo has started: the next kernels cost less (above)
+            return out
         except Exception as error:
             _compile_failure(error)
     return (plain or function)(*args)

@@ -39,12 +39,12 @@ on the native-bf16 machine, AMD EPYC with avx512_bf16, 2 cores; the AVX2 numbers
 The kernels this file and the others compile are built, and fall back to plain PyTorch, in compiling.py.
 
 Switches (0 or 1) that override a choice, to test or where the flags mislead: MINIVB_NATIVE_BF16 (`has_native_bf16`),
-MINIVB_PACK (load_model's packing: memory.room_to_pack), MINIVB_FUSED (`compiled_rows_pay`).
+MINIVB_PACK (load_model's packing: memory.room_to_pack), MINIVB_FUSED (`compiled_rows_pay`), MINIVB_COMPILE
+(compiling.py: kernels compiled at first use, or never, where by default they are rented until they pay).
 """
 
 import contextlib
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
@@ -52,19 +52,11 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import compiling, converting, packing
-from .compiling import compiled_or_plain
+from .compiling import compiled_or_plain, override
 
 # ----------------------------------------------------------------------------- 1. the compute dtype
 
 PHASES = ("vision", "prefill", "decode")  # vision: ViT + Q-Former; prefill: the language model over the prompt
-
-
-def override(name: str) -> bool | None:
-    """The switch environment variable `name` sets: True for 1, False for 0, None where it is unset."""
-    value = os.environ.get(name)
-    if value is not None and value not in ("0", "1"):
-        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
-    return None if value is None else value == "1"
 
 
 def has_native_bf16() -> bool:
@@ -187,6 +179,13 @@ FUSED_MIN_WEIGHTS = 512 * 1024
 # 5 rows x fp32 matrices (1 thread): 2048 x 768 F.linear 419 us, weight @ x.T 531 us; 32002 x 768 (a lm_head)
 # F.linear 17.3 ms, weight @ x.T 10.1 ms. The matrix route pays only for large matrices.
 MATRIX_MIN_WEIGHTS = 4 * 1024 * 1024
+# What the fused kernel saves over F.linear, its plain route (compiling.py rents it until that pays for compiling),
+# for each byte of weights it reads: in a model, a full-size vicuna-7b's greedy steps (its weights the checkpoint's
+# mapped pages), AMD EPYC, 0.86-0.89 s a step through F.linear, 0.37-0.42 compiled: 37 us a MB. Alone (2 threads,
+# one bf16 row, ~1.2 GB of each shape cycled in memory of its own, best of 5, ms F.linear / fused): 2048 x 2048 0.440
+# / 0.294, 5120 x 2048 1.10 / 0.76, 4096 x 4096 2.15 / 1.32, 11008 x 4096 5.21 / 3.23, 4096 x 11008 4.48 / 3.71,
+# 32128 x 2048 6.47 / 3.98: 8.5-25 us a MB.
+FUSED_SAVES_PER_BYTE = 37e-12  # s
 # inductor sums reductions longer than 4096 through a slower, more precise "cascade" helper; cutting each row
 # into equal chunks of at most this many keeps the plain vectorized sum (11008-long rows: 7.2 ms, not 10.2).
 FUSED_CHUNK = 4096
@@ -209,6 +208,7 @@ def _row_times_matrix(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 #     this kernel    8.1    9.2   10.6   12.7   22.8
 # (With native bf16, the other routes are the faster. As one broadcast product, each weight converted per row: 24.2.)
 FEW_ROWS = 8
+ROWS_SAVES_PER_BYTE = 98e-12  # s a byte of weights, 5 rows (the table: 2 rows 23 us a MB, 8 rows 130)
 
 
 def _rows_times_matrix(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -245,17 +245,23 @@ def _chunks(in_features: int) -> int:
     return 1 if in_features // chunks < 256 else chunks  # awkward (prime-like) widths: the cascade sum, not tiny chunks
 
 
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def fused_linears(x: torch.Tensor, weights: list, biases: list, norm: nn.Module | None = None) -> list[torch.Tensor]:
     """[F.linear(norm(x), w, b) for w, b in zip(weights, biases)] for one row (..., in) and weights of the same width,
     through one call of the compiled kernel (plain F.linear where there is none); norm None: x as it is."""
     chunks = _chunks(weights[0].shape[1])
     matrices = [w.reshape(w.shape[0], chunks, -1) for w in weights]  # (out, chunks, in / chunks)
+    saves = FUSED_SAVES_PER_BYTE * _bytes(weights)
     if norm is not None:
         outs = compiled_or_plain(_normed_row_times_matrices, norm, x.reshape(1, -1), *matrices,
-                                 plain=_plain_normed_rows_times_matrices, normed=True)
+                                 plain=_plain_normed_rows_times_matrices, normed=True, saves=saves)
     else:
         function = _row_times_matrix if len(weights) == 1 else _row_times_matrices
-        outs = compiled_or_plain(function, x.reshape(1, chunks, -1), *matrices, plain=_plain_rows_times_matrices)
+        outs = compiled_or_plain(function, x.reshape(1, chunks, -1), *matrices, plain=_plain_rows_times_matrices,
+                                 saves=saves)
         outs = [outs] if len(weights) == 1 else outs  # (1, out) each
     return [(out if bias is None else out + bias).reshape(*x.shape[:-1], out.shape[-1])
             for out, bias in zip(outs, biases)]
@@ -267,7 +273,7 @@ def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     chunks = _chunks(weight.shape[1])
     rows = x.reshape(-1, chunks, weight.shape[1] // chunks)  # (R, chunks, in / chunks)
     out = compiled_or_plain(_rows_times_matrix, rows, weight.reshape(weight.shape[0], chunks, -1),
-                            plain=_plain_rows_times_matrices)  # (R, out)
+                            plain=_plain_rows_times_matrices, saves=ROWS_SAVES_PER_BYTE * _bytes([weight]))  # (R, out)
     out = out if bias is None else out + bias
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
@@ -405,8 +411,8 @@ class Linear(nn.Linear):
         compiled call, or None where a layer takes another route than "fused" (or reads its packed copy)."""
         if any(decode_route(x, layer.weight) != "fused" for layer in layers):
             return None
-        if any(layer.packed is not None and layer.packed.for_one_row(layer.weight) is not None for layer in layers):
-            return None  # a copy took a weight's place: the row reads it (forward)
+        if packing.copy_replaced_a_weight(layers):
+            return None  # the row reads the copy (forward)
         return fused_linears(x, [layer.weight for layer in layers], [layer.bias for layer in layers], norm)
 
 

@@ -239,3 +239,10 @@ class PackedWeight:
             if self.replaces:
                 page_out(weight)
         return packed
+
+
+def copy_replaced_a_weight(layers) -> bool:
+    """Whether one row times any of `layers` (fast.Linear, quant.Int8Linear) reads a packed copy in place of its
+    weight (PackedWeight.for_one_row): then fast.linears' one call for several layers steps aside, each layer reading
+    its own copy."""
+    return any(layer.packed is not None and layer.packed.for_one_row(layer.weight) is not None for layer in layers)

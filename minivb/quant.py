@@ -94,7 +94,7 @@ class Int8Linear(nn.Module):
             return None
         if _packed_rows(x):
             return self.packed.get(self.weight, x.numel() // x.shape[-1], make=packing.pack_int8)
-        if self.packed.replaces and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
+        if self.packed.replaces and x.device.type == "cpu" and _without_autograd(x):
             return self.packed.current(self.weight)
         return None
 
@@ -110,8 +110,8 @@ class Int8Linear(nn.Module):
         or None where a layer takes another route."""
         if not (x.device.type == "cpu" and x.dtype == torch.bfloat16 and all(_fused_row(x, m.weight) for m in layers)):
             return None
-        if any(m.packed is not None and m.packed.for_one_row(m.weight) is not None for m in layers):
-            return None  # a copy took a weight's place: the row reads it (forward)
+        if packing.copy_replaced_a_weight(layers):
+            return None  # the row reads the copy (forward)
         outs = int8_rows_linears(x.reshape(1, -1), [(m.weight, m.weight_scale.to(x.dtype)) for m in layers], norm)
         return [(out if m.bias is None else out + m.bias).reshape(*x.shape[:-1], m.out_features)
                 for out, m in zip(outs, layers)]
@@ -163,6 +163,11 @@ INT8_MATMUL_ROWS = 8
 # A greedy step of LLaMA at 7B widths, 4 layers and the lm_head, best of 4 rounds alternating: int8pack_mm everywhere
 # 40.8 ms, this kernel where it pays 37.1 ms, bf16 56.5 ms (1.39x -> 1.52x bf16).
 INT8_FUSED_MAX_IN = 4096
+# What it saves over int8pack_mm, its plain route (compiling.py rents it until that pays for compiling), for each byte
+# of int8 weights, one matrix a call (AMD EPYC, 2 threads, ~2.4 GB of each shape cycled, best of 5, ms int8pack_mm /
+# compiled): 2048 x 2048 0.263 / 0.304, 5120 x 2048 0.70 / 0.58, 4096 x 4096 0.74 / 0.68, 11008 x 4096 2.14 / 1.90,
+# 32128 x 2048 3.63 / 2.27: -10 to 21 us a MB; with a layer's products and pre-norm in one call, the 9 % above.
+INT8_FUSED_SAVES_PER_BYTE = 5e-12  # s
 # int8pack_mm (PyTorch 2.13, AMD EPYC) takes widths (in) that are multiples of 16 only: at others (8, 24, 100, 300)
 # it crashed the process for several rows and returned NaN or 1e32 for one. The official widths are multiples of 64;
 # any other takes the block copies (and, for one row, no compiled kernel: its plain fallback is int8pack_mm).
@@ -232,10 +237,11 @@ def int8_rows_linears(row: torch.Tensor, weights_and_scales: list, norm: nn.Modu
     """One bf16 row (1, in), normed by `norm` where given, times several int8 (weight, scales) of the same width ->
     [(1, out)], in one call of the compiled kernel (int8pack_mm where none compiles)."""
     flat = [tensor for pair in weights_and_scales for tensor in pair]
+    saves = INT8_FUSED_SAVES_PER_BYTE * fast._bytes(flat[0::2])
     if norm is not None:
         return list(compiled_or_plain(_int8_normed_row_times_matrices, norm, row, *flat,
-                                           plain=_plain_int8_normed_rows, normed=True))
-    return list(compiled_or_plain(_int8_row_times_matrices, row.float(), *flat, plain=_int8pack_rows))
+                                      plain=_plain_int8_normed_rows, normed=True, saves=saves))
+    return list(compiled_or_plain(_int8_row_times_matrices, row.float(), *flat, plain=_int8pack_rows, saves=saves))
 
 
 # Several rows (beams, a batch's decode steps) on a CPU with int8 dot-product instructions (x86 VNNI, AMX):
@@ -322,6 +328,12 @@ def _int8_products_exact() -> bool:
     return packing.exact_at_int8_limits(_int8_products)
 
 
+def _without_autograd(x: torch.Tensor) -> bool:
+    """Whether nothing will differentiate through a product of x: the integer and packed routes round x to a grid,
+    which has no gradient."""
+    return not (torch.is_grad_enabled() and x.requires_grad)
+
+
 def _integer_rows(x: torch.Tensor) -> bool:
     """Whether x (..., in) takes integer_linear: on a CPU where it pays, several rows, up to INTEGER_MAX_ROWS of bf16
     (on AMD, more than INT8_MATMUL_ROWS) or any number of fp32 (above); outside autograd (the grid's rounding has no
@@ -329,7 +341,7 @@ def _integer_rows(x: torch.Tensor) -> bool:
     rows = x.numel() // x.shape[-1]
     fewest = INT8_MATMUL_ROWS + 1 if x.dtype != torch.float32 and "AuthenticAMD" in fast._cpu_flags() else 2
     return (fewest <= rows and (rows <= INTEGER_MAX_ROWS or x.dtype == torch.float32) and x.device.type == "cpu"
-            and not (torch.is_grad_enabled() and x.requires_grad) and integer_products_pay())
+            and _without_autograd(x) and integer_products_pay())
 
 
 # ----------------------------------------------------------------------------- int8 weights packed once, for beams
@@ -355,7 +367,7 @@ def _packed_rows(x: torch.Tensor) -> bool:
     """Whether x (..., in) may take (and count towards) a packed copy: 2 to packing.PACK_MAX_ROWS rows on a CPU,
     outside autograd. A prompt's rows keep the block copies, which are as fast or faster (packing.py's table)."""
     return (1 < x.numel() // x.shape[-1] <= packing.PACK_MAX_ROWS and x.device.type == "cpu" and x.is_floating_point()
-            and not (torch.is_grad_enabled() and x.requires_grad) and int8_packing_pays())
+            and _without_autograd(x) and int8_packing_pays())
 
 
 # quantize_rows run op by op makes five passes over fp32 copies of each block of rows (float, abs, divide,

@@ -1,8 +1,8 @@
 """minivb/fast.py: the compute-dtype rule, the fp32 compute of bf16 weights, and the decode products.
 
 Both kinds of machine are tested on whichever one runs the tests: MINIVB_NATIVE_BF16=0/1 overrides the detection,
-and MINIVB_FUSED=1 takes the compiled one-row kernels on any processor (by default, AMD's only).
-The compiled kernel is tested on tiny matrices by lowering the size threshold that keeps it out of the other tests.
+and MINIVB_FUSED=1 takes the compiled one-row kernels on any processor (by default, AMD's only); MINIVB_COMPILE=1
+compiles them at first use (the rent of compiling.py is tested on its own). The compiled kernel is tested on tiny matrices by lowering the size threshold that keeps it out of the other tests.
 """
 
 import copy
@@ -28,8 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(autouse=True)
 def compiled_rows(monkeypatch):
-    """The compiled one-row kernels, whichever processor runs the tests (fast.compiled_rows_pay)."""
+    """The compiled one-row kernels, whichever processor runs the tests (fast.compiled_rows_pay), compiled at first
+    use (not rented until they pay: compiling.py)."""
     monkeypatch.setenv("MINIVB_FUSED", "1")
+    monkeypatch.setenv("MINIVB_COMPILE", "1")
 
 
 @pytest.fixture
@@ -392,6 +394,76 @@ def test_fast_decode_generates_the_plain_tokens(bf16_model, monkeypatch):
         finite = want.isfinite()  # EOS is -inf until min_new_tokens
         assert torch.equal(finite, got.isfinite())
         assert (got[finite] - want[finite]).abs().max() <= 0.05 * want[finite].abs().max()
+
+
+@pytest.fixture
+def rent(monkeypatch):
+    """compiling.py's rent as a fresh process has it: nothing paid, nothing compiled."""
+    monkeypatch.delenv("MINIVB_COMPILE")
+    monkeypatch.setattr(compiling, "_rent_paid", 0.0)
+    monkeypatch.setattr(compiling, "_bought", False)
+
+
+def test_kernels_with_a_fast_plain_route_are_rented_until_they_pay(monkeypatch, rent):
+    """A one-row product takes F.linear (its plain route) until what the compiled kernel would have saved adds up to
+    COMPILE_SECONDS, then the kernel; a kernel with no fast plain route (quantizing) compiles at once, and once one
+    has, so do the rented ones; MINIVB_COMPILE=1 compiles at first use, 0 never."""
+    monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)
+    x, w = torch.randn(1, 32), torch.randn(64, 32)
+    monkeypatch.setattr(compiling, "COMPILE_SECONDS", 2.5 * fast.FUSED_SAVES_PER_BYTE * w.numel() * 4)  # paid at the 3rd
+    plain_calls, plain = [], fast._plain_rows_times_matrices
+    monkeypatch.setattr(fast, "_plain_rows_times_matrices", lambda *args: plain_calls.append(1) or plain(*args))
+    compiles = compiling._compiler_found()
+
+    def products(n):
+        plain_calls.clear()
+        for _ in range(n):
+            torch.testing.assert_close(fast.fused_linears(x, [w], [None])[0], F.linear(x, w))
+        return len(plain_calls)
+
+    assert products(4) == (2 if compiles else 4) and compiling._bought == compiles
+    monkeypatch.setattr(compiling, "_rent_paid", 0.0)
+    monkeypatch.setattr(compiling, "_bought", False)
+    monkeypatch.setenv("MINIVB_COMPILE", "0")
+    assert products(4) == 4 and not compiling._bought  # never compiled, nothing counted
+    assert torch.equal(quant.quantize_block(w)[0], quant.quantize_rows(w)[0]) and not compiling._bought
+    monkeypatch.setenv("MINIVB_COMPILE", "1")
+    assert products(2) == (0 if compiles else 2)
+    monkeypatch.setattr(compiling, "_bought", False)
+    monkeypatch.delenv("MINIVB_COMPILE")
+    if compiles:
+        monkeypatch.setattr(quant, "QUANTIZE_COMPILE_MIN", 0)
+        quant.quantize_block(w)  # compiled at once: dynamo has started
+        assert compiling._bought and compiling._rent_paid == 0 and products(1) == 0
+
+
+@torch.no_grad()
+def test_a_decode_rents_its_first_step_and_compiles_where_the_steps_to_come_pay(bf16_model, monkeypatch, rent):
+    """compiling.py's rent in generate (generate.decode_step): the first decode step takes the plain routes, and what
+    it paid tells what the steps to come would; where that covers COMPILE_SECONDS they compile from the second step
+    on, with the same tokens; where it does not, the whole decode rents."""
+    model, batch = bf16_model
+    batch = {k: v[:1] for k, v in batch.items() if k != "labels"}  # one row: greedy decoding's one-row products
+    monkeypatch.setenv("MINIVB_NATIVE_BF16", "1")  # the prompt in bf16 too: its last row's lm_head is one row
+    monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)
+    plain_calls, plain, plain_normed = [], fast._plain_rows_times_matrices, fast._plain_normed_rows_times_matrices
+    monkeypatch.setattr(fast, "_plain_rows_times_matrices", lambda *a: plain_calls.append(1) or plain(*a))
+    monkeypatch.setattr(fast, "_plain_normed_rows_times_matrices", lambda *a: plain_calls.append(1) or plain_normed(*a))
+    weights = [layer.weight for layer in model.language_model.modules() if isinstance(layer, fast.Linear)]
+    monkeypatch.setattr(compiling, "COMPILE_SECONDS", 4 * fast.FUSED_SAVES_PER_BYTE * fast._bytes(weights))  # 4 steps
+
+    short = model.generate(**batch, max_new_tokens=3, min_new_tokens=3)  # the prompt's lm_head and 2 steps: ~2 steps
+    assert not compiling._bought and len(plain_calls) == 1 + 2 * 9  # a step: 2 layers x 4 calls, and the lm_head
+    routes = fast.decode_route
+    monkeypatch.setattr(fast, "decode_route", lambda *args: "plain")  # the reference: F.linear throughout
+    reference = model.generate(**batch, max_new_tokens=6, min_new_tokens=6)
+    monkeypatch.setattr(fast, "decode_route", routes)
+    monkeypatch.setattr(compiling, "_rent_paid", 0.0)
+    plain_calls.clear()
+    long = model.generate(**batch, max_new_tokens=6, min_new_tokens=6)  # step 1 paid ~1, the 4 to come ~4 more
+    compiles = compiling._compiler_found()
+    assert compiling._bought and len(plain_calls) == (1 + 9 if compiles else 1 + 5 * 9)
+    assert torch.equal(long, reference) and torch.equal(short, reference[:, :3])
 
 
 def test_no_compiler_falls_back_with_a_notice(monkeypatch, capsys, fresh_kernel):
