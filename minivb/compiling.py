@@ -145,6 +145,11 @@ def buy() -> None:
     _bought = True
 
 
+def bytes_of(tensors) -> int:
+    """The bytes `tensors` hold: what a product or an attention reads, which its `saves` are counted by."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def compiled_or_plain(function, *args, plain=None, normed: bool = False, saves: float | None = None):
     """`function(*args)` through its compiled kernel; where there is none or compiling fails, `plain(*args)`: by
     default `function` itself, run op by op. normed: a kernel that starts with a pre-norm (_NORMED_OPTIONS). saves:

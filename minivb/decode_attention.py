@@ -5,7 +5,7 @@ and LLaMA's beams, which attend to the prompt they share once for all of them (a
 import torch
 import torch.nn.functional as F
 
-from .compiling import compiled_or_plain
+from .compiling import bytes_of, compiled_or_plain
 from .fast import compiled_rows_pay
 
 
@@ -46,7 +46,7 @@ ATTENTION_SAVES_PER_BYTE = 15e-12  # s
 
 def _compiled_attention_rows(q, k, v, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     """_attention_rows through the compiled _attention_rows_summed, where compiling has paid (compiling.py)."""
-    saves = ATTENTION_SAVES_PER_BYTE * 2 * k.numel() * k.element_size()
+    saves = ATTENTION_SAVES_PER_BYTE * bytes_of([k, v])
     return compiled_or_plain(_attention_rows_summed, q, k, v, mask, scale, plain=_attention_rows, saves=saves)
 
 

@@ -36,7 +36,8 @@ on the native-bf16 machine, AMD EPYC with avx512_bf16, 2 cores; the AVX2 numbers
 4. Quantizing while loading: quant.quantize_block compiles int8 quantization's five passes over fp32 copies of each
    block into two (a 7B's 6.6 G linear weights: 7-13 s -> ~3 s).
 
-The kernels this file and the others compile are built, and fall back to plain PyTorch, in compiling.py.
+The kernels this file and the others compile are built, rented on their plain routes until compiling pays, and fall
+back to plain PyTorch, in compiling.py.
 
 Switches (0 or 1) that override a choice, to test or where the flags mislead: MINIVB_NATIVE_BF16 (`has_native_bf16`),
 MINIVB_PACK (load_model's packing: memory.room_to_pack), MINIVB_FUSED (`compiled_rows_pay`), MINIVB_COMPILE
@@ -179,12 +180,9 @@ FUSED_MIN_WEIGHTS = 512 * 1024
 # 5 rows x fp32 matrices (1 thread): 2048 x 768 F.linear 419 us, weight @ x.T 531 us; 32002 x 768 (a lm_head)
 # F.linear 17.3 ms, weight @ x.T 10.1 ms. The matrix route pays only for large matrices.
 MATRIX_MIN_WEIGHTS = 4 * 1024 * 1024
-# What the fused kernel saves over F.linear, its plain route (compiling.py rents it until that pays for compiling),
-# for each byte of weights it reads: in a model, a full-size vicuna-7b's greedy steps (its weights the checkpoint's
-# mapped pages), AMD EPYC, 0.86-0.89 s a step through F.linear, 0.37-0.42 compiled: 37 us a MB. Alone (2 threads,
-# one bf16 row, ~1.2 GB of each shape cycled in memory of its own, best of 5, ms F.linear / fused): 2048 x 2048 0.440
-# / 0.294, 5120 x 2048 1.10 / 0.76, 4096 x 4096 2.15 / 1.32, 11008 x 4096 5.21 / 3.23, 4096 x 11008 4.48 / 3.71,
-# 32128 x 2048 6.47 / 3.98: 8.5-25 us a MB.
+# What it saves over F.linear, its plain route (compiling.py rents it until that pays), a byte of weights read: full
+# vicuna-7b's greedy steps, weights mapped, AMD: 0.86-0.89 s through F.linear, 0.37-0.42 compiled, 37 us a MB (alone,
+# weights in memory of their own, 2048 x 2048 to 32128 x 2048 matrices: 8.5-25 us a MB).
 FUSED_SAVES_PER_BYTE = 37e-12  # s
 # inductor sums reductions longer than 4096 through a slower, more precise "cascade" helper; cutting each row
 # into equal chunks of at most this many keeps the plain vectorized sum (11008-long rows: 7.2 ms, not 10.2).
@@ -245,16 +243,12 @@ def _chunks(in_features: int) -> int:
     return 1 if in_features // chunks < 256 else chunks  # awkward (prime-like) widths: the cascade sum, not tiny chunks
 
 
-def _bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 def fused_linears(x: torch.Tensor, weights: list, biases: list, norm: nn.Module | None = None) -> list[torch.Tensor]:
     """[F.linear(norm(x), w, b) for w, b in zip(weights, biases)] for one row (..., in) and weights of the same width,
     through one call of the compiled kernel (plain F.linear where there is none); norm None: x as it is."""
     chunks = _chunks(weights[0].shape[1])
     matrices = [w.reshape(w.shape[0], chunks, -1) for w in weights]  # (out, chunks, in / chunks)
-    saves = FUSED_SAVES_PER_BYTE * _bytes(weights)
+    saves = FUSED_SAVES_PER_BYTE * compiling.bytes_of(weights)
     if norm is not None:
         outs = compiled_or_plain(_normed_row_times_matrices, norm, x.reshape(1, -1), *matrices,
                                  plain=_plain_normed_rows_times_matrices, normed=True, saves=saves)
@@ -272,8 +266,9 @@ def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     there is none)."""
     chunks = _chunks(weight.shape[1])
     rows = x.reshape(-1, chunks, weight.shape[1] // chunks)  # (R, chunks, in / chunks)
+    saves = ROWS_SAVES_PER_BYTE * compiling.bytes_of([weight])
     out = compiled_or_plain(_rows_times_matrix, rows, weight.reshape(weight.shape[0], chunks, -1),
-                            plain=_plain_rows_times_matrices, saves=ROWS_SAVES_PER_BYTE * _bytes([weight]))  # (R, out)
+                            plain=_plain_rows_times_matrices, saves=saves)  # (R, out)
     out = out if bias is None else out + bias
     return out.reshape(*x.shape[:-1], weight.shape[0])
 

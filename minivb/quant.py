@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import converting, fast, packing
+from . import compiling, converting, fast, packing
 from .compiling import compiled_or_plain
 
 QUANTIZE_CHOICES = ("int8",)
@@ -237,7 +237,7 @@ def int8_rows_linears(row: torch.Tensor, weights_and_scales: list, norm: nn.Modu
     """One bf16 row (1, in), normed by `norm` where given, times several int8 (weight, scales) of the same width ->
     [(1, out)], in one call of the compiled kernel (int8pack_mm where none compiles)."""
     flat = [tensor for pair in weights_and_scales for tensor in pair]
-    saves = INT8_FUSED_SAVES_PER_BYTE * fast._bytes(flat[0::2])
+    saves = INT8_FUSED_SAVES_PER_BYTE * compiling.bytes_of(flat[0::2])
     if norm is not None:
         return list(compiled_or_plain(_int8_normed_row_times_matrices, norm, row, *flat,
                                       plain=_plain_int8_normed_rows, normed=True, saves=saves))

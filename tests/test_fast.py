@@ -2,7 +2,8 @@
 
 Both kinds of machine are tested on whichever one runs the tests: MINIVB_NATIVE_BF16=0/1 overrides the detection,
 and MINIVB_FUSED=1 takes the compiled one-row kernels on any processor (by default, AMD's only); MINIVB_COMPILE=1
-compiles them at first use (the rent of compiling.py is tested on its own). The compiled kernel is tested on tiny matrices by lowering the size threshold that keeps it out of the other tests.
+compiles them at first use (the rent of compiling.py is tested on its own). The compiled kernel is tested on tiny
+matrices by lowering the size threshold that keeps it out of the other tests.
 """
 
 import copy
@@ -410,7 +411,7 @@ def test_kernels_with_a_fast_plain_route_are_rented_until_they_pay(monkeypatch, 
     has, so do the rented ones; MINIVB_COMPILE=1 compiles at first use, 0 never."""
     monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)
     x, w = torch.randn(1, 32), torch.randn(64, 32)
-    monkeypatch.setattr(compiling, "COMPILE_SECONDS", 2.5 * fast.FUSED_SAVES_PER_BYTE * w.numel() * 4)  # paid at the 3rd
+    monkeypatch.setattr(compiling, "COMPILE_SECONDS", 2.5 * fast.FUSED_SAVES_PER_BYTE * compiling.bytes_of([w]))
     plain_calls, plain = [], fast._plain_rows_times_matrices
     monkeypatch.setattr(fast, "_plain_rows_times_matrices", lambda *args: plain_calls.append(1) or plain(*args))
     compiles = compiling._compiler_found()
@@ -421,7 +422,7 @@ def test_kernels_with_a_fast_plain_route_are_rented_until_they_pay(monkeypatch, 
             torch.testing.assert_close(fast.fused_linears(x, [w], [None])[0], F.linear(x, w))
         return len(plain_calls)
 
-    assert products(4) == (2 if compiles else 4) and compiling._bought == compiles
+    assert products(4) == (2 if compiles else 4) and compiling._bought == compiles  # paid at the 3rd
     monkeypatch.setattr(compiling, "_rent_paid", 0.0)
     monkeypatch.setattr(compiling, "_bought", False)
     monkeypatch.setenv("MINIVB_COMPILE", "0")
@@ -450,7 +451,8 @@ def test_a_decode_rents_its_first_step_and_compiles_where_the_steps_to_come_pay(
     monkeypatch.setattr(fast, "_plain_rows_times_matrices", lambda *a: plain_calls.append(1) or plain(*a))
     monkeypatch.setattr(fast, "_plain_normed_rows_times_matrices", lambda *a: plain_calls.append(1) or plain_normed(*a))
     weights = [layer.weight for layer in model.language_model.modules() if isinstance(layer, fast.Linear)]
-    monkeypatch.setattr(compiling, "COMPILE_SECONDS", 4 * fast.FUSED_SAVES_PER_BYTE * fast._bytes(weights))  # 4 steps
+    step = fast.FUSED_SAVES_PER_BYTE * compiling.bytes_of(weights)  # what a step's products would save
+    monkeypatch.setattr(compiling, "COMPILE_SECONDS", 4 * step)
 
     short = model.generate(**batch, max_new_tokens=3, min_new_tokens=3)  # the prompt's lm_head and 2 steps: ~2 steps
     assert not compiling._bought and len(plain_calls) == 1 + 2 * 9  # a step: 2 layers x 4 calls, and the lm_head
