@@ -129,6 +129,7 @@ def _renting(saves: float) -> bool:
 
 
 def rent_paid() -> float:
+    """The seconds the rented kernels would have saved so far in this process."""
     return _rent_paid
 
 

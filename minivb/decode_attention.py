@@ -36,11 +36,10 @@ def _attention_rows_summed(q, k, v, mask: torch.Tensor | None, scale: float) -> 
     return (weights[..., None] * v[:, None].float()).sum(-2).to(q.dtype)  # (N, G, Dh)
 
 
-# What the compiled kernel saves over _attention_rows, its plain route (compiling.py rents it until that pays for
-# compiling), for each byte of keys and values it reads: AMD EPYC, 2 threads, a layer's attention of one row, 32
-# layers' caches cycled, ms SDPA / _attention_rows / compiled: 7B widths 160 keys 0.606 / 0.226 / 0.220, 600 keys
-# 2.28 / 0.74 / 0.58; 5 beams' own 20 tokens 0.387 / 0.179 / 0.162; flan-t5-xl's cross-attention (136 keys, 32 heads
-# of 64) 0.248 / 0.135 / 0.114, its self-attention (20 keys) 0.044 / 0.075 / 0.067: 2-50 us a MB.
+# What the compiled kernel saves over _attention_rows, its plain route (compiling.py rents it until that pays), for
+# each byte of keys and values it reads: 2-50 us a MB (AMD EPYC, 2 threads, 32 layers' caches cycled: `attention`'s
+# figures, and flan-t5-xl's cross-attention, 136 keys x 32 heads of 64, 0.135 / 0.114 ms; its self-attention, 20
+# keys, 0.075 / 0.067).
 ATTENTION_SAVES_PER_BYTE = 15e-12  # s
 
 
