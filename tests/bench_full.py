@@ -248,7 +248,7 @@ def worker(args) -> None:
 
     with torch.no_grad():
         start = time.perf_counter()
-        logits = first_logits()  # from cold: the warm-up of everything lazy (minivb compiles its one-row kernel)
+        logits = first_logits()  # from cold: the warm-up of everything lazy (minivb: the rented kernels)
         result["cold_first_token_s"] = time.perf_counter() - start
         torch.save(logits.float(), args.result + ".pt")
         K = args.tokens
