@@ -110,7 +110,7 @@ def _compile_failure(error: Exception) -> None:
 # So those kernels are rented, as packing.py rents packed weights: their plain routes run until what the compiled
 # kernels would have saved adds up to COMPILE_SECONDS (what compiling costs), then everything compiles at its next
 # call, as does everything once any kernel has compiled (dynamo's start is paid); a decode whose first step shows
-# that its steps to come will pay compiles at once (`expect`). Full-size flan-t5-xl, AMD EPYC, fresh processes from
+# that its steps to come will pay compiles at once (`first_of`). Full-size flan-t5-xl, AMD EPYC, fresh processes from
 # their start, two rounds, compiled at first use / rented: an answer as `ask` gives it (5 beams, 30 tokens) 18.8-21.3
 # / 16.4-17.2 s, a first token 12.6-14.2 / 10.7-11.4 s (more in the README, "How minivb computes on a CPU").
 # MINIVB_COMPILE=1 compiles at first use, 0 never.
@@ -128,16 +128,15 @@ def _renting(saves: float) -> bool:
     return not _bought
 
 
-def rent_paid() -> float:
-    """The seconds the rented kernels would have saved so far in this process."""
-    return _rent_paid
-
-
-def expect(seconds: float) -> None:
-    """The rented kernels will save `seconds` more (a decode's steps to come, generate.decode_step): where that
-    and what they saved so far cover compiling, compile from the next call on rather than rent until then."""
-    if _rent_paid + seconds >= COMPILE_SECONDS:
+def first_of(steps: int, run, *args):
+    """run(*args), the first of `steps` alike (a decode's steps: generate.decode_step). Where what its rented kernels
+    would have saved, as much again at each step to come, covers compiling, compile from the next call on rather
+    than rent until then."""
+    paid = _rent_paid
+    out = run(*args)
+    if _rent_paid + (_rent_paid - paid) * (steps - 1) >= COMPILE_SECONDS:
         buy()
+    return out
 
 
 def buy() -> None:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from . import compiling
 from .llama import KVCache
-from .model import check_context
+from .model import check_arguments, check_context, special_token
 from .t5 import T5Cache
 
 PRUNED = -1.0e9  # transformers' "never pick this" score in beam search; the same constant keeps sums identical
@@ -137,15 +137,11 @@ def decode_one_token(model, state: DecodeState, tokens: torch.LongTensor) -> tor
 
 
 def decode_step(model, state: DecodeState, tokens: torch.LongTensor, step: int, max_new_tokens: int) -> torch.Tensor:
-    """decode_one_token at `step` of a decode of up to max_new_tokens. A speed concern, not generation's: the first
-    step's compiled kernels are rented (compiling.py), and what it paid tells what the steps to come will pay; where
-    that covers compiling, they compile from the next step on, rather than rent for several steps more (full-size
-    vicuna-7b, greedy: ~4 steps of 0.87 s against 0.38 s compiled)."""
-    paid = compiling.rent_paid()
-    logits = decode_one_token(model, state, tokens)
+    """decode_one_token at `step` (1..) of up to max_new_tokens. A speed concern, not generation's: the first step
+    tells compiling.py whether the steps to come pay for compiling its kernels (compiling.first_of)."""
     if step == 1:
-        compiling.expect((compiling.rent_paid() - paid) * (max_new_tokens - 2))
-    return logits
+        return compiling.first_of(max_new_tokens - 1, decode_one_token, model, state, tokens)
+    return decode_one_token(model, state, tokens)
 
 
 # ----------------------------------------------------------------------------- logits processors
@@ -368,45 +364,6 @@ def pad_rows(rows, pad):
 
 
 # ----------------------------------------------------------------------------- the entry point
-
-
-def check_arguments(args: dict) -> None:
-    """Refuse, naming the argument, what transformers would refuse or silently misread."""
-    for name, low in (("max_new_tokens", 0), ("min_new_tokens", 0), ("num_beams", 1), ("num_return_sequences", 1),
-                      ("no_repeat_ngram_size", 0), ("top_k", 0)):
-        if not isinstance(args[name], int) or isinstance(args[name], bool) or args[name] < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {args[name]!r}")
-    for name in ("do_sample", "return_trace", "use_cache", "interpolate_pos_encoding"):
-        if not isinstance(args[name], bool):
-            raise ValueError(f"{name} must be True or False, got {args[name]!r}")
-    for name in ("length_penalty", "repetition_penalty", "temperature", "top_p"):
-        value = args[name]
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if args["min_new_tokens"] > args["max_new_tokens"]:
-        raise ValueError(f"min_new_tokens ({args['min_new_tokens']}) must not exceed max_new_tokens "
-                         f"({args['max_new_tokens']})")
-    if not (args["early_stopping"] is True or args["early_stopping"] is False or args["early_stopping"] == "never"):
-        raise ValueError(f"early_stopping must be True, False or 'never', got {args['early_stopping']!r}")
-    if args["repetition_penalty"] <= 0:
-        raise ValueError(f"repetition_penalty must be > 0 (1.0 means none), got {args['repetition_penalty']}")
-    if not 0 < args["top_p"] <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (1.0 means no filtering), got {args['top_p']}")
-    if args["do_sample"] and args["temperature"] <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {args['temperature']} (greedy: do_sample=False)")
-    num_beams, num_return_sequences = args["num_beams"], args["num_return_sequences"]
-    if num_return_sequences > num_beams and not (num_beams == 1 and args["do_sample"]):
-        raise ValueError(f"num_return_sequences ({num_return_sequences}) must not exceed num_beams ({num_beams}) "
-                         "unless sampling: greedy decoding and beam search keep at most num_beams answers")
-    if args["generator"] is not None and not isinstance(args["generator"], torch.Generator):
-        raise ValueError(f"generator must be a torch.Generator or None, got {type(args['generator']).__name__}")
-
-
-def special_token(name, value, default, vocab_size):
-    value = default if value is None else value
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < vocab_size):
-        raise ValueError(f"{name} must be a token id in [0, {vocab_size}), got {value!r}")
-    return value
 
 
 @torch.no_grad()

@@ -293,7 +293,8 @@ def room_to_pack(model: torch.nn.Module, device="cpu", mapped: bool = False,
                vicuna-13b's int8 checkpoint: 1613-1854 -> 752-952 ms (its greedy steps 607-685 -> 698-779);
     None       otherwise (GPUs, weights that never pack, no room). MINIVB_PACK=0 (None) or 1 ("beside")
                overrides the choice."""
-    from .fast import can_pack, override
+    from .compiling import override
+    from .fast import can_pack
 
     forced = override("MINIVB_PACK")
     if forced is not None:

@@ -12,6 +12,7 @@ L text length, V vocabulary. Batches follow transformers' conventions, so a batc
 `InstructBlipVideoForConditionalGeneration` works here unchanged.
 """
 
+import math
 import sys
 from dataclasses import dataclass
 
@@ -168,6 +169,7 @@ class InstructBlipVideo(nn.Module):
 
 
 # ---------------------------------------------------------------------------- input checks
+# The model's inputs, and what generate.py refuses before any work: its arguments, the special tokens, the context.
 
 
 def _as_video(pixel_values) -> torch.Tensor:
@@ -196,6 +198,46 @@ def check_context(config: InstructBlipVideoConfig, pixel_values, input_ids, max_
             f"the prompt ({frames} frames x {config.num_query_tokens} visual tokens + {text} of text) and max_new_tokens "
             f"({max_new_tokens}) need {visual + text + max_new_tokens} positions, more than the language model's "
             f"{positions} (max_position_embeddings): at most {fit} frames fit with this text and max_new_tokens")
+
+
+def check_arguments(args: dict) -> None:
+    """generate()'s arguments: refuse, naming the argument, what transformers would refuse or silently misread."""
+    for name, low in (("max_new_tokens", 0), ("min_new_tokens", 0), ("num_beams", 1), ("num_return_sequences", 1),
+                      ("no_repeat_ngram_size", 0), ("top_k", 0)):
+        if not isinstance(args[name], int) or isinstance(args[name], bool) or args[name] < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {args[name]!r}")
+    for name in ("do_sample", "return_trace", "use_cache", "interpolate_pos_encoding"):
+        if not isinstance(args[name], bool):
+            raise ValueError(f"{name} must be True or False, got {args[name]!r}")
+    for name in ("length_penalty", "repetition_penalty", "temperature", "top_p"):
+        value = args[name]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if args["min_new_tokens"] > args["max_new_tokens"]:
+        raise ValueError(f"min_new_tokens ({args['min_new_tokens']}) must not exceed max_new_tokens "
+                         f"({args['max_new_tokens']})")
+    if not (args["early_stopping"] is True or args["early_stopping"] is False or args["early_stopping"] == "never"):
+        raise ValueError(f"early_stopping must be True, False or 'never', got {args['early_stopping']!r}")
+    if args["repetition_penalty"] <= 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1.0 means none), got {args['repetition_penalty']}")
+    if not 0 < args["top_p"] <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1.0 means no filtering), got {args['top_p']}")
+    if args["do_sample"] and args["temperature"] <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {args['temperature']} (greedy: do_sample=False)")
+    num_beams, num_return_sequences = args["num_beams"], args["num_return_sequences"]
+    if num_return_sequences > num_beams and not (num_beams == 1 and args["do_sample"]):
+        raise ValueError(f"num_return_sequences ({num_return_sequences}) must not exceed num_beams ({num_beams}) "
+                         "unless sampling: greedy decoding and beam search keep at most num_beams answers")
+    if args["generator"] is not None and not isinstance(args["generator"], torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(args['generator']).__name__}")
+
+
+def special_token(name, value, default, vocab_size):
+    """generate()'s eos_token_id or pad_token_id: `value`, or `default` where None, a token id of the vocabulary."""
+    value = default if value is None else value
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < vocab_size):
+        raise ValueError(f"{name} must be a token id in [0, {vocab_size}), got {value!r}")
+    return value
 
 
 def _check_ids(name, ids, batch_size, vocab_size, allowed=None):

@@ -86,10 +86,9 @@ class Int8Linear(nn.Module):
     def packed_copy(self, x: torch.Tensor) -> torch.Tensor | None:
         """The packed copy of the weight that x (..., in) is multiplied by, if any (packing.py): several rows (beams)
         make it and read it; where it took the weight's place (packing.PackedWeight.replaces: an int8 checkpoint with
-        no room for both), one row and a prompt read it too, so that the weight's pages are never read again (at
-        vicuna-13b's widths, AMD, ms a matrix, int8_linear / the copy: one row 1.2 / 1.4 (5120 x 5120), 3.0 / 3.9
-        (13824 x 5120), 2.9 / 3.7 (5120 x 13824); 150 rows 24 / 22, 59 / 61, 60 / 59; 5 rows 3.6 / 1.6, 9.2 / 4.2,
-        8.1 / 3.9)."""
+        no room for both), one row and a prompt read it too, so that the weight's pages are never read again (AMD,
+        vicuna-13b's 5120 x 5120, 13824 x 5120 and 5120 x 13824, ms int8_linear / the copy: one row 1.2-3.0 / 1.4-3.9,
+        150 rows 24-60 / 22-61, 5 rows 3.6-9.2 / 1.6-4.2)."""
         if self.packed is None:
             return None
         if _packed_rows(x):
@@ -163,10 +162,7 @@ INT8_MATMUL_ROWS = 8
 # A greedy step of LLaMA at 7B widths, 4 layers and the lm_head, best of 4 rounds alternating: int8pack_mm everywhere
 # 40.8 ms, this kernel where it pays 37.1 ms, bf16 56.5 ms (1.39x -> 1.52x bf16).
 INT8_FUSED_MAX_IN = 4096
-# What it saves over int8pack_mm, its plain route (compiling.py rents it until that pays for compiling), for each byte
-# of int8 weights, one matrix a call (AMD EPYC, 2 threads, ~2.4 GB of each shape cycled, best of 5, ms int8pack_mm /
-# compiled): 2048 x 2048 0.263 / 0.304, 5120 x 2048 0.70 / 0.58, 4096 x 4096 0.74 / 0.68, 11008 x 4096 2.14 / 1.90,
-# 32128 x 2048 3.63 / 2.27: -10 to 21 us a MB; with a layer's products and pre-norm in one call, the 9 % above.
+# What it saves over int8pack_mm (rented until that pays: compiling.py): -10 to 21 us a MB of int8, AMD, alone.
 INT8_FUSED_SAVES_PER_BYTE = 5e-12  # s
 # int8pack_mm (PyTorch 2.13, AMD EPYC) takes widths (in) that are multiples of 16 only: at others (8, 24, 100, 300)
 # it crashed the process for several rows and returned NaN or 1e32 for one. The official widths are multiples of 64;
@@ -315,7 +311,7 @@ def _int8_products(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def integer_products_pay() -> bool:
     """Whether several rows times an int8 weight take torch._int_mm (above): x86 CPUs with VNNI or AMX on which
     oneDNN's int8 products are exact (`_int8_products_exact`). MINIVB_INT8_MM=0 turns it off."""
-    if fast.override("MINIVB_INT8_MM") is False:
+    if compiling.override("MINIVB_INT8_MM") is False:
         return False
     has_instructions = bool(fast._cpu_flags() & INT8_DOT_PRODUCT_FLAGS)
     return has_instructions and torch.backends.mkldnn.is_available() and _int8_products_exact()
@@ -323,14 +319,12 @@ def integer_products_pay() -> bool:
 
 @functools.cache
 def _int8_products_exact() -> bool:
-    """Whether torch._int_mm's products, in the order integer_linear takes, are exact here
-    (packing.exact_at_int8_limits)."""
+    """Whether torch._int_mm's products, in integer_linear's order, are exact here (packing.exact_at_int8_limits)."""
     return packing.exact_at_int8_limits(_int8_products)
 
 
 def _without_autograd(x: torch.Tensor) -> bool:
-    """Whether nothing will differentiate through a product of x: the integer and packed routes round x to a grid,
-    which has no gradient."""
+    """Whether nothing differentiates through x's product: the integer and packed routes round x, with no gradient."""
     return not (torch.is_grad_enabled() and x.requires_grad)
 
 
