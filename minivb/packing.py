@@ -66,6 +66,7 @@ import ctypes
 import functools
 import mmap
 import sys
+import weakref
 
 import torch
 
@@ -105,26 +106,89 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> 
 # copies (quant.int8_linear), packed 34.9 / 13.7 ms against 35.9 / 13.5 at a 7B's 11008 / 4096 x 4096, but at
 # flan-t5-xl's widths 5.3 / 15.5 against 3.6 / 8.4 (2048 x 2048 / 2048 x 5120); where the copy replaced an int8
 # checkpoint's weight, both read it (quant.Int8Linear.packed_copy). Packing costs what ~35 products save, as bf16's
-# does: the same rule (PACK_AFTER). (oneDNN packs int8 through its generic reorder, "simple:any" in ONEDNN_VERBOSE,
-# ~0.4 GB/s: vicuna-13b's 12.9 GB in 34.8 s.) The packed product takes the same time for 1 to 10 rows (11008 x 4096:
-# 1.97-2.14 ms, ~22 GB/s; 1 thread 3.6 ms): bound by the kernel's work per weight, not by its rows or by memory,
-# which is why int8 beams gain ~1.5x over bf16's packed product a matrix (2.1 against 3.1 ms), not the 2x of bytes.
-# Full-size vicuna-7b's int8 checkpoint, 5-beam steps 868-926 ms, 388-443 once packed (one step of 18.8 s packing
-# 6.6 GB); flan-t5-xl's, 200-215 -> 140-167 ms (3.6 s). Measured on AMD only (quant.int8_packing_pays).
+# does (through oneDNN's reorder; `written_int8` below cuts it by 2-5x): the same rule (PACK_AFTER). The packed product
+# takes the same time for 1 to 10 rows (11008 x 4096: 1.97-2.14 ms, ~22 GB/s; 1 thread 3.6 ms): bound by the kernel's
+# work per weight, not by its rows or by memory, which is why int8 beams gain ~1.5x over bf16's packed product a
+# matrix (2.1 against 3.1 ms), not the 2x of bytes. Full-size vicuna-7b's int8 checkpoint, 5-beam steps 868-926 ms,
+# 388-443 once packed; flan-t5-xl's, 200-215 -> 140-167 ms. Measured on AMD only (quant.int8_packing_pays).
 int8_refused = False  # set when oneDNN refused to pack an int8 weight here: the unpacked int8 products from then on
 
 
 def pack_int8(weight: torch.Tensor) -> torch.Tensor | None:
-    """An int8 weight (out, in) packed for oneDNN (an opaque tensor) for `int8_products`; None (said once) where
-    oneDNN refuses it."""
+    """An int8 weight (out, in) packed for oneDNN (an opaque tensor) for `int8_products`: written by `written_int8`
+    where a weight of its shape showed that gives oneDNN's bytes, else by oneDNN; None (said once) where oneDNN
+    refuses it."""
     global int8_refused
+    shape = tuple(weight.shape)
+    template = _int8_templates.get(shape)
+    if template is not None and weight.is_contiguous():
+        return written_int8(template, weight)
     try:
-        return torch.ops.onednn.qlinear_prepack(weight, None)
+        packed = torch.ops.onednn.qlinear_prepack(weight, None)
     except (RuntimeError, AttributeError) as error:  # AttributeError: a build of PyTorch without the op
         print(f"minivb: oneDNN could not pack an int8 weight ({type(error).__name__}: "
               f"{str(error).splitlines()[0][:100]}): beam steps keep the unpacked int8 products", file=sys.stderr)
         int8_refused = True
         return None
+    if shape not in int8_layout_known:
+        int8_layout_known[shape] = _written_as_onednn_packs(packed, weight)
+    if int8_layout_known[shape]:
+        _int8_templates[shape] = packed
+    return packed
+
+
+# oneDNN packs int8 through its generic reorder ("simple:any" in ONEDNN_VERBOSE, ~0.4 GB/s), where the layout it
+# makes is a permutation that torch's copy writes at memory speed. For these products (AVX-512 VNNI: ONEDNN_VERBOSE's
+# `BA16a64b4a`) the weight (out, in) is cut into blocks of 64 rows x 64 inputs, row blocks outermost, and each block
+# holds 16 groups of 4 inputs, each group for the block's 64 rows in turn (the 4 bytes one VNNI instruction multiplies
+# and sums); then one int32 per row, minus the row's sum (what oneDNN adds, times the activations' zero point, to undo
+# it). Written into a copy (`clone`) of a packed weight of the same shape (oneDNN's opaque tensors have no
+# `empty_like`): byte for byte oneDNN's. AMD EPYC, 2 threads, ms a matrix, oneDNN / written: 4096 x 4096 43.5 / 11.6,
+# 11008 x 4096 108 / 30.8, 4096 x 11008 115 / 21.4, 5120 x 13824 169 / 33.3, 32000 x 4096 312 / 91.6; in a full-size
+# vicuna-7b's int8 checkpoint, the step that packs all its weights 21.6-22.6 s / 9.1-10.0 s, where most of what is left
+# is new memory (with the page cache full, 45 MB allocated and filled in ~30 ms, as oneDNN's own copy is). The first
+# weight of each shape is packed by oneDNN and written too, and the shape is written from then on only where the bytes
+# are the same (another CPU's layout, another version of oneDNN: oneDNN packs every weight). bf16's reorder (`pack`) is
+# a fast one already: written the same way, no faster.
+int8_layout_known: dict[tuple, bool] = {}  # (out, in) -> whether written_int8 gives oneDNN's bytes for the shape
+_int8_templates = weakref.WeakValueDictionary()  # (out, in) -> a packed weight of the shape (a layer's copy)
+
+
+def written_int8(template: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The int8 weight (out, in) packed as oneDNN packs it (above), written into a clone of `template`, a packed
+    weight of the same shape."""
+    out, size = weight.shape
+    packed = template.clone()
+    data = _bytes_of(packed)  # (out * size + 4 * out,) int8: the packed tensor's memory, while `packed` lives
+    blocks, sums = data[:weight.numel()], data[weight.numel():].view(torch.int32)
+    if weight.data_ptr() % 4 == 0:  # 4 inputs as one int32: a 2x faster copy
+        blocks, groups = blocks.view(torch.int32), weight.view(torch.int32)  # (out, in / 4)
+        blocks.view(out // 64, size // 64, 16, 64).copy_(groups.view(out // 64, 64, size // 64, 16).permute(0, 2, 3, 1))
+    else:
+        blocks.view(out // 64, size // 64, 16, 64, 4).copy_(weight.view(out // 64, 64, size // 64, 16, 4)
+                                                             .permute(0, 2, 3, 1, 4))
+    sums.zero_()
+    ones = torch.ones(1, size, dtype=torch.uint8)  # with a zero point of 0, the product is the rows' sums, exact
+    scales, zero_points = _unit_scales(out)
+    sums.copy_(torch.ops.onednn.qlinear_pointwise(ones, 1.0, 0, packed, scales, zero_points, None, 1.0, 0,
+                                                  torch.float32, "none", [], "").view(-1).neg())
+    return packed
+
+
+def _written_as_onednn_packs(packed: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether written_int8 gives the bytes of `packed`, oneDNN's packing of `weight`."""
+    out, size = weight.shape
+    if out % 64 or size % 64 or not hasattr(torch.ops.mkldnn, "data_ptr") or \
+            torch.ops.mkldnn._nbytes(packed) != weight.numel() + 4 * out:
+        return False
+    written = written_int8(packed, weight)  # kept alive while its bytes are read
+    return torch.equal(_bytes_of(written), _bytes_of(packed))
+
+
+def _bytes_of(packed: torch.Tensor) -> torch.Tensor:
+    """The memory of an opaque oneDNN tensor as int8 (which does not keep `packed` alive: the caller does)."""
+    size = torch.ops.mkldnn._nbytes(packed)
+    return torch.frombuffer((ctypes.c_char * size).from_address(torch.ops.mkldnn.data_ptr(packed)), dtype=torch.int8)
 
 
 def int8_products(a: torch.Tensor, packed: torch.Tensor, out: int) -> torch.Tensor:

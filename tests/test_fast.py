@@ -749,6 +749,41 @@ def test_an_int8_copy_that_replaced_its_weight_serves_every_product(monkeypatch)
     assert len(calls) == 4
 
 
+@torch.no_grad()
+@pytest.mark.skipif(not quant.integer_products_pay() or not packing.int8_products_exact(),
+                    reason="no exact int8 dot products (VNNI, AMX) in oneDNN here")
+def test_int8_weights_are_packed_by_writing_onednns_layout(monkeypatch):
+    """packing.written_int8 writes oneDNN's packed int8 layout with torch's copies: after oneDNN packed the first
+    weight of a shape and the write gave its bytes, later weights of that shape are written, byte for byte what
+    oneDNN would make of them (an int8 checkpoint's weight at an odd address too), and multiply the same; a shape
+    whose layout is not known (not in blocks of 64) is always packed by oneDNN."""
+    monkeypatch.setattr(packing, "int8_layout_known", {})
+    monkeypatch.setattr(packing, "_int8_templates", packing.weakref.WeakValueDictionary())
+    written, original = [], packing.written_int8
+    monkeypatch.setattr(packing, "written_int8", lambda *args: written.append(args[1].shape) or original(*args))
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randint(-127, 128, (192, 256), dtype=torch.int8, generator=g) for _ in range(2)]
+    odd = torch.randint(-127, 128, (192 * 256 + 1,), dtype=torch.int8, generator=g)[1:].view(192, 256)  # unaligned
+    first = packing.pack_int8(weights[0])  # oneDNN's, checked against the write (one call of written_int8)
+    flags = fast._cpu_flags()
+    if "avx512_vnni" in flags and not {"amx_int8", "amx_bf16"} & flags:  # the layout above: AVX-512 VNNI (AMD EPYC)
+        assert packing.int8_layout_known == {(192, 256): True} and written == [(192, 256)]
+    rows = torch.randint(-128, 128, (6, 256), dtype=torch.int8, generator=g)
+    for weight in (weights[1], odd):
+        packed = packing.pack_int8(weight)
+        expected = torch.ops.onednn.qlinear_prepack(weight, None)
+        assert torch.equal(packing._bytes_of(packed), packing._bytes_of(expected))
+        assert torch.equal(packing.int8_products(rows, packed, 192).long(), rows.long() @ weight.long().t())
+    if packing.int8_layout_known[(192, 256)]:
+        assert written == [(192, 256)] * 3
+    del first
+    other = torch.randint(-127, 128, (100, 300), dtype=torch.int8, generator=g)
+    packed = packing.pack_int8(other)  # oneDNN's: 300 inputs are not in blocks of 64
+    assert packing.int8_layout_known[(100, 300)] is False and written == [(192, 256)] * 3
+    assert torch.equal(packing.int8_products(rows[:, :1].expand(6, 300).contiguous(), packed, 100).long(),
+                       rows[:, :1].long().expand(6, 300) @ other.long().t())
+
+
 @pytest.mark.skipif(not VNNI, reason="the CPU has no int8 dot-product instructions: nothing to refuse")
 def test_packed_int8_products_are_refused_where_onednn_saturates():
     code = "from minivb import packing; print(packing.int8_products_exact())"
