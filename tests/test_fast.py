@@ -777,11 +777,17 @@ def test_int8_weights_are_packed_by_writing_onednns_layout(monkeypatch):
     if packing.int8_layout_known[(192, 256)]:
         assert written == [(192, 256)] * 3
     del first
-    other = torch.randint(-127, 128, (100, 300), dtype=torch.int8, generator=g)
+    other, calls = torch.randint(-127, 128, (100, 300), dtype=torch.int8, generator=g), len(written)
     packed = packing.pack_int8(other)  # oneDNN's: 300 inputs are not in blocks of 64
-    assert packing.int8_layout_known[(100, 300)] is False and written == [(192, 256)] * 3
+    assert packing.int8_layout_known[(100, 300)] is False and len(written) == calls
     assert torch.equal(packing.int8_products(rows[:, :1].expand(6, 300).contiguous(), packed, 100).long(),
                        rows[:, :1].long().expand(6, 300) @ other.long().t())
+    # A CPU whose layout the write does not give (here: a write that reverses the rows) packs with oneDNN.
+    monkeypatch.setattr(packing, "written_int8", lambda template, weight: original(template, weight.flip(0).clone()))
+    weight = torch.randint(-127, 128, (128, 128), dtype=torch.int8, generator=g)
+    packed, expected = packing.pack_int8(weight), torch.ops.onednn.qlinear_prepack(weight, None)
+    assert packing.int8_layout_known[(128, 128)] is False and (128, 128) not in packing._int8_templates
+    assert torch.equal(packing._bytes_of(packed), packing._bytes_of(expected))
 
 
 @pytest.mark.skipif(not VNNI, reason="the CPU has no int8 dot-product instructions: nothing to refuse")
