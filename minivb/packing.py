@@ -168,7 +168,8 @@ def written_int8(template: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         blocks.view(out // 64, size // 64, 16, 64, 4).copy_(weight.view(out // 64, 64, size // 64, 16, 4)
                                                              .permute(0, 2, 3, 1, 4))
     sums.zero_()
-    ones = torch.ones(1, size, dtype=torch.uint8)  # with a zero point of 0, the product is the rows' sums, exact
+    # With a zero point of 0, a row of ones times the packed weight is each row's sum, exact (|sum| <= 127 x in < 2^24)
+    ones = torch.ones(1, size, dtype=torch.uint8)
     scales, zero_points = _unit_scales(out)
     sums.copy_(torch.ops.onednn.qlinear_pointwise(ones, 1.0, 0, packed, scales, zero_points, None, 1.0, 0,
                                                   torch.float32, "none", [], "").view(-1).neg())
@@ -178,8 +179,8 @@ def written_int8(template: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def _written_as_onednn_packs(packed: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether written_int8 gives the bytes of `packed`, oneDNN's packing of `weight`."""
     out, size = weight.shape
-    if out % 64 or size % 64 or not hasattr(torch.ops.mkldnn, "data_ptr") or \
-            torch.ops.mkldnn._nbytes(packed) != weight.numel() + 4 * out:
+    readable = hasattr(torch.ops.mkldnn, "data_ptr") and hasattr(torch.ops.mkldnn, "_nbytes")  # (older PyTorch: not)
+    if out % 64 or size % 64 or not readable or torch.ops.mkldnn._nbytes(packed) != weight.numel() + 4 * out:
         return False
     written = written_int8(packed, weight)  # kept alive while its bytes are read
     return torch.equal(_bytes_of(written), _bytes_of(packed))
