@@ -159,7 +159,7 @@ def written_int8(template: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     weight of the same shape."""
     out, size = weight.shape
     packed = template.clone()
-    data = _bytes_of(packed)  # (out * size + 4 * out,) int8: the packed tensor's memory, while `packed` lives
+    data = _memory_of(packed)  # (out * size + 4 * out,) int8: the packed tensor's memory, while `packed` lives
     blocks, sums = data[:weight.numel()], data[weight.numel():].view(torch.int32)
     if weight.data_ptr() % 4 == 0:  # 4 inputs as one int32: a 2x faster copy
         blocks, groups = blocks.view(torch.int32), weight.view(torch.int32)  # (out, in / 4)
@@ -170,9 +170,7 @@ def written_int8(template: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     sums.zero_()
     # With a zero point of 0, a row of ones times the packed weight is each row's sum, exact (|sum| <= 127 x in < 2^24)
     ones = torch.ones(1, size, dtype=torch.uint8)
-    scales, zero_points = _unit_scales(out)
-    sums.copy_(torch.ops.onednn.qlinear_pointwise(ones, 1.0, 0, packed, scales, zero_points, None, 1.0, 0,
-                                                  torch.float32, "none", [], "").view(-1).neg())
+    sums.copy_(_unsigned_products(ones, 0, packed, out).view(-1).neg())
     return packed
 
 
@@ -183,10 +181,10 @@ def _written_as_onednn_packs(packed: torch.Tensor, weight: torch.Tensor) -> bool
     if out % 64 or size % 64 or not readable or torch.ops.mkldnn._nbytes(packed) != weight.numel() + 4 * out:
         return False
     written = written_int8(packed, weight)  # kept alive while its bytes are read
-    return torch.equal(_bytes_of(written), _bytes_of(packed))
+    return torch.equal(_memory_of(written), _memory_of(packed))
 
 
-def _bytes_of(packed: torch.Tensor) -> torch.Tensor:
+def _memory_of(packed: torch.Tensor) -> torch.Tensor:
     """The memory of an opaque oneDNN tensor as int8 (which does not keep `packed` alive: the caller does)."""
     size = torch.ops.mkldnn._nbytes(packed)
     return torch.frombuffer((ctypes.c_char * size).from_address(torch.ops.mkldnn.data_ptr(packed)), dtype=torch.int8)
@@ -195,9 +193,14 @@ def _bytes_of(packed: torch.Tensor) -> torch.Tensor:
 def int8_products(a: torch.Tensor, packed: torch.Tensor, out: int) -> torch.Tensor:
     """a (M, in) int8 @ the weight (out, in) as `pack_int8` left it .T -> (M, out): oneDNN's int32 sums, as fp32."""
     unsigned = (a.short() + 128).to(torch.uint8)  # oneDNN takes unsigned activations: a zero point of 128
+    return _unsigned_products(unsigned, 128, packed, out)
+
+
+def _unsigned_products(unsigned: torch.Tensor, zero_point: int, packed: torch.Tensor, out: int) -> torch.Tensor:
+    """(unsigned (M, in) uint8 - zero_point) @ the packed weight .T -> (M, out), oneDNN's int32 sums as fp32."""
     ones, zeros = _unit_scales(out)  # the weight's scales and zero points
-    return torch.ops.onednn.qlinear_pointwise(unsigned, 1.0, 128, packed, ones, zeros, None, 1.0, 0, torch.float32,
-                                              "none", [], "")
+    return torch.ops.onednn.qlinear_pointwise(unsigned, 1.0, zero_point, packed, ones, zeros, None, 1.0, 0,
+                                              torch.float32, "none", [], "")
 
 
 @functools.cache

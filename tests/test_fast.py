@@ -764,7 +764,8 @@ def test_int8_weights_are_packed_by_writing_onednns_layout(monkeypatch):
     g = torch.Generator().manual_seed(0)
     weights = [torch.randint(-127, 128, (192, 256), dtype=torch.int8, generator=g) for _ in range(2)]
     odd = torch.randint(-127, 128, (192 * 256 + 1,), dtype=torch.int8, generator=g)[1:].view(192, 256)  # unaligned
-    first = packing.pack_int8(weights[0])  # oneDNN's, checked against the write (one call of written_int8)
+    first = packing.pack_int8(weights[0])  # oneDNN's, checked against the write (one call of written_int8); kept:
+    # it is the template the shape's later weights are written into (packing holds it weakly)
     flags = fast._cpu_flags()
     if "avx512_vnni" in flags and not {"amx_int8", "amx_bf16"} & flags:  # the layout above: AVX-512 VNNI (AMD EPYC)
         assert packing.int8_layout_known == {(192, 256): True} and written == [(192, 256)]
@@ -772,11 +773,10 @@ def test_int8_weights_are_packed_by_writing_onednns_layout(monkeypatch):
     for weight in (weights[1], odd):
         packed = packing.pack_int8(weight)
         expected = torch.ops.onednn.qlinear_prepack(weight, None)
-        assert torch.equal(packing._bytes_of(packed), packing._bytes_of(expected))
+        assert torch.equal(packing._memory_of(packed), packing._memory_of(expected))
         assert torch.equal(packing.int8_products(rows, packed, 192).long(), rows.long() @ weight.long().t())
     if packing.int8_layout_known[(192, 256)]:
         assert written == [(192, 256)] * 3
-    del first
     other, calls = torch.randint(-127, 128, (100, 300), dtype=torch.int8, generator=g), len(written)
     packed = packing.pack_int8(other)  # oneDNN's: 300 inputs are not in blocks of 64
     assert packing.int8_layout_known[(100, 300)] is False and len(written) == calls
@@ -787,7 +787,7 @@ def test_int8_weights_are_packed_by_writing_onednns_layout(monkeypatch):
     weight = torch.randint(-127, 128, (128, 128), dtype=torch.int8, generator=g)
     packed, expected = packing.pack_int8(weight), torch.ops.onednn.qlinear_prepack(weight, None)
     assert packing.int8_layout_known[(128, 128)] is False and (128, 128) not in packing._int8_templates
-    assert torch.equal(packing._bytes_of(packed), packing._bytes_of(expected))
+    assert torch.equal(packing._memory_of(packed), packing._memory_of(expected))
 
 
 @pytest.mark.skipif(not VNNI, reason="the CPU has no int8 dot-product instructions: nothing to refuse")
