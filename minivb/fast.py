@@ -234,7 +234,8 @@ def _normed_row_times_matrices(norm: nn.Module, row: torch.Tensor, *weights: tor
 
 
 def _plain_normed_rows_times_matrices(norm: nn.Module, row: torch.Tensor, *weights: torch.Tensor):  # no compiler
-    return tuple(F.linear(norm(row), weight.flatten(1)) for weight in weights)
+    normed = norm(row)  # once for the layer's q, k and v (gate and up)
+    return tuple(F.linear(normed, weight.flatten(1)) for weight in weights)
 
 
 def _chunks(in_features: int) -> int:
