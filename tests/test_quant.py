@@ -163,6 +163,22 @@ def test_a_quantized_checkpoint_loads_as_quantizing_at_load_does(quantized):
     assert torch.equal(at_load.generate(**batch, max_new_tokens=4), from_file.generate(**batch, max_new_tokens=4))
 
 
+def test_quantizing_at_load_names_the_command_that_does_it_once(quantized, monkeypatch, capsys):
+    source, out = quantized
+    minivb.load_model(source, dtype=torch.bfloat16, quantize="int8")
+    assert capsys.readouterr().err == ""  # a tiny model: nothing worth saying
+    monkeypatch.setattr(minivb.model, "QUANTIZE_NOTICE_WEIGHTS", 1)
+    minivb.load_model(source, dtype=torch.bfloat16, quantize="int8")
+    count = sum(m.weight.numel() for m in build_on_meta(load_config(source), torch.bfloat16, "int8").modules()
+                if isinstance(m, Int8Linear))
+    err = capsys.readouterr().err
+    assert f"quantizing {count / 1e9:.1f} G weights to int8 while loading" in err
+    assert f"`python -m minivb quantize --model {source} --out DIR` does it once" in err
+    minivb.load_model(out, dtype=torch.bfloat16, quantize="int8")  # already int8: nothing to quantize
+    minivb.load_model(source, dtype=torch.bfloat16)
+    assert capsys.readouterr().err == ""
+
+
 def test_the_quantized_files_keep_the_official_keys_and_halve_the_language_model(quantized):
     from safetensors import safe_open
 
