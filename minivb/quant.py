@@ -16,10 +16,9 @@ The quantization happens while each shard is read (checkpoint.load_state hands a
 `load_weight`), so the bf16 model never exists in memory. Embeddings, norms, the vision encoder, the Q-Former and
 the projection stay in the model's dtype: 2.6 GB of a 7B's 15.8 GB in bf16 (the linears: 6.6 B of 7.9 B weights).
 
-Quantizing at every load costs time: reading all the bf16 bytes, quantizing, and allocating the int8 weights
-(a 7B: 7.5-12 s, against 1.4 s to map it in bf16). `save_quantized` (CLI: `python -m minivb quantize`) does it
-once, as gpt-fast's quantize.py and llama.cpp's llama-quantize do, and writes an int8 checkpoint that load_model then
-maps like any other: the int8 weights are the file's pages, nothing quantized, nothing copied (the 7B: 1.3 s).
+Quantizing at every load reads all the bf16 bytes (a 7B: 7.5-12 s, against 1.4 s to map it in bf16).
+`save_quantized` (CLI: `python -m minivb quantize`) does it once, as gpt-fast's quantize.py and llama.cpp's
+llama-quantize do: load_model maps its int8 checkpoint like any other, nothing quantized or copied (the 7B: 1.3 s).
 """
 
 import functools
@@ -98,9 +97,8 @@ class Int8Linear(nn.Module):
         return None
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        """What the fast paths are checked against: dequantize, then an ordinary product, without the bias (GPUs;
-        a few fp32 rows on a CPU without integer products, where int8pack_mm is slow: 25 ms against 2.2 ms a 4096 x
-        11008)."""
+        """What the fast paths are checked against: dequantize, then an ordinary product, without the bias (GPUs; a few
+        fp32 rows on a CPU without integer products, where int8pack_mm is slow: 25 against 2.2 ms a 4096 x 11008)."""
         return F.linear(x, self.weight.to(x.dtype) * self.weight_scale[:, None].to(x.dtype))
 
     @staticmethod
@@ -140,13 +138,11 @@ def check_quantize(quantize) -> None:
 # int8 weights (quant.Int8Linear), bf16 rows on a CPU. torch._weight_int8pack_mm reads the int8 matrix as it is,
 # which is what decoding wants, but its cost grows with the rows where a bf16 matrix product's does not. Above
 # INT8_MATMUL_ROWS rows the int8 matrix is converted to bf16 (exactly: -127..127 are bf16 integers) and multiplied by
-# F.linear's matrix kernel, the scales applied to the (rows, out) product. Measured, 11008 x 4096, 2 threads, quiet
-# native-bf16 machine, ms a matrix (best of 5):
+# F.linear's matrix kernel, the scales applied to the (rows, out) product. 11008 x 4096, 2 threads, AMD, ms (best of 5):
 #     rows                         1     5     8    10    12    16    32    64   100
 #     int8pack_mm                2.3   5.7   5.7   8.4   8.9  11.1  22.9  46.3  73.6
 #     bf16 copy (8 MB blocks)   10.4   7.5   8.5   7.5   8.2  11.0  13.0  21.5  28.9
 #     bf16 F.linear              6.1   5.4   5.9   5.8   8.5   7.4  10.0  17.1  26.3   (bf16 weights, for comparison)
-# (An earlier table, taken at load average 8-11, put the crossing near 64 rows; on a quiet machine it is near 10.)
 INT8_MATMUL_ROWS = 8
 # The copy is made a block of output rows at a time, into one buffer kept between calls: converting.linear_in_blocks.
 # One row (greedy decoding) of an int8 matrix, on AMD with AVX-512 (on the Intel Xeon measured, and on AMD with only
@@ -168,6 +164,10 @@ INT8_FUSED_SAVES_PER_BYTE = 5e-12  # s
 # it crashed the process for several rows and returned NaN or 1e32 for one. The official widths are multiples of 64;
 # any other takes the block copies (and, for one row, no compiled kernel: its plain fallback is int8pack_mm).
 INT8PACK_WIDTHS = 16
+# int8pack_mm gives each thread blocks of 4 rows x 4 outputs, rows outermost: 5 rows (5 beams) on 2 cores are 4 rows on
+# one core and 1 on the other, which then waits. 4 rows a call spread each call's outputs over the cores: 5 x 5120 x
+# 2048 1.05-1.35 -> 0.84-1.02 ms; full flan-t5-xl int8, 5-beam steps 203-280 ms (two modes) -> 194-215.
+INT8PACK_ROWS = 4
 
 
 def _int8_row_times_matrix(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -215,7 +215,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     elif _integer_rows(x):
         out = integer_linear(rows, weight, scales)  # (R, out)
     elif rows.shape[0] <= INT8_MATMUL_ROWS and weight.shape[1] % INT8PACK_WIDTHS == 0:
-        out = torch._weight_int8pack_mm(rows, weight, scales)  # (R, out)
+        out = torch.cat([torch._weight_int8pack_mm(block, weight, scales) for block in rows.split(INT8PACK_ROWS)])
     else:
         out = converting.linear_in_blocks(rows, weight) * scales  # (R, out): the weight converted a block at a time
     return out.reshape(*x.shape[:-1], weight.shape[0])

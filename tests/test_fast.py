@@ -615,6 +615,22 @@ def test_on_amd_few_bf16_rows_keep_int8pack_mm(monkeypatch):
     assert quant._integer_rows(torch.zeros(2, 64).bfloat16())
 
 
+@torch.no_grad()
+def test_int8pack_mm_takes_four_rows_a_call(monkeypatch):
+    """Several bf16 rows through int8pack_mm go 4 rows a call, so that each call spreads its outputs over the cores
+    (quant.INT8PACK_ROWS): the same products, bit for bit, as one call of all the rows."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randint(-127, 128, (96, 256), generator=g, dtype=torch.int8)
+    scales = torch.rand(96, generator=g).bfloat16() / 100
+    monkeypatch.setattr(quant, "_integer_rows", lambda x: False)  # every count of rows up to 8 takes int8pack_mm
+    whole, calls = torch._weight_int8pack_mm, []
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda x, *a: calls.append(x.shape[0]) or whole(x, *a))
+    for rows, blocks in ((2, [2]), (4, [4]), (5, [4, 1]), (7, [4, 3]), (8, [4, 4])):
+        calls.clear()
+        x = torch.randn(rows, 256, generator=g).bfloat16()
+        assert torch.equal(quant.int8_linear(x, weight, scales), whole(x, weight, scales)) and calls == blocks
+
+
 @pytest.mark.skipif(not quant.integer_products_pay(), reason="no int8 dot-product instructions (VNNI, AMX) here")
 def test_integer_products_with_the_weight_on_the_left_are_the_same(monkeypatch):
     """With AMX and on AMD the int8 weight is _int_mm's left matrix: the same exact sums, and a contiguous result."""
