@@ -56,7 +56,7 @@ def _compiled(function, normed: bool = False):
     Python, 0.6-1.4 s of every cold start (a 7B's 4 + 4 cut, load then a first token: 5.0-5.2 s, 4.1 without); a
     compiler that cannot target them fails the compile, which falls back below. No duck sizing: dynamo would give
     equal sizes one symbol and guard on it (the decode attention of 1 x 32 heads compiled again for 5 beams x 32,
-    0.3-0.9 s); read at tracing, the switch is set around each call (6 us)."""
+    0.3-0.9 s); read at tracing, the switch is set around each call (with the recompile limit: 10-15 us a call)."""
     if _compile_failed or not _compiler_found():
         return None
     options = {"cpp.vec_isa_ok": True, "cpp.simdlen": _vector_width(), **(_NORMED_OPTIONS if normed else {})}
