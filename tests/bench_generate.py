@@ -121,11 +121,15 @@ def read_rate(device, megabytes=384, repeats=5):
 @contextlib.contextmanager
 def plain_routes():
     """minivb's compiled kernels take their plain routes, as in a process whose rent has not paid (compiling.py)."""
+    before = os.environ.get("MINIVB_COMPILE")
     os.environ["MINIVB_COMPILE"] = "0"
     try:
         yield
     finally:
-        del os.environ["MINIVB_COMPILE"]
+        if before is None:
+            del os.environ["MINIVB_COMPILE"]
+        else:
+            os.environ["MINIVB_COMPILE"] = before  # the user's own setting, which the long-process rows then follow
 
 
 def processor_name(device):
