@@ -144,7 +144,6 @@ def check_quantize(quantize) -> None:
 #     bf16 copy (8 MB blocks)   10.4   7.5   8.5   7.5   8.2  11.0  13.0  21.5  28.9
 #     bf16 F.linear              6.1   5.4   5.9   5.8   8.5   7.4  10.0  17.1  26.3   (bf16 weights, for comparison)
 INT8_MATMUL_ROWS = 8
-# The copy is made a block of output rows at a time, into one buffer kept between calls: converting.linear_in_blocks.
 # One row (greedy decoding) of an int8 matrix, on AMD with AVX-512 (on the Intel Xeon measured, and on AMD with only
 # AVX2, int8pack_mm is the faster everywhere: fast.compiled_rows_pay): int8pack_mm streams int8 at 23-25 GB/s, short
 # of the ~34 GB/s the AMD machine reads: on 2 cores it is bound by converting each weight to fp32, not by memory. A
@@ -215,7 +214,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     elif _integer_rows(x):
         out = integer_linear(rows, weight, scales)  # (R, out)
     elif rows.shape[0] <= INT8_MATMUL_ROWS and weight.shape[1] % INT8PACK_WIDTHS == 0:
-        out = torch.cat([torch._weight_int8pack_mm(block, weight, scales) for block in rows.split(INT8PACK_ROWS)])
+        out = (torch._weight_int8pack_mm(rows, weight, scales) if rows.shape[0] <= INT8PACK_ROWS else  # (R, out)
+               torch.cat([torch._weight_int8pack_mm(block, weight, scales) for block in rows.split(INT8PACK_ROWS)]))
     else:
         out = converting.linear_in_blocks(rows, weight) * scales  # (R, out): the weight converted a block at a time
     return out.reshape(*x.shape[:-1], weight.shape[0])

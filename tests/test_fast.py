@@ -625,7 +625,7 @@ def test_int8pack_mm_takes_four_rows_a_call(monkeypatch):
     monkeypatch.setattr(quant, "_integer_rows", lambda x: False)  # every count of rows up to 8 takes int8pack_mm
     whole, calls = torch._weight_int8pack_mm, []
     monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda x, *a: calls.append(x.shape[0]) or whole(x, *a))
-    for rows, blocks in ((2, [2]), (4, [4]), (5, [4, 1]), (7, [4, 3]), (8, [4, 4])):
+    for rows, blocks in ((1, [1]), (2, [2]), (4, [4]), (5, [4, 1]), (7, [4, 3]), (8, [4, 4])):
         calls.clear()
         x = torch.randn(rows, 256, generator=g).bfloat16()
         assert torch.equal(quant.int8_linear(x, weight, scales), whole(x, weight, scales)) and calls == blocks
