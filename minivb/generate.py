@@ -138,10 +138,12 @@ def decode_one_token(model, state: DecodeState, tokens: torch.LongTensor) -> tor
 
 def decode_step(model, state: DecodeState, tokens: torch.LongTensor, step: int, max_new_tokens: int) -> torch.Tensor:
     """decode_one_token at `step` (1..) of up to max_new_tokens. A speed concern, not generation's: the first step
-    tells compiling.py whether the steps to come pay for compiling its kernels (compiling.first_of)."""
-    if step == 1:
-        return compiling.first_of(max_new_tokens - 1, decode_one_token, model, state, tokens)
-    return decode_one_token(model, state, tokens)
+    tells compiling.py whether the steps to come pay for compiling its kernels (compiling.first_of); each step sets
+    dynamo's switches once for its compiled calls (compiling.settings)."""
+    with compiling.settings():
+        if step == 1:
+            return compiling.first_of(max_new_tokens - 1, decode_one_token, model, state, tokens)
+        return decode_one_token(model, state, tokens)
 
 
 # ----------------------------------------------------------------------------- logits processors

@@ -468,6 +468,46 @@ def test_a_decode_rents_its_first_step_and_compiles_where_the_steps_to_come_pay(
     assert torch.equal(long, reference) and torch.equal(short, reference[:, :3])
 
 
+@torch.no_grad()
+def test_a_decode_step_sets_dynamo_switches_once_for_its_compiled_calls(bf16_model, monkeypatch):
+    """compiling.settings holds dynamo's two switches around a whole decode step (generate.decode_step), so its
+    compiled calls (11 a step here) skip setting them each; nested, and restored on leaving; the same tokens."""
+    duck, limit = torch.fx.experimental._config.use_duck_shape, torch._dynamo.config.recompile_limit
+    with compiling.settings():
+        with compiling.settings():
+            assert not torch.fx.experimental._config.use_duck_shape and torch._dynamo.config.recompile_limit == 64
+        assert not torch.fx.experimental._config.use_duck_shape and compiling._settled == 1
+    assert (torch.fx.experimental._config.use_duck_shape, torch._dynamo.config.recompile_limit) == (duck, limit)
+    assert compiling._settled == 0
+
+    model, batch = bf16_model
+    batch = {k: v[:1] for k, v in batch.items() if k != "labels"}
+    monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)  # every one-row product of the tiny model compiled
+    routes = fast.decode_route
+    monkeypatch.setattr(fast, "decode_route", lambda *args: "plain")
+    reference = model.generate(**batch, max_new_tokens=7, min_new_tokens=7)
+    monkeypatch.setattr(fast, "decode_route", routes)
+    entered, switches = [], compiling._NO_DUCK_SIZING
+
+    class Counted:
+        def __enter__(self):
+            entered.append(1)
+            return switches.__enter__()
+
+        def __exit__(self, *exc):
+            return switches.__exit__(*exc)
+
+    monkeypatch.setattr(compiling, "_NO_DUCK_SIZING", Counted())
+    counts = {}
+    for tokens in (3, 7):
+        entered.clear()
+        out = model.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens)
+        assert torch.equal(out, reference[:, :tokens])
+        counts[tokens] = len(entered)
+    if compiling._compiler_found():
+        assert counts[7] - counts[3] == 4  # one a decode step, not one a compiled call
+
+
 def test_no_compiler_falls_back_with_a_notice(monkeypatch, capsys, fresh_kernel):
     monkeypatch.setattr(compiling.shutil, "which", lambda name: None)
     monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 1)
