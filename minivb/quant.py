@@ -13,8 +13,9 @@ many rows go through copies of W in the prompt's dtype, a block of rows at a tim
 integer products where the prompt computes in fp32 (`int8_linear`).
 
 The quantization happens while each shard is read (checkpoint.load_state hands an Int8Linear its tensor through
-`load_weight`), so the bf16 model never exists in memory. Embeddings, norms, the vision encoder, the Q-Former and
-the projection stay in the model's dtype: 2.6 GB of a 7B's 15.8 GB in bf16 (the linears: 6.6 B of 7.9 B weights).
+`load_weight`), so the bf16 model never exists in memory. Embeddings, norms, the vision encoder (257 rows a frame,
+bound by arithmetic: int8 makes it slower, README), the Q-Former and the projection stay in the model's dtype: 2.6 GB
+of a 7B's 15.8 GB in bf16 (the linears: 6.6 B of 7.9 B weights).
 
 Quantizing at every load reads all the bf16 bytes (a 7B: 7.5-12 s, against 1.4 s to map it in bf16).
 `save_quantized` (CLI: `python -m minivb quantize`) does it once, as gpt-fast's quantize.py and llama.cpp's
@@ -157,8 +158,7 @@ INT8_MATMUL_ROWS = 8
 # A greedy step of LLaMA at 7B widths, 4 layers and the lm_head, best of 4 rounds alternating: int8pack_mm everywhere
 # 40.8 ms, this kernel where it pays 37.1 ms, bf16 56.5 ms (1.39x -> 1.52x bf16).
 INT8_FUSED_MAX_IN = 4096
-# What it saves over int8pack_mm (rented until that pays: compiling.py): -10 to 21 us a MB of int8, AMD, alone.
-INT8_FUSED_SAVES_PER_BYTE = 5e-12  # s
+INT8_FUSED_SAVES_PER_BYTE = 5e-12  # s a byte over int8pack_mm (the rent: compiling.py); alone, AMD: -10 to 21 us a MB
 # int8pack_mm (PyTorch 2.13, AMD EPYC) takes widths (in) that are multiples of 16 only: at others (8, 24, 100, 300)
 # it crashed the process for several rows and returned NaN or 1e32 for one. The official widths are multiples of 64;
 # any other takes the block copies (and, for one row, no compiled kernel: its plain fallback is int8pack_mm).
