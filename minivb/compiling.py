@@ -101,8 +101,9 @@ _settled = 0  # > 0 inside `settings`: the switches are set already
 @contextlib.contextmanager
 def settings():
     """Set the two switches above once around many compiled calls (a decode step: generate.decode_step), rather
-    than around each. A decode step of flan-t5-xl makes ~7 compiled calls a layer: cut to 8 decoder layers, int8,
-    greedy, AMD, 16 rounds alternating, ms a token: min 30.5 -> 29.6, median 38.7 -> 37.0."""
+    than around each: a tiny kernel's call 37 -> 25 us (AMD). A decode step makes ~5 compiled calls a layer (LLaMA),
+    ~7 (T5's decoder): make bench's bf16 greedy token, old and new code alternating in fresh processes, best of 5,
+    11.6-14.1 -> 11.2-12.2 ms."""
     global _settled
     with _NO_DUCK_SIZING, _RECOMPILE_LIMIT:
         _settled += 1
