@@ -65,9 +65,9 @@ def _compiled(function, normed: bool = False):
     kernel = torch.compile(function, dynamic=True, options=options)
 
     def run(*args):
-        if _settled:
+        if _settled:  # inside a decode step: the switches are set
             return kernel(*args)
-        with _NO_DUCK_SIZING, _RECOMPILE_LIMIT:
+        with settings():
             return kernel(*args)
 
     return run
