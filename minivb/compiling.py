@@ -165,6 +165,13 @@ def buy() -> None:
     _bought = True
 
 
+def compiles() -> bool:
+    """Whether the rented kernels compile at their next call (bought, or MINIVB_COMPILE=1) where a compiler works: a
+    layer makes a copy of its weight for a compiled kernel only then (packing.SplitWeight)."""
+    forced = override("MINIVB_COMPILE")
+    return (_bought if forced is None else forced) and not _compile_failed and _compiler_found()
+
+
 def bytes_of(tensors) -> int:
     """The bytes `tensors` hold: what a product or an attention reads, which its `saves` are counted by."""
     return sum(t.numel() * t.element_size() for t in tensors)

@@ -40,8 +40,9 @@ The kernels this file and the others compile are built, rented on their plain ro
 back to plain PyTorch, in compiling.py.
 
 Switches (0 or 1) that override a choice, to test or where the flags mislead: MINIVB_NATIVE_BF16 (`has_native_bf16`),
-MINIVB_PACK (load_model's packing: memory.room_to_pack), MINIVB_FUSED (`compiled_rows_pay`), MINIVB_COMPILE
-(compiling.py: kernels compiled at first use, or never, where by default they are rented until they pay).
+MINIVB_PACK (load_model's packing: memory.room_to_pack), MINIVB_SPLIT (memory.room_to_split), MINIVB_FUSED
+(`compiled_rows_pay`), MINIVB_COMPILE (compiling.py: kernels compiled at first use, or never, where by default they
+are rented until they pay).
 """
 
 import contextlib
@@ -97,14 +98,13 @@ class computing_in(TorchFunctionMode):
 
     Their floating arguments (activations, weights, biases, attention masks) are cast to `dtype` at the call, so a
     bf16 weight is upcast only while its layer runs and freed right after (a large one, outside autograd, a block of
-    rows at a time: `converting.linear_in_blocks`). Embedding lookups cast the rows they return, not the table. Every
-    other operation keeps PyTorch's type promotion (fp32 activation * bf16 norm weight = fp32). Native-bf16 machine,
+    rows at a time: `converting.linear_in_blocks`). Embedding lookups cast the rows they return, not the table; other
+    operations keep PyTorch's type promotion (fp32 activation * bf16 norm weight = fp32). Native-bf16 machine,
     150 x 4096 x 11008: bf16 weights upcast at each call 87 GFLOP/s, fp32 weights 129: the upcast costs a third at
     150 rows, less with more (the ViT's 1028 for 4 frames); on the AVX2 machine it still wins ~3-4x over its 16
-    GFLOP/s bf16. Where gradients cross a frozen weight (a fine-tune's language model) the product is
-    `_FrozenLinear`'s, which keeps no upcast copy for the backward pass. That pass in bf16 instead would be no
-    choice: 170 x 4096 x 11008 backward, emulated AVX2 on the Intel Xeon, 48 s in bf16 against 0.14 s in fp32
-    (forward 0.70 against 0.18 s)."""
+    GFLOP/s bf16. Where gradients cross a frozen weight (a fine-tune's language model) the product is `_FrozenLinear`'s,
+    which keeps no upcast copy for the backward pass; that pass in bf16 would be no choice: 170 x 4096 x 11008
+    backward, emulated AVX2 on the Intel Xeon, 48 s in bf16 against 0.14 s in fp32 (forward 0.70 against 0.18 s)."""
 
     UPCAST = {F.linear, F.conv2d, F.layer_norm, F.scaled_dot_product_attention}
 
@@ -162,10 +162,8 @@ class _FrozenLinear(torch.autograd.Function):
 
 
 def phase(name: str, weight: torch.Tensor):
-    """`with phase("vision" | "prefill" | "decode", a_weight) as dtype:` computes that phase in `compute_dtype`.
-
-    `dtype` is the compute dtype; when it is the weights' own, nothing is intercepted (the plain path).
-    """
+    """`with phase("vision" | "prefill" | "decode", a_weight) as dtype:` computes that phase in `compute_dtype`
+    (`dtype`); where that is the weights' own, nothing is intercepted (the plain path)."""
     dtype = compute_dtype(weight.dtype, name, weight.device)
     return contextlib.nullcontext(weight.dtype) if dtype == weight.dtype else computing_in(dtype)
 
@@ -177,15 +175,15 @@ def phase(name: str, weight: torch.Tensor):
 # after the other, as a decode step reads them (1 thread): bf16 2048 x 768 F.linear 418 us, fused 215 us; fp32 533 us,
 # fused 331 us. Below FUSED_MIN_WEIGHTS (a 1 MB bf16 matrix) a model's matrices fit in cache and F.linear is as fast.
 FUSED_MIN_WEIGHTS = 512 * 1024
-# 5 rows x fp32 matrices (1 thread): 2048 x 768 F.linear 419 us, weight @ x.T 531 us; 32002 x 768 (a lm_head)
-# F.linear 17.3 ms, weight @ x.T 10.1 ms. The matrix route pays only for large matrices.
+# 5 rows x fp32 matrices (1 thread): 2048 x 768 F.linear 419 us, weight @ x.T 531 us; 32002 x 768 (a lm_head) F.linear
+# 17.3 ms, weight @ x.T 10.1 ms: the matrix route pays only for large matrices.
 MATRIX_MIN_WEIGHTS = 4 * 1024 * 1024
 # What it saves over F.linear, its plain route (compiling.py rents it until that pays), a byte of weights read: full
 # vicuna-7b's greedy steps, weights mapped, AMD: 0.86-0.89 s through F.linear, 0.37-0.42 compiled, 37 us a MB (alone,
 # weights in memory of their own, 2048 x 2048 to 32128 x 2048 matrices: 8.5-25 us a MB).
 FUSED_SAVES_PER_BYTE = 37e-12  # s
-# inductor sums reductions longer than 4096 through a slower, more precise "cascade" helper; cutting each row
-# into equal chunks of at most this many keeps the plain vectorized sum (11008-long rows: 7.2 ms, not 10.2).
+# inductor sums reductions longer than 4096 through a slower, more precise "cascade" helper; rows cut into equal chunks
+# of at most this many keep the plain vectorized sum (11008-long rows: 7.2 ms, not 10.2; wider: packing.SplitWeight).
 FUSED_CHUNK = 4096
 
 
@@ -370,16 +368,20 @@ def _amx_matrix_rows() -> bool:
 class Linear(nn.Linear):
     """nn.Linear whose few-row products take the faster route of `decode_route`; the same product otherwise.
 
-    `packed`: a packing.PackedWeight where `allow_packing` let this layer keep a packed copy of its weight."""
+    `packed`: a packing.PackedWeight where `allow_packing` let this layer keep a packed copy of its weight; `split`: a
+    packing.SplitWeight where load_model let a wide weight keep a column-split copy for one row."""
 
-    packed = None
+    packed = split = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         route = decode_route(x, self.weight, self.packed is not None)
         if route in ("fused", "vector") and self.packed is not None:
             copy = self.packed.for_one_row(self.weight, fused=route == "fused")  # made by beams, if any
             if copy is not None:
+                self.split = None  # the packed copy took the weight's place: one row reads it, not a split copy
                 return packing.linear(x, copy, self.bias)
+        if route == "fused" and self.split is not None and compiling.compiles():  # a wide weight (packing.py)
+            return packing.split_linear(x, self.split.get(self.weight, _chunks(self.weight.shape[1])), self.bias)
         if route == "fused":
             return fused_linears(x, [self.weight], [self.bias])[0]
         if route == "vector":
@@ -412,10 +414,9 @@ class Linear(nn.Linear):
         return fused_linears(x, [layer.weight for layer in layers], [layer.bias for layer in layers], norm)
 
 
-# A decoder layer of flan-t5-xl made ten compiled calls a token (~1 ms a layer of Python and dispatch around ~2.3 ms of
-# int8 products). One call a group of products of the same input saves calls, and the dot products interleave in the
-# loop (int8, ms a matrix, one a call / three: 2048 x 2048 0.168 / 0.149; 11008 x 4096 1.55 / 1.46): flan-t5-xl cut
-# to 8 decoder layers, greedy int8 29.3-29.9 -> 28.4-28.9 ms a step; a 7B's 4 + 4 cut: no change measured.
+# One compiled call a group of products of the same input (a flan-t5-xl decoder layer made ten a token) saves calls,
+# and the dot products interleave (int8, ms a matrix, one a call / three: 2048 x 2048 0.168 / 0.149; 11008 x 4096 1.55
+# / 1.46): flan-t5-xl cut to 8 decoder layers, greedy int8 29.3-29.9 -> 28.4-28.9 ms a step; a 7B's 4 + 4 cut: same.
 def linears(x: torch.Tensor, *layers: nn.Module, norm: nn.Module | None = None) -> list[torch.Tensor]:
     """[layer(norm(x)) for layer in layers]: the products of one input with several layers (a layer's q, k, v), after
     the pre-norm that feeds them (none: x as it is). Where the layers are of one class with a `products(x, layers,
@@ -435,9 +436,8 @@ def linears(x: torch.Tensor, *layers: nn.Module, norm: nn.Module | None = None) 
 def can_pack(dtype: torch.dtype) -> bool:
     """Whether weights of `dtype` are packed (packing.py): fp32, and bf16 where the CPU multiplies it natively
     (elsewhere oneDNN's bf16 is emulated: nothing measured there, nothing packed)."""
-    if packing.refused or not torch.backends.mkldnn.is_available():
-        return False
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and has_native_bf16())
+    usable = not packing.refused and torch.backends.mkldnn.is_available()
+    return usable and (dtype == torch.float32 or (dtype == torch.bfloat16 and has_native_bf16()))
 
 
 def allow_packing(model: nn.Module, allowed: bool = True, replaces: bool = False) -> None:

@@ -13,6 +13,8 @@ with no message at all, minutes into loading. So `load_model` first adds up what
                  language model's prompt, and the KV cache of every beam;
     packed       where the model is allowed to pack its language model's weights for beam steps (packing.py), a
                  second copy of them. It is never part of a refusal: `room_to_pack` allows it only where it fits;
+                 nor are the column-split copies of the widest weights for one row (packing.SplitWeight, a 7B's
+                 down projections): `room_to_split`;
 
 and compares the sum with what the OS says is available (`MemAvailable` in /proc/meminfo: free memory plus the
 page cache it can drop, which includes the checkpoint's own pages: they count once, as the weights). If it does
@@ -309,6 +311,35 @@ def room_to_pack(model: torch.nn.Module, device="cpu", mapped: bool = False,
     if mapped and dtype == torch.bfloat16 and can_pack(dtype) and 0 <= need <= available:
         return "instead"
     return None
+
+
+def split_bytes(model: torch.nn.Module) -> int:
+    """Bytes the column-split copies of `model`'s wide fast.Linear weights would take (packing.SplitWeight; a 7B's
+    down projections). Works on a meta model."""
+    from .fast import Linear
+    from .packing import splits
+
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
+               if isinstance(m, Linear) and splits(m.weight))
+
+
+def room_to_split(model: torch.nn.Module, device="cpu", workload: Workload = WORKLOAD) -> bool:
+    """Whether `model` (on the meta device, after fast.allow_packing) may keep column-split copies of its wide weights
+    for one row (packing.SplitWeight): where one row takes the compiled kernels (fast.compiled_rows_pay) and the
+    copies fit beside everything else (`estimate`, and the packed copies allowed beside their weights). A full-size
+    7B in bf16 on 24 GB: 16.6 + 2.9 GB. MINIVB_SPLIT=0 or 1 overrides the choice."""
+    from .compiling import override
+    from .fast import compiled_rows_pay
+
+    forced = override("MINIVB_SPLIT")
+    if forced is not None:
+        return forced
+    split = split_bytes(model)
+    if split == 0 or torch.device(device).type != "cpu" or not compiled_rows_pay():
+        return False
+    available = available_bytes(torch.device(device))
+    need = estimate(model, workload, device).total + packable_bytes(model, allowed_only=True) + split
+    return 0 <= need <= available
 
 
 # What dtype="auto" loads, fastest first: bf16 (half the bytes of fp32 to read per decoded token), then bf16 with

@@ -280,7 +280,7 @@ def load_model(path, dtype: torch.dtype | str = torch.float32, device="cpu", pro
     the place of the file's pages (bf16, or an int8 checkpoint's int8): every product reads them once made
     (memory.room_to_pack).
     """
-    from . import fast, memory
+    from . import fast, memory, packing
     from .checkpoint import load_state, stored_dtypes
     from .quant import check_quantize
 
@@ -324,6 +324,8 @@ def load_model(path, dtype: torch.dtype | str = torch.float32, device="cpu", pro
     room = memory.room_to_pack(model, device, mapped, workload)
     if room:  # beams multiply a copy of each weight packed once for oneDNN (packing.py)
         fast.allow_packing(model, replaces=room == "instead")
+    if memory.room_to_split(model, device, workload):  # one row of a wide weight reads a column-split copy
+        packing.allow_splitting(model)
     model = model.to_empty(device=device)
     load_state(model, str(path), progress=progress)
     return model.eval()

@@ -70,6 +70,8 @@ import weakref
 
 import torch
 
+from . import compiling
+
 PACK_ROWS = 5  # the rows oneDNN is told to expect (a beam search's); any number of rows works with the same copy
 PACK_MAX_ROWS = 128  # the most rows of a product that packs: a decode step of 5 beams x 25 videos
 PACK_AFTER = 32  # the few-row products a weight makes unpacked before it packs: about what packing costs (above)
@@ -314,3 +316,75 @@ def copy_replaced_a_weight(layers) -> bool:
     weight (PackedWeight.for_one_row): then fast.linears' one call for several layers steps aside, each layer reading
     its own copy."""
     return any(layer.packed is not None and layer.packed.for_one_row(layer.weight) is not None for layer in layers)
+
+
+# ----------------------------------------------------------------------------- one row of a wide matrix, split
+
+# One row times a weight of many inputs (LLaMA's down projections: 11008, 13824; flan-t5-xxl's wo: 10240) through
+# fast.py's compiled kernel streams it at ~25 GB/s on AMD, where a weight of 4096 inputs streams at ~40: each output's
+# dot product runs over the whole row, and the row (22-28 KB in bf16; fp32 twice that) does not stay in the first-level
+# cache (32 KB) beside the weight streaming past it. A copy of the weight split by columns into the kernel's chunks
+# (fast.FUSED_CHUNK), (chunks, out, in / chunks), is read in order, one chunk of the row serving every output before
+# the next: the same sums in the same order (bf16: bit for bit; fp32: ~1e-7 apart, the loop vectorized otherwise).
+# AMD EPYC, 2 threads, one row, GB/s, median of 10-12 rounds alternating in one process (copying: ms, bf16):
+#     matrix                   bf16: fused   split     fp32: fused   split     copying
+#     4096 x 11008                   24.0   37.0-42.7         33.6    51.7          25
+#     5120 x 13824                   25.5   42.5-42.7
+#     4096 x 10240                   24.5-26.0  34.8-42.8     32.0    49.0          29
+#     2048 x 5120 (2 chunks)         41.8   41.3          (no gain: not split)
+#     768 x 9216 (14 MB: cached)     33.8   30.8          (slower: not split)
+# A full-width 7B cut to 8 layers, bf16 greedy, median of 6 rounds alternating in one process: 106.7 -> 94.7 ms a token,
+# the same tokens. The copies are memory of their own (a 7B's down projections 2.9 GB in bf16, vicuna-13b's 5.7), so
+# a layer has one only where load_model found room for all of them (memory.room_to_split), made at its first one-row
+# product through the compiled kernel; where beams made a packed copy that took the weight's place, one row reads
+# that instead, and the split copy goes (fast.Linear). int8 weights are not split (their one-row routes: quant.py).
+SPLIT_MIN_INPUTS = 8192  # more inputs than this (two chunks or fewer: no gain measured)
+SPLIT_MIN_BYTES = 32 * 2**20  # larger than the last-level cache (a smaller matrix is read from it: no gain)
+
+
+def splits(weight: torch.Tensor) -> bool:
+    """Whether one row times `weight` (out, in) reads a column-split copy of it, where one is allowed (above): wide,
+    large, and cut in chunks by the compiled kernel (fast._chunks: not a width of awkward factors)."""
+    from .fast import _chunks  # (fast imports this file)
+
+    wide = weight.shape[1] > SPLIT_MIN_INPUTS and weight.numel() * weight.element_size() > SPLIT_MIN_BYTES
+    return wide and _chunks(weight.shape[1]) > 1
+
+
+class SplitWeight:
+    """One layer's column-split copy of its weight (above), made at its first one-row product and again after the
+    weight changes. Copies and pickles of the layer get an empty one."""
+
+    def __init__(self):
+        self.copy = None  # (the weight's _identity when it was split, the copy)
+
+    def __reduce__(self):
+        return SplitWeight, ()
+
+    def get(self, weight: torch.Tensor, chunks: int) -> torch.Tensor:
+        """The weight (out, in) as (chunks, out, in / chunks), made where there is none for it yet."""
+        identity = _identity(weight)
+        if self.copy is None or self.copy[0] != identity:
+            self.copy = None  # a stale copy is freed before its successor is made
+            out, size = weight.shape
+            self.copy = (identity, weight.detach().view(out, chunks, size // chunks).transpose(0, 1).contiguous())
+        return self.copy[1]
+
+
+def _row_times_split(row: torch.Tensor, split: torch.Tensor) -> torch.Tensor:
+    """row (chunks, 1, c) x split (chunks, out, c) -> (1, out), accumulated in fp32, chunk by chunk."""
+    return (split.float() * row.float()).sum(-1).sum(0)[None].to(row.dtype)
+
+
+def split_linear(x: torch.Tensor, split: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for one row x (..., in), `split` the weight's column-split copy (SplitWeight)."""
+    out = compiling.compiled_or_plain(_row_times_split, x.reshape(split.shape[0], 1, -1), split)  # (1, out)
+    return (out if bias is None else out + bias).reshape(*x.shape[:-1], -1)
+
+
+def allow_splitting(model: torch.nn.Module, allowed: bool = True) -> None:
+    """Give (or take back) a SplitWeight to each layer of `model` that has room for one (fast.Linear's `split`) and a
+    weight wide enough (`splits`)."""
+    for module in model.modules():
+        if hasattr(type(module), "split") and splits(module.weight):
+            module.split = SplitWeight() if allowed else None

@@ -1228,3 +1228,84 @@ def test_pack_refused_falls_back_with_a_notice(monkeypatch, capsys):
             assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
         assert layer.packed.copy is None and not fast.can_pack(torch.float32)
     assert "could not pack" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- one row of a wide weight, split
+
+
+@pytest.fixture
+def wide(monkeypatch):
+    """Thresholds lowered so that a 768-input layer (three chunks of 256, as a 7B's down_proj has four) splits."""
+    monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(fast, "FUSED_CHUNK", 256)
+    monkeypatch.setattr(packing, "SPLIT_MIN_INPUTS", 128)
+    monkeypatch.setattr(packing, "SPLIT_MIN_BYTES", 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@torch.no_grad()
+def test_one_row_of_a_wide_weight_reads_its_column_split_copy(wide, monkeypatch, dtype):
+    g = torch.Generator().manual_seed(0)
+    layer, narrow = fast.Linear(768, 96).to(dtype), fast.Linear(96, 768).to(dtype)
+    layer.weight.copy_(torch.randn(96, 768, generator=g))
+    x = torch.randn(1, 1, 768, generator=g).to(dtype)
+    fused = layer(x)  # no SplitWeight yet: the compiled kernel over the plain weight
+    packing.allow_splitting(torch.nn.Sequential(layer, narrow))
+    assert narrow.split is None and layer.split.copy is None  # 96 inputs: not wide; nothing made before a row comes
+    got = layer(x)
+    expected = layer.weight.view(96, 3, 256).transpose(0, 1)  # (chunks, out, in / chunks)
+    assert torch.equal(layer.split.copy[1], expected) and layer.split.copy[1].is_contiguous()
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, fused)  # the same sums in the same order
+    else:  # fp32: the vectorized loop sums in another order
+        torch.testing.assert_close(got, fused, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(got.float(), F.linear(x.float(), layer.weight.float(), layer.bias.float()),
+                               rtol=2e-2, atol=2e-2 * fused.float().abs().max().item())
+    layer.weight.mul_(-1)  # the weight changed in place: a new copy
+    torch.testing.assert_close(layer(x), -got + 2 * layer.bias, rtol=1e-2, atol=1e-2)
+    assert torch.equal(layer.split.copy[1], layer.weight.view(96, 3, 256).transpose(0, 1))
+    assert copy.deepcopy(layer).split.copy is None  # copies of the layer make their own
+    with torch.enable_grad():  # autograd reads the plain weight (the "plain" route)
+        assert layer(x.requires_grad_()).grad_fn is not None
+
+
+@torch.no_grad()
+def test_no_split_copy_while_the_kernels_are_rented_or_where_a_packed_copy_replaced_the_weight(wide, monkeypatch):
+    layer = fast.Linear(768, 96)
+    packing.allow_splitting(torch.nn.Sequential(layer))
+    x = torch.randn(1, 768)
+    monkeypatch.setenv("MINIVB_COMPILE", "0")  # the plain routes (as while the rent runs): no copy to pay for
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert layer.split.copy is None
+    monkeypatch.setenv("MINIVB_COMPILE", "1")
+    layer(x)
+    assert layer.split.copy is not None
+    if not fast.can_pack(torch.float32):
+        return
+    monkeypatch.setattr(packing, "PACK_AFTER", 1)
+    layer.packed = packing.PackedWeight(replaces=True)
+    layer(torch.randn(5, 768))  # beams pack a copy in the weight's place: one row reads it from then on
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    assert layer.split is None  # and the split copy is gone
+
+
+@torch.no_grad()
+def test_split_down_projections_generate_the_plain_tokens(bf16_model, monkeypatch):
+    model, batch = bf16_model
+    batch = {k: v[:1] for k, v in batch.items() if k != "labels"}
+    monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)
+    chunks = fast._chunks
+    monkeypatch.setattr(fast, "_chunks", lambda size: 3 if size == 96 else chunks(size))  # the tiny down_proj's 96
+    monkeypatch.setattr(packing, "SPLIT_MIN_INPUTS", 64)
+    monkeypatch.setattr(packing, "SPLIT_MIN_BYTES", 0)
+    plain = model.generate(**batch, max_new_tokens=6, min_new_tokens=6)
+    packing.allow_splitting(model)
+    try:
+        down = [block.mlp.down_proj for block in model.language_model.layers]
+        assert all(layer.split is not None for layer in down)
+        assert sum(getattr(m, "split", None) is not None for m in model.modules()) == len(down)  # only they are wide
+        split = model.generate(**batch, max_new_tokens=6, min_new_tokens=6)
+        assert all(layer.split.copy is not None for layer in down)
+        assert torch.equal(split, plain)
+    finally:
+        packing.allow_splitting(model, allowed=False)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import minivb
-from minivb import fast, finetune, memory
+from minivb import fast, finetune, memory, packing
 from minivb.config import InstructBlipVideoConfig, LlamaConfig, QFormerConfig, VisionConfig, load_config
 from minivb.model import InstructBlipVideo, build_on_meta
 from minivb.quant import save_quantized
@@ -359,3 +359,31 @@ def test_info_says_what_fits_here(monkeypatch):
     tuned = finetune.training_need(config, torch.bfloat16, 1, 4).total
     assert "one example of 4 frames at a time" in lines[-3] and f"{tuned / 1e9:.1f} GB" in table["bfloat16 towers"]
     assert table["float32 towers"].endswith("does not fit") and table["bfloat16 towers"].endswith("does not fit")
+
+
+def test_split_copies_only_where_one_row_takes_the_compiled_kernels_and_they_fit(monkeypatch):
+    model = build_on_meta(load_config(TINY), torch.float32)
+    monkeypatch.setattr(packing, "SPLIT_MIN_INPUTS", 32)  # the tiny down_proj's 64 inputs count as wide
+    monkeypatch.setattr(packing, "SPLIT_MIN_BYTES", 0)
+    chunks = fast._chunks
+    monkeypatch.setattr(fast, "_chunks", lambda size: 2 if size == 64 else chunks(size))  # cut in two chunks
+    layers = model.language_model.layers
+    split = memory.split_bytes(model)
+    assert split == sum(block.mlp.down_proj.weight.numel() * 4 for block in layers) > 0
+    monkeypatch.setenv("MINIVB_FUSED", "1")  # one row through the compiled kernels
+    need = memory.estimate(model).total
+    monkeypatch.setattr(memory, "available_bytes", lambda device: need + split)
+    assert memory.room_to_split(model)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: need + split - 1)
+    assert not memory.room_to_split(model)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 10**12)
+    assert not memory.room_to_split(model, device="meta")  # CPUs only
+    monkeypatch.setenv("MINIVB_FUSED", "0")  # a processor where one row takes the library's kernels: nothing to split
+    assert not memory.room_to_split(model)
+    monkeypatch.setenv("MINIVB_SPLIT", "1")  # the override
+    assert memory.room_to_split(model)
+    loaded = minivb.load_model(TINY)
+    assert all(block.mlp.down_proj.split is not None for block in loaded.language_model.layers)
+    monkeypatch.setenv("MINIVB_SPLIT", "0")
+    assert not memory.room_to_split(model)
+    assert all(block.mlp.down_proj.split is None for block in minivb.load_model(TINY).language_model.layers)
