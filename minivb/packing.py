@@ -333,7 +333,8 @@ def copy_replaced_a_weight(layers) -> bool:
 #     4096 x 10240                   24.5-26.0  34.8-42.8     32.0    49.0          29
 #     2048 x 5120 (2 chunks)         41.8   41.3          (no gain: not split)
 #     768 x 9216 (14 MB: cached)     33.8   30.8          (slower: not split)
-# A full-width 7B cut to 8 layers, bf16 greedy, median of 6 rounds alternating in one process: 106.7 -> 94.7 ms a token,
+# A full-width 7B cut to 8 layers, bf16 greedy, 6 rounds alternating in one process, medians: 117.8 -> 97.4 ms a token;
+# full-size vicuna-7b, 7 rounds in two processes (1 GB sum 32-52 GB/s): 489 -> 457 ms (each round 423-539 -> 356-489),
 # the same tokens. The copies are memory of their own (a 7B's down projections 2.9 GB in bf16, vicuna-13b's 5.7), so
 # a layer has one only where load_model found room for all of them (memory.room_to_split), made at its first one-row
 # product through the compiled kernel; where beams made a packed copy that took the weight's place, one row reads
