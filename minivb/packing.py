@@ -327,12 +327,12 @@ def copy_replaced_a_weight(layers) -> bool:
 # (fast.FUSED_CHUNK), (chunks, out, in / chunks), is read in order, one chunk of the row serving every output before
 # the next: the same sums in the same order (bf16: bit for bit; fp32: ~1e-7 apart, the loop vectorized otherwise).
 # AMD EPYC, 2 threads, one row, GB/s, median of 10-12 rounds alternating in one process (copying: ms, bf16):
-#     matrix                   bf16: fused   split     fp32: fused   split     copying
-#     4096 x 11008                   24.0   37.0-42.7         33.6    51.7          25
-#     5120 x 13824                   25.5   42.5-42.7
-#     4096 x 10240                   24.5-26.0  34.8-42.8     32.0    49.0          29
-#     2048 x 5120 (2 chunks)         41.8   41.3          (no gain: not split)
-#     768 x 9216 (14 MB: cached)     33.8   30.8          (slower: not split)
+#     matrix                       bf16: fused      split   fp32: fused   split   copying
+#     4096 x 11008                        24.0  37.0-42.7          33.6    51.7        25
+#     5120 x 13824                        25.5  42.5-42.7
+#     4096 x 10240                   24.5-26.0  34.8-42.8          32.0    49.0        29
+#     2048 x 5120 (2 chunks)              41.8       41.3   (no gain: not split)
+#     768 x 9216 (14 MB: cached)          33.8       30.8   (slower: not split)
 # A full-width 7B cut to 8 layers, bf16 greedy, 6 rounds alternating in one process, medians: 117.8 -> 97.4 ms a token;
 # full-size vicuna-7b, 7 rounds in two processes (1 GB sum 32-52 GB/s): 489 -> 457 ms (each round 423-539 -> 356-489),
 # the same tokens. The copies are memory of their own (a 7B's down projections 2.9 GB in bf16, vicuna-13b's 5.7), so
