@@ -368,7 +368,7 @@ class SplitWeight:
         if self.copy is None or self.copy[0] != identity:
             self.copy = None  # a stale copy is freed before its successor is made
             out, size = weight.shape
-            self.copy = (identity, weight.detach().view(out, chunks, size // chunks).transpose(0, 1).contiguous())
+            self.copy = (identity, weight.detach().reshape(out, chunks, size // chunks).transpose(0, 1).contiguous())
         return self.copy[1]
 
 
