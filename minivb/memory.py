@@ -316,11 +316,9 @@ def room_to_pack(model: torch.nn.Module, device="cpu", mapped: bool = False,
 def split_bytes(model: torch.nn.Module) -> int:
     """Bytes the column-split copies of `model`'s wide fast.Linear weights would take (packing.SplitWeight; a 7B's
     down projections). Works on a meta model."""
-    from .fast import Linear
-    from .packing import splits
+    from .packing import wide_layers
 
-    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
-               if isinstance(m, Linear) and splits(m.weight))
+    return sum(layer.weight.numel() * layer.weight.element_size() for layer in wide_layers(model))
 
 
 def room_to_split(model: torch.nn.Module, device="cpu", workload: Workload = WORKLOAD) -> bool:

@@ -383,9 +383,15 @@ def split_linear(x: torch.Tensor, split: torch.Tensor, bias: torch.Tensor | None
     return (out if bias is None else out + bias).reshape(*x.shape[:-1], -1)
 
 
+def wide_layers(model: torch.nn.Module) -> list:
+    """The fast.Linear layers of `model` whose weight `splits`: those a SplitWeight serves (memory.split_bytes counts
+    them). Works on a meta model."""
+    from .fast import Linear  # (fast imports this file)
+
+    return [module for module in model.modules() if isinstance(module, Linear) and splits(module.weight)]
+
+
 def allow_splitting(model: torch.nn.Module, allowed: bool = True) -> None:
-    """Give (or take back) a SplitWeight to each layer of `model` that has room for one (fast.Linear's `split`) and a
-    weight wide enough (`splits`)."""
-    for module in model.modules():
-        if hasattr(type(module), "split") and splits(module.weight):
-            module.split = SplitWeight() if allowed else None
+    """Give (or take back) a SplitWeight to each of `model`'s wide_layers."""
+    for layer in wide_layers(model):
+        layer.split = SplitWeight() if allowed else None
