@@ -44,11 +44,17 @@ def _compiler_found() -> bool:
 # code rounds. flan-t5-xl cut to 8 decoder layers, greedy, ms a step: bf16 34.3-34.9 -> 30.7-30.9, int8 28.0-28.3 ->
 # 27.3-27.5.
 _NORMED_OPTIONS = {"realize_reads_threshold": 1, "realize_opcount_threshold": 1, "emulate_precision_casts": True}
+# int8's kernels add their products in groups (quant.GROUPS), sums which the opcount threshold would store whole (fp32,
+# an eighth of the weight: 3 x 4096 x 4096 int8 under an RMSNorm 1.9 -> 7.2 ms); the reads threshold alone computes the
+# normed row once too (old int8 kernel 2.0 ms with both, 2.0 with it alone). bf16 keeps both: full flan-t5-xl greedy,
+# fresh processes alternating, 98-104 ms with both against 137-151 with the reads threshold alone (level in 1 of 3).
+_GROUPED_NORMED_OPTIONS = {"realize_reads_threshold": 1, "emulate_precision_casts": True}
 
 
 @functools.cache
-def _compiled(function, normed: bool = False):
-    """`function` compiled by inductor (with _NORMED_OPTIONS where `normed`), or None where it cannot build C++ here.
+def _compiled(function, normed: bool = False, grouped: bool = False):
+    """`function` compiled by inductor (with _NORMED_OPTIONS where `normed`, _GROUPED_NORMED_OPTIONS where `grouped`
+    too), or None where it cannot build C++ here.
 
     dynamic=True: one kernel for every shape (and a few size-1 specialisations), not one per matrix or cache length.
     Compiling takes 1-3 s at the first use in a process (inductor caches it on disk); each call costs ~40-80 us of
@@ -61,7 +67,8 @@ def _compiled(function, normed: bool = False):
     once around a whole decode step (`settings`)."""
     if _compile_failed or not _compiler_found():
         return None
-    options = {"cpp.vec_isa_ok": True, "cpp.simdlen": _vector_width(), **(_NORMED_OPTIONS if normed else {})}
+    norm_options = (_GROUPED_NORMED_OPTIONS if grouped else _NORMED_OPTIONS) if normed else {}
+    options = {"cpp.vec_isa_ok": True, "cpp.simdlen": _vector_width(), **norm_options}
     kernel = torch.compile(function, dynamic=True, options=options)
 
     def run(*args):
@@ -177,16 +184,18 @@ def bytes_of(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def compiled_or_plain(function, *args, plain=None, normed: bool = False, saves: float | None = None):
+def compiled_or_plain(function, *args, plain=None, normed: bool = False, grouped: bool = False,
+                      saves: float | None = None):
     """`function(*args)` through its compiled kernel; where there is none or compiling fails, `plain(*args)`: by
-    default `function` itself, run op by op. normed: a kernel that starts with a pre-norm (_NORMED_OPTIONS). saves:
+    default `function` itself, run op by op. normed: a kernel that starts with a pre-norm (_NORMED_OPTIONS); grouped:
+    one that sums in groups (_GROUPED_NORMED_OPTIONS). saves:
     the seconds the kernel would save in this call over `plain`, a fast route of its own: `plain` until they have
     paid for compiling (`_renting`)."""
     global _bought
     forced = override("MINIVB_COMPILE")
     if forced is False or (forced is None and saves is not None and _renting(saves)):
         return (plain or function)(*args)
-    kernel = _compiled(function, normed)
+    kernel = _compiled(function, normed, grouped)
     if kernel is not None:
         try:
             out = kernel(*args)

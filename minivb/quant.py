@@ -146,17 +146,19 @@ def check_quantize(quantize) -> None:
 #     bf16 F.linear              6.1   5.4   5.9   5.8   8.5   7.4  10.0  17.1  26.3   (bf16 weights, for comparison)
 INT8_MATMUL_ROWS = 8
 # One row (greedy decoding) of an int8 matrix, on AMD with AVX-512 (on the Intel Xeon measured, and on AMD with only
-# AVX2, int8pack_mm is the faster everywhere: fast.compiled_rows_pay): int8pack_mm streams int8 at 23-25 GB/s, short
-# of the ~34 GB/s the AMD machine reads: on 2 cores it is bound by converting each weight to fp32, not by memory. A
-# compiled multiply-and-sum with the row converted to fp32 once, before the kernel (not at each weight, as when it is
-# bf16), runs 25-28 GB/s for matrices of 4096 columns (4096 x 4096, 11008 x 4096, 32000 x 4096: 5-17 % faster, quiet
-# machine, alternating, best of 5). With more columns it loses: 11008 (the MLP's down projection) 15-16 GB/s against
-# int8pack_mm's 25-27, the fp32 row (44 KB) no longer fitting the first-level cache beside the streaming weight;
-# vicuna-13b's 5120 and 13824 columns 6-7 GB/s as whole rows (inductor's slower cascade sum beyond 4096, see
-# fast.FUSED_CHUNK), 14-19 cut in chunks of at most FUSED_CHUNK, against int8pack_mm's 22-24. So a 7B's attention,
-# gate and up projections and lm_head take it; its down projections and every 13B matrix stay on int8pack_mm.
-# A greedy step of LLaMA at 7B widths, 4 layers and the lm_head, best of 4 rounds alternating: int8pack_mm everywhere
-# 40.8 ms, this kernel where it pays 37.1 ms, bf16 56.5 ms (1.39x -> 1.52x bf16).
+# AVX2, int8pack_mm is the faster everywhere: fast.compiled_rows_pay): int8pack_mm streams int8 at 22-27 GB/s, short of
+# what the machine reads: on 2 cores it is bound by converting each weight to fp32, not by memory. So is a compiled
+# multiply-and-sum written plainly: inductor keeps one vector of LANES fp32 sums an output and adds each vector of
+# products to it, each add waiting for the one before (~27 G weights/s on 2 cores, however fast memory is). Adding
+# GROUPS vectors of products first (adds that do not wait for each other: the CPU overlaps them) leaves one waiting
+# add for every GROUPS x LANES weights; the row comes in fp32, converted once. Streamed (copies cycled past the
+# caches), GB/s, median of 10 alternating, int8pack_mm / one sum / 8 groups: 11008 x 4096 25.8 / 27.8 / 34.6, 32000 x
+# 4096 22.7 / 26.0 / 30.1, 2048 x 2048 16.8 / 22.8 / 27.7 (4 groups: 15-18 everywhere, not found why). More columns
+# lose: 11008 (the down projection) 15 against int8pack_mm's 25-27, the fp32 row (44 KB) no longer fitting the first-
+# level cache beside the streaming weight; 5120 (vicuna-13b) 22 against 22-23. So LLaMA's and T5's attention, gate and
+# up projections and lm_head take it; their down projections and every 13B matrix stay on int8pack_mm. Greedy steps,
+# medians of 4 rounds alternating in one process, one sum -> groups: full-size flan-t5-xl 120.8 -> 95.6 ms, every
+# round faster; vicuna-7b's widths cut to 8 layers 79.6 -> 77.0.
 INT8_FUSED_MAX_IN = 4096
 INT8_FUSED_SAVES_PER_BYTE = 5e-12  # s a byte over int8pack_mm (the rent: compiling.py); alone, AMD: -10 to 21 us a MB
 # int8pack_mm (PyTorch 2.13, AMD EPYC) takes widths (in) that are multiples of 16 only: at others (8, 24, 100, 300)
@@ -167,12 +169,21 @@ INT8PACK_WIDTHS = 16
 # one core and 1 on the other, which then waits. 4 rows a call spread each call's outputs over the cores: 5 x 5120 x
 # 2048 1.05-1.35 -> 0.84-1.02 ms; full flan-t5-xl int8, 5-beam steps 203-280 ms (two modes) -> 194-215.
 INT8PACK_ROWS = 4
+LANES = 16  # fp32 sums in one AVX-512 vector
+GROUPS = 8
 
 
 def _int8_row_times_matrix(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """row (1, in) fp32 x weight (out, in) int8, scaled per output -> (1, out) in the scales' dtype: one vectorized
-    pass over the weight (the row comes in fp32: converted inside, it would be converted again at every weight)."""
-    return ((weight.float() * row).sum(-1)[None] * scales).to(scales.dtype)
+    pass over the weight (the row comes in fp32: converted inside, it would be converted again at every weight).
+    Where `in` allows, GROUPS vectors of products are added before they join the running sums (above)."""
+    out, width = weight.shape
+    groups = GROUPS if width % (GROUPS * LANES) == 0 else 1
+    weight, row = weight.reshape(out, -1, groups, LANES), row.reshape(-1, groups, LANES)  # (out, n, groups, 16)
+    sums = weight[:, :, 0].float() * row[:, 0]  # (out, n, 16)
+    for group in range(1, groups):  # each group's products apart: none is read twice (see compiling._NORMED_OPTIONS)
+        sums = sums + weight[:, :, group].float() * row[:, group]  # pointwise: adds that do not wait for each other
+    return (sums.sum((1, 2))[None] * scales).to(scales.dtype)
 
 
 def _int8_row_times_matrices(row: torch.Tensor, *weights_and_scales: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -236,7 +247,7 @@ def int8_rows_linears(row: torch.Tensor, weights_and_scales: list, norm: nn.Modu
     saves = INT8_FUSED_SAVES_PER_BYTE * compiling.bytes_of(flat[0::2])
     if norm is not None:
         return list(compiled_or_plain(_int8_normed_row_times_matrices, norm, row, *flat,
-                                      plain=_plain_int8_normed_rows, normed=True, saves=saves))
+                                      plain=_plain_int8_normed_rows, normed=True, grouped=True, saves=saves))
     return list(compiled_or_plain(_int8_row_times_matrices, row.float(), *flat, plain=_int8pack_rows, saves=saves))
 
 

@@ -549,6 +549,30 @@ def test_int8_products_equal_the_reference(monkeypatch):
     assert not compiling._compile_failed
 
 
+@torch.no_grad()
+def test_int8_row_kernel_sums_in_groups(monkeypatch):
+    """The one-row int8 kernel adds quant.GROUPS vectors of products before they join the running sums where the
+    width allows (256 = 2 x 8 x 16): the same products as the exact sum, within fp32 rounding, alone and under a norm
+    (the norm bit for bit as op by op); a width that does not allow it (96) takes one sum."""
+    monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 1)
+    g = torch.Generator().manual_seed(0)
+    norm = T5LayerNorm(256, 1e-6).bfloat16()
+    norm.weight.copy_(torch.rand(256, generator=g) + 0.5)
+    for width in (256, 96):
+        weight, scales = quant.quantize_rows(torch.randn(300, width, generator=g) * 3)
+        scales = scales.bfloat16()
+        row = torch.randn(1, width, generator=g).bfloat16()
+        exact = (row.double() @ weight.double().T) * scales.double()  # (1, 300)
+        got = quant.int8_rows_linears(row, [(weight, scales)])[0]
+        assert got.shape == (1, 300) and got.dtype == torch.bfloat16
+        assert (got.double() - exact).abs().max() <= 2**-8 * exact.abs().max()  # bf16's rounding of the result
+        if width == 256:
+            normed = norm(row)
+            assert torch.equal(quant.int8_rows_linears(row, [(weight, scales)], norm)[0],
+                               quant.int8_rows_linears(normed, [(weight, scales)])[0])
+    assert not compiling._compile_failed
+
+
 def test_int8_prompt_copies_reuse_one_buffer(monkeypatch):
     """A prompt's bf16 copies of int8 blocks are written into one buffer kept between calls: layers of other sizes
     after it get the products fresh copies give, bit for bit; under autograd each copy is fresh (a product keeps its
