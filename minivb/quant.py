@@ -169,14 +169,12 @@ INT8PACK_WIDTHS = 16
 # one core and 1 on the other, which then waits. 4 rows a call spread each call's outputs over the cores: 5 x 5120 x
 # 2048 1.05-1.35 -> 0.84-1.02 ms; full flan-t5-xl int8, 5-beam steps 203-280 ms (two modes) -> 194-215.
 INT8PACK_ROWS = 4
-LANES = 16  # fp32 sums in one AVX-512 vector
-GROUPS = 8
+LANES, GROUPS = 16, 8  # fp32 sums in one AVX-512 vector; vectors of products added before they join them
 
 
 def _int8_row_times_matrix(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """row (1, in) fp32 x weight (out, in) int8, scaled per output -> (1, out) in the scales' dtype: one vectorized
-    pass over the weight (the row comes in fp32: converted inside, it would be converted again at every weight).
-    Where `in` allows, GROUPS vectors of products are added before they join the running sums (above)."""
+    pass over the weight, GROUPS vectors of products added at a time where `in` allows (above)."""
     out, width = weight.shape
     groups = GROUPS if width % (GROUPS * LANES) == 0 else 1
     weight, row = weight.reshape(out, -1, groups, LANES), row.reshape(-1, groups, LANES)  # (out, n, groups, 16)
@@ -260,26 +258,17 @@ def int8_rows_linears(row: torch.Tensor, weights_and_scales: list, norm: nn.Modu
 #     int8pack_mm                5.7-6.6  8.0-8.2  14-16    24-27    44       94-98    101
 #     bf16 copy (8 MB blocks)      -       39-40   12-13    13-15    15-17    28-34    18-30
 #     bf16 weights: F.linear     4.4-5.2   -        -        -        -        -       11-22   (packed, 5 rows: 3.25)
-# So bf16 rows take it up to INTEGER_MAX_ROWS (5 beams x 25 videos) and a prompt's more rows keep the bf16 copy
-# (compiled, the halves and the sums would make 150 rows 18.5 ms: level with it, for 1-3 s of compiling at a cold
-# start). A CPU without native bf16 computes a prompt in fp32 (fast.compute_dtype), which the int8 weight would join
-# dequantized to fp32: there every count of rows takes this. Capped to AVX-512 VNNI without AMX or bf16
-# (ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI, as a Cascade Lake): 5 rows 5.0 against int8pack_mm's 6.6; 150 rows 36
-# against 139 for the fp32 product. Without VNNI oneDNN's int8 kernels saturate 16-bit pair sums and the products
-# come out wrong (capped to AVX2 or to AVX-512 without VNNI: off by 19295 in sums of 120472), so
-# `integer_products_pay` checks the CPU's flags and then one product at the limits of int8 against exact sums.
-# With AMX, the weight goes in as the left matrix (`_int_mm(weight, halves.T)`), which oneDNN multiplies without
-# repacking it (as fast.py's "matrix" route does bf16), the same sums: Intel Xeon, whole integer_linear, ms, rows
-# 2 / 5 / 16 / 64 / 128: 11008 x 4096 3.14 / 3.30 / 3.82 / 7.95 / 19.3 -> 2.72 / 2.60 / 3.20 / 6.39 / 21.5;
-# 4096 x 11008 3.15 / 3.47 / 4.61 / 7.86 / 17.2 -> 2.62 / 2.77 / 4.12 / 7.02 / 12.9. With VNNI alone
-# (ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI) it is slower (5 rows 5.2 -> 7.5), so there the weight stays on the right.
-# The AMD EPYC (Zen 4: VNNI, no AMX) differs from both: the weight on the right is the slowest route there, on the
-# left the fastest from ~8 rows, and int8pack_mm the fastest below. 2 threads, ms a 7B layer's seven matrices (4096
-# x 4096 x 4, 11008 x 4096 x 2, 4096 x 11008), best of 5, rows 2 / 5 / 8 / 12: weight on the right 33.4 / 36.4 / 41.0
-# / 44.8, on the left 19.4 / 26.6 / 21.2 / 28.5, int8pack_mm 9.8 / 22.0 / 25.6 / 36.7; 16 / 32 / 64 / 128 rows,
-# 11008 x 4096: left 5.8 / 8.7 / 15.0 / 27.8 against the bf16 copy's 8.4 / 11.4 / 17.8 / 33.1. The full 7B's 5-beam
-# steps took 1350 ms on the right (bf16: 757). So on AMD, bf16 rows take int8pack_mm up to INT8_MATMUL_ROWS and this
-# route, weight on the left, above. MINIVB_INT8_MM=0 turns the route off.
+# So bf16 rows take it up to INTEGER_MAX_ROWS (5 beams x 25 videos); a prompt's more rows keep the bf16 copy. A CPU
+# without native bf16 computes a prompt in fp32 (fast.compute_dtype): there every count of rows takes this (capped to
+# AVX-512 VNNI without AMX or bf16, as a Cascade Lake: 5 rows 5.0 against int8pack_mm's 6.6; 150 rows 36 against 139
+# for the fp32 product). Without VNNI oneDNN's int8 kernels saturate 16-bit pair sums and the products come out wrong
+# (off by 19295 in sums of 120472), so `integer_products_pay` checks the CPU's flags and then one product at the
+# limits of int8 against exact sums. With AMX, the weight goes in as the left matrix (`_int_mm(weight, halves.T)`),
+# which oneDNN multiplies without repacking it: whole integer_linear, 11008 x 4096, rows 2 / 5 / 16 / 64: 3.14 / 3.30
+# / 3.82 / 7.95 -> 2.72 / 2.60 / 3.20 / 6.39 ms; with VNNI alone slower (5 rows 5.2 -> 7.5): there it stays right.
+# The AMD EPYC (Zen 4: VNNI, no AMX): a 7B layer's seven matrices, ms, rows 2 / 5 / 8 / 12: weight on the right 33.4 /
+# 36.4 / 41.0 / 44.8, on the left 19.4 / 26.6 / 21.2 / 28.5, int8pack_mm 9.8 / 22.0 / 25.6 / 36.7 (11008 x 4096, 128
+# rows: left 27.8, bf16 copy 33.1): int8pack_mm up to INT8_MATMUL_ROWS, then the left. MINIVB_INT8_MM=0: off.
 INTEGER_MAX_ROWS = 128
 INT8_DOT_PRODUCT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})  # x86 VNNI (AVX-512, AVX) and AMX
 HALF = 128  # q = HALF * high + low
