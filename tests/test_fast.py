@@ -550,11 +550,11 @@ def test_int8_products_equal_the_reference(monkeypatch):
 
 
 @torch.no_grad()
-def test_int8_row_kernel_sums_in_groups(monkeypatch):
+def test_int8_row_kernel_sums_in_groups():
     """The one-row int8 kernel adds quant.GROUPS vectors of products before they join the running sums where the
     width allows (256 = 2 x 8 x 16): the same products as the exact sum, within fp32 rounding, alone and under a norm
-    (the norm bit for bit as op by op); a width that does not allow it (96) takes one sum."""
-    monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 1)
+    (the norm bit for bit as op by op); a width that does not allow it (96) takes one sum. int8_rows_linears is the
+    kernel's own call (compiled at first use: the autouse fixture), so no size threshold is in the way."""
     g = torch.Generator().manual_seed(0)
     norm = T5LayerNorm(256, 1e-6).bfloat16()
     norm.weight.copy_(torch.rand(256, generator=g) + 0.5)
