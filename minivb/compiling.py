@@ -87,8 +87,8 @@ def _vector_width() -> int:
 
     `_compiled` passes it as cpp.simdlen, which picks the same instructions inductor would pick, and puts the width in
     the key of inductor's on-disk cache, which (PyTorch 2.13) has no other trace of it: a kernel cached by a process
-    at one width is handed to a process at another. Measured, Intel Xeon, one cache folder, quantize_block of a
-    1024 x 1024 block: cached at 512 bits, then run with ATEN_CPU_CAPABILITY=avx2, 84 % of the int8 weights wrong
+    at one width is handed to a process at another. Measured, Intel Xeon, one cache folder, quantize_weight of a
+    1024 x 1024 weight: cached at 512 bits, then run with ATEN_CPU_CAPABILITY=avx2, 84 % of the int8 weights wrong
     and scales off by up to 126x, silently; cached at 256, then run at 512: "free(): invalid size", the process killed.
     """
     from torch._inductor import config, cpu_vec_isa

@@ -33,8 +33,8 @@ on the native-bf16 machine, AMD EPYC with avx512_bf16, 2 cores; the AVX2 numbers
    bf16 query a row; `decode_attention.attention` compiles the softmax written out, the batch folded into the heads
    (one kernel for greedy decoding and beams). Beams read their shared prompt once (attention_after_shared_prompt).
 
-4. Quantizing while loading: quant.quantize_block compiles int8 quantization's five passes over fp32 copies of each
-   block into two (a 7B's 6.6 G linear weights: 7-13 s -> ~3 s).
+4. Quantizing while loading: quant.quantize_weight compiles int8 quantization's five passes over fp32 copies of a
+   weight into two, the whole weight at once (a 7B's 6.6 G linear weights: 7-13 s -> ~3 s).
 
 The kernels this file and the others compile are built, rented on their plain routes until compiling pays, and fall
 back to plain PyTorch, in compiling.py.

@@ -332,7 +332,7 @@ def load_model(path, dtype: torch.dtype | str = torch.float32, device="cpu", pro
     return model.eval()
 
 
-# Quantizing at load reads every bf16 weight of the language model at every load (a 7B: 7.5-12 s, against 1.3-1.5 s
+# Quantizing at load reads every bf16 weight of the language model at every load (a 7B: 6-12 s, against 1.3-1.5 s
 # to map its int8 checkpoint; flan-t5-xl 5.2 against 1.7 s): from this many int8 weights, load_model says so.
 QUANTIZE_NOTICE_WEIGHTS = 10**9
 

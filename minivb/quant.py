@@ -17,9 +17,9 @@ The quantization happens while each shard is read (checkpoint.load_state hands a
 bound by arithmetic: int8 makes it slower, README), the Q-Former and the projection stay in the model's dtype: 2.6 GB
 of a 7B's 15.8 GB in bf16 (the linears: 6.6 B of 7.9 B weights).
 
-Quantizing at every load reads all the bf16 bytes (a 7B: 7.5-12 s, against 1.4 s to map it in bf16).
-`save_quantized` (CLI: `python -m minivb quantize`) does it once, as gpt-fast's quantize.py and llama.cpp's
-llama-quantize do: load_model maps its int8 checkpoint like any other, nothing quantized or copied (the 7B: 1.3 s).
+Quantizing at every load reads all the bf16 bytes (a 7B: 6-7 s, against 1.4 s to map it in bf16). `save_quantized`
+(CLI: `python -m minivb quantize`) does it once, as gpt-fast's quantize.py and llama.cpp's llama-quantize do:
+load_model maps its int8 checkpoint like any other, nothing quantized or copied (the 7B: 1.3 s).
 """
 
 import functools
@@ -33,7 +33,7 @@ from . import compiling, converting, fast, packing
 from .compiling import compiled_or_plain
 
 QUANTIZE_CHOICES = ("int8",)
-QUANTIZE_ROWS = 1024  # rows quantized at a time while loading (see Int8Linear.load_weight)
+QUANTIZE_ROWS = 1024  # rows quantized at a time op by op (see quantize_weight)
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,17 +59,11 @@ class Int8Linear(nn.Module):
 
     @torch.no_grad()
     def load_weight(self, tensor: torch.Tensor) -> None:
-        """Take a float weight (out, in) from the checkpoint and keep it quantized (called by the loader).
-
-        A block of rows at a time: quantize_rows works in fp32, and the fp32 copies of a whole 32000 x 4096 lm_head
-        would be 0.5 GB each, the transient that made the load peak (a few layers of a 7B) exceed its int8 weights
-        plus 0.1x its bf16 weights; in blocks of QUANTIZE_ROWS they stay near 16 MB.
-        """
-        for start in range(0, self.out_features, QUANTIZE_ROWS):
-            rows = slice(start, start + QUANTIZE_ROWS)
-            quantized, scales = quantize_block(tensor[rows])  # quantize_rows, compiled where it pays (below)
-            self.weight[rows] = quantized
-            self.weight_scale[rows] = scales
+        """Take a float weight (out, in) from the checkpoint and keep it quantized (called by the loader): the int8
+        weight `quantize_weight` returns becomes the layer's own (the empty one it replaces was never touched)."""
+        quantized, scales = quantize_weight(tensor)
+        self.weight = quantized.to(self.weight.device)
+        self.weight_scale.copy_(scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         copy = self.packed_copy(x)
@@ -145,20 +139,16 @@ def check_quantize(quantize) -> None:
 #     bf16 copy (8 MB blocks)   10.4   7.5   8.5   7.5   8.2  11.0  13.0  21.5  28.9
 #     bf16 F.linear              6.1   5.4   5.9   5.8   8.5   7.4  10.0  17.1  26.3   (bf16 weights, for comparison)
 INT8_MATMUL_ROWS = 8
-# One row (greedy decoding) of an int8 matrix, on AMD with AVX-512 (on the Intel Xeon measured, and on AMD with only
-# AVX2, int8pack_mm is the faster everywhere: fast.compiled_rows_pay): int8pack_mm streams int8 at 22-27 GB/s, short of
-# what the machine reads: on 2 cores it is bound by converting each weight to fp32, not by memory. So is a compiled
-# multiply-and-sum written plainly: inductor keeps one vector of LANES fp32 sums an output and adds each vector of
-# products to it, each add waiting for the one before (~27 G weights/s on 2 cores, however fast memory is). Adding
-# GROUPS vectors of products first (adds that do not wait for each other: the CPU overlaps them) leaves one waiting
-# add for every GROUPS x LANES weights; the row comes in fp32, converted once. Streamed (copies cycled past the
-# caches), GB/s, median of 10 alternating, int8pack_mm / one sum / 8 groups: 11008 x 4096 25.8 / 27.8 / 34.6, 32000 x
-# 4096 22.7 / 26.0 / 30.1, 2048 x 2048 16.8 / 22.8 / 27.7 (4 groups: 15-18 everywhere, not found why). More columns
-# lose: 11008 (the down projection) 15 against int8pack_mm's 25-27, the fp32 row (44 KB) no longer fitting the first-
-# level cache beside the streaming weight; 5120 (vicuna-13b) 22 against 22-23. So LLaMA's and T5's attention, gate and
-# up projections and lm_head take it; their down projections and every 13B matrix stay on int8pack_mm. Greedy steps,
-# medians of 4 rounds alternating in one process, one sum -> groups: full-size flan-t5-xl 120.8 -> 95.6 ms, every
-# round faster; vicuna-7b's widths cut to 8 layers 79.6 -> 77.0.
+# One row (greedy decoding) of an int8 matrix, on AMD with AVX-512 (elsewhere int8pack_mm is the faster: fast.
+# compiled_rows_pay). int8pack_mm streams 22-27 GB/s, bound by converting weights to fp32 on 2 cores, not by memory;
+# so is a plain compiled multiply-and-sum: inductor keeps one vector of LANES fp32 sums an output and each add waits
+# for the one before (~27 G weights/s). Adding GROUPS vectors of products first (adds that do not wait) leaves one
+# waiting add for every GROUPS x LANES weights. Streamed, GB/s, median of 10 alternating, int8pack_mm / one sum / 8
+# groups: 11008 x 4096 25.8 / 27.8 / 34.6, 32000 x 4096 22.7 / 26.0 / 30.1, 2048 x 2048 16.8 / 22.8 / 27.7 (4 groups:
+# 15-18, not found why); 4096 x 11008 (down) 25-27 / 15 / 15, the fp32 row (44 KB) out of the first-level cache; 5120
+# (13B) 22 / 13.5 / 22. So down projections and every 13B matrix stay on int8pack_mm. Greedy steps, one process
+# alternating, one sum -> groups: full flan-t5-xl 120.8 -> 95.6 ms; vicuna-7b cut to 8 layers 79.6 -> 77.0. (bf16
+# under a norm, grouped the same way: 10-13 % faster alone, level in full vicuna-7b's steps, alternated step by step.)
 INT8_FUSED_MAX_IN = 4096
 INT8_FUSED_SAVES_PER_BYTE = 5e-12  # s a byte over int8pack_mm (the rent: compiling.py); alone, AMD: -10 to 21 us a MB
 # int8pack_mm (PyTorch 2.13, AMD EPYC) takes widths (in) that are multiples of 16 only: at others (8, 24, 100, 300)
@@ -364,20 +354,30 @@ def _packed_rows(x: torch.Tensor) -> bool:
             and _without_autograd(x) and int8_packing_pays())
 
 
-# quantize_rows run op by op makes five passes over fp32 copies of each block of rows (float, abs, divide,
-# round, clamp); compiled, it is one pass to find each row's scale and one to quantize it, with the same result bit
-# for bit. A block of 1024 rows x 4096 of bf16 at a time over 11008 x 4096, 2 threads: 0.5-1.0 G weights/s plain,
-# 2.2-2.5 compiled: the 6.6 G weights of a 7B's linears in ~3 s instead of 7-13 (compiling: ~4 s the first time a
-# machine runs it, ~1 s from inductor's disk cache). Blocks under QUANTIZE_COMPILE_MIN weights (the test models)
-# stay plain: compiling would cost more than it saves.
+# quantize_rows op by op makes five passes over fp32 copies (float, abs, divide, round, clamp), so it goes a block of
+# QUANTIZE_ROWS at a time (a whole 32000 x 4096 lm_head's would be 0.5 GB each). Compiled it is two passes, one for the
+# scales, one to quantize, the same bit for bit and no fp32 copy: the whole weight at once, its output the int8 weight
+# itself. 11008 x 4096 bf16, 2 threads: 0.5-1.0 G weights/s plain, 1.6-1.8 compiled, most of it writing fresh pages.
+# Full vicuna-7b's load quantizing it, fresh processes alternating, 6 pairs: compiled blocks copied into the weight 6.4-
+# 7.8 s, whole 6.0-6.8 (compiling: ~4 s the first time on a machine, ~1 s from inductor's disk cache). Weights under
+# QUANTIZE_COMPILE_MIN (the test models) stay plain: compiling would cost more than it saves.
 QUANTIZE_COMPILE_MIN = 1024 * 1024
 
 
-def quantize_block(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantize_rows (the reference, above), compiled for large blocks on a CPU."""
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows (the reference, above) of a whole weight: compiled on a CPU if large, else a block at a time."""
     if weight.numel() < QUANTIZE_COMPILE_MIN or weight.device.type != "cpu":
-        return quantize_rows(weight)
-    return compiled_or_plain(quantize_rows, weight)
+        return _quantize_in_blocks(weight)
+    return compiled_or_plain(quantize_rows, weight, plain=_quantize_in_blocks)
+
+
+def _quantize_in_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    quantized = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], device=weight.device)
+    for start in range(0, weight.shape[0], QUANTIZE_ROWS):
+        rows = slice(start, start + QUANTIZE_ROWS)
+        quantized[rows], scales[rows] = quantize_rows(weight[rows])
+    return quantized, scales
 
 
 # ----------------------------------------------------------------------------- quantize once: an int8 checkpoint
@@ -425,7 +425,7 @@ def save_quantized(source, out, progress=None) -> None:
                     raise ValueError(f"shape mismatch for {key!r}: checkpoint has {tuple(tensor.shape)}, the model "
                                      f"built from config.json expects {(layer.out_features, layer.in_features)}")
                 quantized = Int8Linear(layer.in_features, layer.out_features, bias=False, dtype=torch.float32)
-                quantized.load_weight(tensor)  # in blocks of QUANTIZE_ROWS rows, as at load
+                quantized.load_weight(tensor)  # as at load
                 tensors[key], tensors[key + "_scale"] = quantized.weight, quantized.weight_scale
             # The int8 weights first, those whose size is a multiple of 64 bytes (all, at the official sizes) first
             # of all, the data 64-byte aligned: each of those starts on a 64-byte boundary, where

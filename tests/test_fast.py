@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import minivb
-from minivb import compiling, converting, decode_attention, fast, llama, packing, quant
+from minivb import checkpoint, compiling, converting, decode_attention, fast, llama, packing, quant
 from minivb.__main__ import ASK_MAX_NEW_TOKENS, ASK_NUM_BEAMS
 from minivb.llama import RMSNorm
 from minivb.t5 import T5LayerNorm
@@ -427,14 +427,14 @@ def test_kernels_with_a_fast_plain_route_are_rented_until_they_pay(monkeypatch, 
     monkeypatch.setattr(compiling, "_bought", False)
     monkeypatch.setenv("MINIVB_COMPILE", "0")
     assert products(4) == 4 and not compiling._bought  # never compiled, nothing counted
-    assert torch.equal(quant.quantize_block(w)[0], quant.quantize_rows(w)[0]) and not compiling._bought
+    assert torch.equal(quant.quantize_weight(w)[0], quant.quantize_rows(w)[0]) and not compiling._bought
     monkeypatch.setenv("MINIVB_COMPILE", "1")
     assert products(2) == (0 if compiles else 2)
     monkeypatch.setattr(compiling, "_bought", False)
     monkeypatch.delenv("MINIVB_COMPILE")
     if compiles:
         monkeypatch.setattr(quant, "QUANTIZE_COMPILE_MIN", 0)
-        quant.quantize_block(w)  # compiled at once: dynamo has started
+        quant.quantize_weight(w)  # compiled at once: dynamo has started
         assert compiling._bought and compiling._rent_paid == 0 and products(1) == 0
 
 
@@ -513,7 +513,7 @@ def test_no_compiler_falls_back_with_a_notice(monkeypatch, capsys, fresh_kernel)
     monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 1)
     x, w = torch.randn(1, 64), torch.randn(32, 64)
     assert torch.equal(fast.fused_linears(x, [w], [None])[0], F.linear(x, w))
-    quantized, scales = quant.quantize_block(w)  # one row of int8: int8pack_mm, as before the compiled kernel
+    quantized, scales = quant.quantize_weight(w)  # one row of int8: int8pack_mm, as before the compiled kernel
     with torch.no_grad():
         assert torch.equal(quant.int8_linear(x.bfloat16(), quantized, scales.bfloat16()),
                            torch._weight_int8pack_mm(x.bfloat16(), quantized, scales.bfloat16()))
@@ -996,9 +996,14 @@ def test_compiled_quantization_equals_the_reference(monkeypatch):
     weight = torch.randn(300, 257, generator=generator) * torch.logspace(-4, 1, 300)[:, None]  # rows of every scale
     weight[7] = 0  # a zero row keeps its tiny scale
     for dtype in (torch.bfloat16, torch.float32):
-        compiled, reference = quant.quantize_block(weight.to(dtype)), quantize_rows(weight.to(dtype))
+        compiled, reference = quant.quantize_weight(weight.to(dtype)), quantize_rows(weight.to(dtype))
         assert torch.equal(compiled[0], reference[0]) and torch.equal(compiled[1], reference[1])
         assert compiled[0].dtype == torch.int8 and compiled[0].abs().amax(dim=1)[8:].eq(127).all()
+    layer = quant.Int8Linear(257, 300, bias=False, dtype=torch.bfloat16)
+    layer.load_weight(weight)  # the whole weight in one call: its int8 output becomes the layer's weight, as it is
+    assert torch.equal(layer.weight, quantize_rows(weight)[0]) and layer.weight.is_contiguous()
+    assert layer.weight.data_ptr() % checkpoint.ALIGN == 0  # int8pack_mm's aligned loads (checkpoint.ALIGN)
+    assert torch.equal(layer.weight_scale, quantize_rows(weight)[1].bfloat16())
     assert not compiling._compile_failed and (compiling._compiled(quantize_rows) is not None) == compiling._compiler_found()
 
 
@@ -1007,7 +1012,7 @@ QUANTIZE_IN_A_PROCESS = """
 import torch
 from minivb import quant
 weight = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)  # compiled: 1 M weights
-compiled, reference = quant.quantize_block(weight), quant.quantize_rows(weight)
+compiled, reference = quant.quantize_weight(weight), quant.quantize_rows(weight)
 print((compiled[0] != reference[0]).float().mean().item(), torch.equal(compiled[1], reference[1]))
 """
 
