@@ -140,8 +140,7 @@ def _compile_failure(error: Exception) -> None:
 # no plain route to rent (quantizing at load) buys nothing: when it did (dynamo's start paid), a load that quantized
 # full vicuna-7b compiled the prompt's last-row kernel in its first token (1.2 s of compiling for a ~1 ms product).
 # Fresh processes alternating, first token then a 5-beam answer: 7B 12.7-13.0 -> 11.7-12.6 s, 35-37 s either way;
-# flan-t5-xl 13.9-14.0 -> 8.0-8.1 s, 15.0-15.5 -> 14.1-14.5 s.
-# Full-size flan-t5-xl, AMD EPYC, fresh processes from
+# flan-t5-xl 13.9-14.0 -> 8.0-8.1 s, 15.0-15.5 -> 14.1-14.5 s. Full-size flan-t5-xl, AMD EPYC, fresh processes from
 # their start, two rounds, compiled at first use / rented: an answer as `ask` gives it (5 beams, 30 tokens) 18.8-21.3
 # / 16.4-17.2 s, a first token 12.6-14.2 / 10.7-11.4 s (more in the README, "How minivb computes on a CPU").
 # MINIVB_COMPILE=1 compiles at first use, 0 never.

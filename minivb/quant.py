@@ -17,7 +17,7 @@ The quantization happens while each shard is read (checkpoint.load_state hands a
 bound by arithmetic: int8 makes it slower, README), the Q-Former and the projection stay in the model's dtype: 2.6 GB
 of a 7B's 15.8 GB in bf16 (the linears: 6.6 B of 7.9 B weights).
 
-Quantizing at every load reads all the bf16 bytes (a 7B: 6-7 s, against 1.4 s to map it in bf16). `save_quantized`
+Quantizing at every load reads all the bf16 bytes (a 7B: 6-12 s, against 1.4 s to map it in bf16). `save_quantized`
 (CLI: `python -m minivb quantize`) does it once, as gpt-fast's quantize.py and llama.cpp's llama-quantize do:
 load_model maps its int8 checkpoint like any other, nothing quantized or copied (the 7B: 1.3 s).
 """
