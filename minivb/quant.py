@@ -373,7 +373,7 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _quantize_in_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     quantized = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-    scales = torch.empty(weight.shape[0], device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)  # quantize_rows' scales: fp32
     for start in range(0, weight.shape[0], QUANTIZE_ROWS):
         rows = slice(start, start + QUANTIZE_ROWS)
         quantized[rows], scales[rows] = quantize_rows(weight[rows])
@@ -424,9 +424,7 @@ def save_quantized(source, out, progress=None) -> None:
                 if tuple(tensor.shape) != (layer.out_features, layer.in_features):
                     raise ValueError(f"shape mismatch for {key!r}: checkpoint has {tuple(tensor.shape)}, the model "
                                      f"built from config.json expects {(layer.out_features, layer.in_features)}")
-                quantized = Int8Linear(layer.in_features, layer.out_features, bias=False, dtype=torch.float32)
-                quantized.load_weight(tensor)  # as at load
-                tensors[key], tensors[key + "_scale"] = quantized.weight, quantized.weight_scale
+                tensors[key], tensors[key + "_scale"] = quantize_weight(tensor)  # as load_weight does: fp32 scales
             # The int8 weights first, those whose size is a multiple of 64 bytes (all, at the official sizes) first
             # of all, the data 64-byte aligned: each of those starts on a 64-byte boundary, where
             # torch._weight_int8pack_mm can read it mapped (checkpoint.ALIGN; the loader copies any other).
