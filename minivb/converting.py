@@ -1,6 +1,7 @@
 """Products whose weight is stored in another dtype than they compute in, the weight converted a block of rows at a
 time into one buffer kept between calls: a bf16 weight in a prompt computed in fp32 (fast.computing_in, CPUs
 without native bf16) and an int8 weight in a prompt (quant.int8_linear). A speed path, listed in fast.py's overview.
+And a frozen bf16 weight that gradients cross in fp32, converted again for the backward pass (`FrozenLinear`).
 """
 
 import functools
@@ -73,3 +74,19 @@ def _converted(block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 _conversions = threading.local()  # each thread's buffer for _converted
+
+
+class FrozenLinear(torch.autograd.Function):
+    """F.linear(x, weight upcast to x's dtype, bias) for a frozen weight that gradients cross to reach x (a
+    fine-tune's language model, finetune.py): the backward pass upcasts the weight again. F.linear would keep the
+    upcast copy from the forward to the backward pass: a whole fp32 copy of the language model, 27 GB for a 7B."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)  # the parameter as stored (bf16): no memory of its own
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return grad @ weight.to(grad.dtype), None, None  # (..., out) @ (out, in) -> (..., in)

@@ -55,6 +55,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import compiling, converting, packing
 from .compiling import compiled_or_plain, override
+from .packing import can_pack
 
 # ----------------------------------------------------------------------------- 1. the compute dtype
 
@@ -102,9 +103,10 @@ class computing_in(TorchFunctionMode):
     operations keep PyTorch's type promotion (fp32 activation * bf16 norm weight = fp32). Native-bf16 machine,
     150 x 4096 x 11008: bf16 weights upcast at each call 87 GFLOP/s, fp32 weights 129: the upcast costs a third at
     150 rows, less with more (the ViT's 1028 for 4 frames); on the AVX2 machine it still wins ~3-4x over its 16
-    GFLOP/s bf16. Where gradients cross a frozen weight (a fine-tune's language model) the product is `_FrozenLinear`'s,
-    which keeps no upcast copy for the backward pass; that pass in bf16 would be no choice: 170 x 4096 x 11008
-    backward, emulated AVX2 on the Intel Xeon, 48 s in bf16 against 0.14 s in fp32 (forward 0.70 against 0.18 s)."""
+    GFLOP/s bf16. Where gradients cross a frozen weight (a fine-tune's language model) the product is
+    `converting.FrozenLinear`'s, which keeps no upcast copy for the backward pass; that pass in bf16 would be no
+    choice: 170 x 4096 x 11008 backward, emulated AVX2 on the Intel Xeon, 48 s in bf16 against 0.14 s in fp32
+    (forward 0.70 against 0.18 s)."""
 
     UPCAST = {F.linear, F.conv2d, F.layer_norm, F.scaled_dot_product_attention}
 
@@ -124,7 +126,7 @@ class computing_in(TorchFunctionMode):
             x, weight, bias = _linear_arguments(*args, **kwargs)
             frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
             if x.requires_grad and frozen and weight.dtype != self.dtype:
-                return _FrozenLinear.apply(self._cast(x), weight, bias)
+                return converting.FrozenLinear.apply(self._cast(x), weight, bias)
         elif func is F.linear:  # inference: a large weight is converted a block at a time (converting.py)
             x, weight, bias = _linear_arguments(*args, **kwargs)
             if weight.dtype != self.dtype and weight.numel() * self.dtype.itemsize > converting.BLOCK_BYTES:
@@ -143,22 +145,6 @@ class computing_in(TorchFunctionMode):
 
 def _linear_arguments(input, weight, bias=None):
     return input, weight, bias
-
-
-class _FrozenLinear(torch.autograd.Function):
-    """F.linear(x, weight upcast to x's dtype, bias) for a frozen weight that gradients cross to reach x (a
-    fine-tune's language model, finetune.py): the backward pass upcasts the weight again. F.linear would keep the
-    upcast copy from the forward to the backward pass: a whole fp32 copy of the language model, 27 GB for a 7B."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(weight)  # the parameter as stored (bf16): no memory of its own
-        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
-
-    @staticmethod
-    def backward(ctx, grad):
-        (weight,) = ctx.saved_tensors
-        return grad @ weight.to(grad.dtype), None, None  # (..., out) @ (out, in) -> (..., in)
 
 
 def phase(name: str, weight: torch.Tensor):
@@ -368,8 +354,8 @@ def _amx_matrix_rows() -> bool:
 class Linear(nn.Linear):
     """nn.Linear whose few-row products take the faster route of `decode_route`; the same product otherwise.
 
-    `packed`: a packing.PackedWeight where `allow_packing` let this layer keep a packed copy of its weight; `split`: a
-    packing.SplitWeight where load_model let a wide weight keep a column-split copy for one row."""
+    `packed`: a packing.PackedWeight where packing.allow_packing let this layer keep a packed copy of its weight;
+    `split`: a packing.SplitWeight where load_model let a wide weight keep a column-split copy for one row."""
 
     packed = split = None
 
@@ -428,23 +414,3 @@ def linears(x: torch.Tensor, *layers: nn.Module, norm: nn.Module | None = None) 
             return outs
     x = x if norm is None else norm(x)
     return [layer(x) for layer in layers]
-
-
-# ----------------------------------------------------------------------------- 2b. weights packed once, for beams
-
-
-def can_pack(dtype: torch.dtype) -> bool:
-    """Whether weights of `dtype` are packed (packing.py): fp32, and bf16 where the CPU multiplies it natively
-    (elsewhere oneDNN's bf16 is emulated: nothing measured there, nothing packed)."""
-    usable = not packing.refused and torch.backends.mkldnn.is_available()
-    return usable and (dtype == torch.float32 or (dtype == torch.bfloat16 and has_native_bf16()))
-
-
-def allow_packing(model: nn.Module, allowed: bool = True, replaces: bool = False) -> None:
-    """Let (or stop) every `Linear` and int8 layer of `model` pack its weight (packing.py); stopping frees the copies.
-    `replaces`: each copy takes the place of its plain weight (packing.PackedWeight). Allowed anew, counts anew."""
-    from .quant import Int8Linear  # (quant imports this file)
-
-    for module in model.modules():
-        if isinstance(module, (Linear, Int8Linear)):  # the layers memory.packable_bytes counts
-            module.packed = packing.PackedWeight(replaces) if allowed else None

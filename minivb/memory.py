@@ -143,7 +143,8 @@ COMPILE_BYTES = 120 * 10**6
 def packable_bytes(model: torch.nn.Module, allowed_only: bool = False) -> int:
     """Bytes the packed copies of `model`'s fast.Linear weights would take (packing.py; of those allowed to pack beside
     their weight, with `allowed_only`: a copy that replaces it takes no room of its own). Works on a meta model."""
-    from .fast import FUSED_MIN_WEIGHTS, Linear, can_pack
+    from .fast import FUSED_MIN_WEIGHTS, Linear
+    from .packing import can_pack
     from .quant import Int8Linear, int8_packing_pays
 
     def packs(weight: torch.Tensor) -> bool:
@@ -231,7 +232,7 @@ def training_estimate(model: torch.nn.Module, batch_size: int, num_frames: int, 
 
     dtype = model.language_model.lm_head.weight.dtype
     vision = compute_dtype(dtype, "vision", device).itemsize  # no gradient crosses it: as in generation
-    language = compute_dtype(dtype, "prefill", device).itemsize  # fp32 without native bf16 (fast._FrozenLinear)
+    language = compute_dtype(dtype, "prefill", device).itemsize  # fp32 without native bf16 (converting.FrozenLinear)
     activations = training_activation_bytes(model.config, language, vision, batch_size, num_frames)
     # What autograd keeps is counted exactly (its saved tensors, summed over a step: as above to a few percent); the
     # peak lies above it by the gradients of the backward pass and the allocator's SLACK.
@@ -296,7 +297,7 @@ def room_to_pack(model: torch.nn.Module, device="cpu", mapped: bool = False,
     None       otherwise (GPUs, weights that never pack, no room). MINIVB_PACK=0 (None) or 1 ("beside")
                overrides the choice."""
     from .compiling import override
-    from .fast import can_pack
+    from .packing import can_pack
 
     forced = override("MINIVB_PACK")
     if forced is not None:
@@ -322,8 +323,8 @@ def split_bytes(model: torch.nn.Module) -> int:
 
 
 def room_to_split(model: torch.nn.Module, device="cpu", workload: Workload = WORKLOAD) -> bool:
-    """Whether `model` (on the meta device, after fast.allow_packing) may keep column-split copies of its wide weights
-    for one row (packing.SplitWeight): where one row takes the compiled kernels (fast.compiled_rows_pay) and the
+    """Whether `model` (on the meta device, after packing.allow_packing) may keep column-split copies of its wide
+    weights for one row (packing.SplitWeight): where one row takes the compiled kernels (fast.compiled_rows_pay) and the
     copies fit beside everything else (`estimate`, and the packed copies allowed beside their weights). A full-size
     7B in bf16 on 24 GB: 16.6 + 2.9 GB. MINIVB_SPLIT=0 or 1 overrides the choice."""
     from .compiling import override

@@ -324,7 +324,7 @@ def load_model(path, dtype: torch.dtype | str = torch.float32, device="cpu", pro
                  if name in held and not name.endswith("weight_scale"))
     room = memory.room_to_pack(model, device, mapped, workload)
     if room:  # beams multiply a copy of each weight packed once for oneDNN (packing.py)
-        fast.allow_packing(model, replaces=room == "instead")
+        packing.allow_packing(model, replaces=room == "instead")
     if memory.room_to_split(model, device, workload):  # one row of a wide weight reads a column-split copy
         packing.allow_splitting(model)
     model = model.to_empty(device=device)

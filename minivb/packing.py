@@ -318,6 +318,26 @@ def copy_replaced_a_weight(layers) -> bool:
     return any(layer.packed is not None and layer.packed.for_one_row(layer.weight) is not None for layer in layers)
 
 
+def can_pack(dtype: torch.dtype) -> bool:
+    """Whether weights of `dtype` are packed: fp32, and bf16 where the CPU multiplies it natively (elsewhere oneDNN's
+    bf16 is emulated: nothing measured there, nothing packed)."""
+    from .fast import has_native_bf16  # (fast imports this file)
+
+    usable = not refused and torch.backends.mkldnn.is_available()
+    return usable and (dtype == torch.float32 or (dtype == torch.bfloat16 and has_native_bf16()))
+
+
+def allow_packing(model: torch.nn.Module, allowed: bool = True, replaces: bool = False) -> None:
+    """Let (or stop) every fast.Linear and int8 layer of `model` pack its weight; stopping frees the copies.
+    `replaces`: each copy takes the place of its plain weight (PackedWeight). Allowed anew, counts anew."""
+    from .fast import Linear  # (fast and quant import this file)
+    from .quant import Int8Linear
+
+    for module in model.modules():
+        if isinstance(module, (Linear, Int8Linear)):  # the layers memory.packable_bytes counts
+            module.packed = PackedWeight(replaces) if allowed else None
+
+
 # ----------------------------------------------------------------------------- one row of a wide matrix, split
 
 # One row times a weight of many inputs (LLaMA's down projections: 11008, 13824; flan-t5-xxl's wo: 10240) through

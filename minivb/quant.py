@@ -48,7 +48,7 @@ class Int8Linear(nn.Module):
     """A linear layer whose weight is int8 with one scale per output row (`weight_scale`, the name a quantized
     checkpoint stores it under: quant.save_quantized); bias (if any) stays in the model's dtype."""
 
-    packed = None  # a packing.PackedWeight where fast.allow_packing let the layer pack its weight (packing.pack_int8)
+    packed = None  # a packing.PackedWeight where packing.allow_packing let it pack its weight (packing.pack_int8)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
         super().__init__()

@@ -756,7 +756,7 @@ def test_packed_int8_products_equal_the_integer_products(monkeypatch):
     layer = Int8Linear(300, 100, bias=True, dtype=torch.bfloat16)
     layer.load_weight(torch.randn(100, 300, generator=g))
     layer.bias.copy_(torch.randn(100, generator=g))
-    fast.allow_packing(layer)
+    packing.allow_packing(layer)
     beams = torch.randn(5, 1, 300, generator=g).bfloat16()
     for _ in range(3):  # packed at the 3rd product, which reads the copy
         assert layer.packed.copy is None
@@ -804,7 +804,7 @@ def test_an_int8_copy_that_replaced_its_weight_serves_every_product(monkeypatch)
     layers = [Int8Linear(256, 96, bias=False, dtype=torch.bfloat16) for _ in range(2)]
     for layer in layers:
         layer.load_weight(torch.randn(96, 256, generator=g))
-        fast.allow_packing(layer, replaces=True)
+        packing.allow_packing(layer, replaces=True)
     row = torch.randn(1, 1, 256, generator=g).bfloat16()
     before = fast.linears(row, *layers)  # no copy yet: the int8 kernels
     for layer in layers:
@@ -1063,7 +1063,7 @@ def test_packed_products_equal_plain(monkeypatch, dtype):
     monkeypatch.setattr(packing, "PACK_AFTER", 3)
     g = torch.Generator().manual_seed(0)
     layer = fast.Linear(192, 96).to(dtype)
-    fast.allow_packing(layer)
+    packing.allow_packing(layer)
     with torch.no_grad():
         layer.weight.copy_(torch.randn(96, 192, generator=g))
         layer.bias.copy_(torch.randn(96, generator=g))
@@ -1092,7 +1092,7 @@ def test_packed_products_equal_plain(monkeypatch, dtype):
             assert torch.allclose(layer(x).float(), F.linear(x, layer.weight, layer.bias).float(), rtol=1e-2,
                                   atol=1e-2)
             assert (layer.packed.copy is not None) == (i == 2)
-        fast.allow_packing(layer, False)
+        packing.allow_packing(layer, False)
         assert layer.packed is None  # stopped: the copy is freed
 
 
@@ -1107,7 +1107,7 @@ def test_one_bf16_row_never_packs_and_reads_the_copy_beams_made(monkeypatch):
     monkeypatch.setattr(packing, "PACK_AFTER", 3)
     g = torch.Generator().manual_seed(0)
     layer = fast.Linear(192, 96).to(torch.bfloat16)
-    fast.allow_packing(layer)
+    packing.allow_packing(layer)
     with torch.no_grad():
         layer.weight.copy_(torch.randn(96, 192, generator=g))
         layer.bias.copy_(torch.randn(96, generator=g))
@@ -1137,7 +1137,7 @@ def test_on_amd_one_row_reads_the_copy_only_where_it_replaced_the_weight(monkeyp
     g = torch.Generator().manual_seed(0)
     layers = [fast.Linear(192, 96).to(torch.bfloat16) for _ in range(2)]
     for layer in layers:
-        fast.allow_packing(layer, replaces=replaces)
+        packing.allow_packing(layer, replaces=replaces)
         layer.weight.copy_(torch.randn(96, 192, generator=g))
         layer.bias.copy_(torch.randn(96, generator=g))
     row = torch.randn(1, 1, 192, generator=g).bfloat16()
@@ -1203,7 +1203,7 @@ def test_packed_beams_generate_the_plain_tokens(bf16_model, monkeypatch):
     monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)  # every product of the tiny model takes the fast routes
     model = copy.deepcopy(model)
     plain, plain_trace = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, num_beams=3, return_trace=True)
-    fast.allow_packing(model)
+    packing.allow_packing(model)
     layers = [m for m in model.modules() if isinstance(m, fast.Linear)]
     short = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, num_beams=3)
     assert torch.equal(short, plain)
@@ -1231,7 +1231,7 @@ def test_an_answer_of_ask_never_packs_and_the_second_does(bf16_model, monkeypatc
     monkeypatch.setenv("MINIVB_FUSED", "0")  # the Intel Xeon's choice: one bf16 row takes torch.mv
     monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)
     model = copy.deepcopy(model)
-    fast.allow_packing(model)
+    packing.allow_packing(model)
     layers = [m for m in model.language_model.modules() if isinstance(m, fast.Linear)]
     answer = dict(max_new_tokens=ASK_MAX_NEW_TOKENS, min_new_tokens=ASK_MAX_NEW_TOKENS, num_beams=num_beams)  # all made
     model.generate(**batch, **answer)
@@ -1251,12 +1251,12 @@ def test_pack_refused_falls_back_with_a_notice(monkeypatch, capsys):
     monkeypatch.setattr(packing, "refused", False)
     monkeypatch.setattr(packing, "PACK_AFTER", 2)
     layer = fast.Linear(64, 32)
-    fast.allow_packing(layer)
+    packing.allow_packing(layer)
     x = torch.randn(5, 64)
     with torch.no_grad():
         for _ in range(2):  # the second product of several rows tries to pack
             assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
-        assert layer.packed.copy is None and not fast.can_pack(torch.float32)
+        assert layer.packed.copy is None and not packing.can_pack(torch.float32)
     assert "could not pack" in capsys.readouterr().err
 
 
@@ -1310,7 +1310,7 @@ def test_no_split_copy_while_the_kernels_are_rented_or_where_a_packed_copy_repla
     monkeypatch.setenv("MINIVB_COMPILE", "1")
     layer(x)
     assert layer.split.copy is not None
-    if not fast.can_pack(torch.float32):
+    if not packing.can_pack(torch.float32):
         return
     monkeypatch.setattr(packing, "PACK_AFTER", 1)
     layer.packed = packing.PackedWeight(replaces=True)

@@ -91,9 +91,9 @@ def test_estimate_is_at_most_10_percent_under_the_real_peak(medium, dtype, pack,
     model = build_on_meta(load_config(medium), getattr(torch, dtype))
     workload = memory.Workload(num_frames=frames)  # 32 frames: the frames' activations are half the weights
     if memory.room_to_pack(model, workload=workload):  # as load_model decides it
-        fast.allow_packing(model)
+        packing.allow_packing(model)
     need = memory.estimate(model, workload)
-    assert (need.packed > 0.4 * need.weights) == (pack == "1" and fast.can_pack(getattr(torch, dtype)))
+    assert (need.packed > 0.4 * need.weights) == (pack == "1" and packing.can_pack(getattr(torch, dtype)))
     # Compiling in this process (inductor's default pool of workers would hold part of it in other processes when
     # its disk cache is cold: 50 MB less here, for a cache miss).
     env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS="1")
@@ -252,7 +252,7 @@ def test_packing_only_where_a_second_copy_fits(monkeypatch):
     monkeypatch.setenv("MINIVB_PACK", "1")  # the override
     assert memory.room_to_pack(model) == "beside"
     assert not minivb.load_model(TINY).language_model.lm_head.packed.replaces  # forced: beside the plain weights
-    fast.allow_packing(model)
+    packing.allow_packing(model)
     assert memory.estimate(model).packed == packed
     monkeypatch.setenv("MINIVB_PACK", "yes")
     with pytest.raises(ValueError, match="MINIVB_PACK must be 0 or 1"):
@@ -293,7 +293,7 @@ def test_a_bf16_copy_takes_the_place_of_mapped_weights_where_both_do_not_fit(mon
             instead = "instead" if dtype == torch.bfloat16 else None
             assert memory.room_to_pack(model, mapped=True) == instead
             assert memory.room_to_pack(model, mapped=False) is None
-            fast.allow_packing(model, replaces=True)
+            packing.allow_packing(model, replaces=True)
             assert memory.estimate(model).packed == 0  # no room of their own (beside: test above)
             monkeypatch.setattr(memory, "available_bytes", lambda device: need - 1)
             assert memory.room_to_pack(model, mapped=True) is None  # not even the model: load_model refuses
