@@ -199,8 +199,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(I, D, bias=bias)
 
     def forward(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-        gate, up = fast.linears(x, self.gate_proj, self.up_proj, norm=norm)  # (B, L, I) each, from norm(x)
-        return self.down_proj(F.silu(gate) * up)
+        # silu(norm(x) gate_proj) * norm(x) up_proj: (B, L, I)
+        return self.down_proj(fast.gated(x, self.gate_proj, self.up_proj, F.silu, norm))
 
 
 class LlamaBlock(nn.Module):

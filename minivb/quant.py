@@ -6,11 +6,9 @@ which is what lets vicuna-13b and flan-t5-xxl fit on a 24 GB machine.
 
 How: for each row of a weight matrix W (out, in), scale = max |W[row]| / 127 and W_int8 = round(W / scale), so
 W ~ W_int8 * scale with an error of at most scale / 2 per weight. The product x @ W.T becomes
-(x @ W_int8.T) * scale, which a decode step computes without ever materialising W in bf16 (a compiled kernel or
-`torch._weight_int8pack_mm` for one row, integer products (torch._int_mm) for beams on CPUs with int8 dot-product
-instructions, and on AMD, once a weight has made enough of them, through its copy packed for oneDNN); a prompt's
-many rows go through copies of W in the prompt's dtype, a block of rows at a time (converting.linear_in_blocks), or
-integer products where the prompt computes in fp32 (`int8_linear`).
+(x @ W_int8.T) * scale, which a decode step computes without ever materialising W in bf16 (one row: a compiled
+kernel or `torch._weight_int8pack_mm`; beams: integer products with int8 dot-product instructions, on AMD through a
+copy packed for oneDNN); a prompt's rows take copies of W a block at a time, or integer products (`int8_linear`).
 
 The quantization happens while each shard is read (checkpoint.load_state hands an Int8Linear its tensor through
 `load_weight`), so the bf16 model never exists in memory. Embeddings, norms, the vision encoder (257 rows a frame,
@@ -97,14 +95,15 @@ class Int8Linear(nn.Module):
         return F.linear(x, self.weight.to(x.dtype) * self.weight_scale[:, None].to(x.dtype))
 
     @staticmethod
-    def products(x: torch.Tensor, layers, norm: nn.Module | None = None) -> list[torch.Tensor] | None:
-        """fast.linears' fast path: one bf16 row (normed by `norm`) times several int8 layers in one compiled call,
-        or None where a layer takes another route."""
+    def products(x: torch.Tensor, layers, norm: nn.Module | None = None, act=None) -> list[torch.Tensor] | None:
+        """fast.linears' and fast.gated's fast path: one bf16 row (normed by `norm`) times several int8 layers in one
+        compiled call, or None where a layer takes another route."""
         if not (x.device.type == "cpu" and x.dtype == torch.bfloat16 and all(_fused_row(x, m.weight) for m in layers)):
             return None
-        if packing.copy_replaced_a_weight(layers):
-            return None  # the row reads the copy (forward)
-        outs = int8_rows_linears(x.reshape(1, -1), [(m.weight, m.weight_scale.to(x.dtype)) for m in layers], norm)
+        if packing.copy_replaced_a_weight(layers) or (act is not None and any(m.bias is not None for m in layers)):
+            return None  # the row reads the copy (forward); a gated unit with biases: its products, then act
+        pairs = [(m.weight, m.weight_scale.to(x.dtype)) for m in layers]
+        outs = int8_rows_linears(x.reshape(1, -1), pairs, norm, act)  # gated (act): one, the gate's width
         return [(out if m.bias is None else out + m.bias).reshape(*x.shape[:-1], m.out_features)
                 for out, m in zip(outs, layers)]
 
@@ -228,11 +227,14 @@ def _copied_rows(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 and x.numel() // x.shape[-1] > INT8_MATMUL_ROWS
 
 
-def int8_rows_linears(row: torch.Tensor, weights_and_scales: list, norm: nn.Module | None = None) -> list:
+def int8_rows_linears(row: torch.Tensor, weights_and_scales: list, norm: nn.Module | None = None, act=None) -> list:
     """One bf16 row (1, in), normed by `norm` where given, times several int8 (weight, scales) of the same width ->
-    [(1, out)], in one call of the compiled kernel (int8pack_mm where none compiles)."""
+    [(1, out)], in one call of the compiled kernel (int8pack_mm where none compiles); act: a gated unit (fast.gated)."""
     flat = [tensor for pair in weights_and_scales for tensor in pair]
     saves = INT8_FUSED_SAVES_PER_BYTE * compiling.bytes_of(flat[0::2])
+    if act is not None:  # [act(gate) * up]
+        return [fast.gated_products(_int8_normed_row_times_matrices, _plain_int8_normed_rows, norm, act, row, *flat,
+                                    grouped=True, saves=saves)]
     if norm is not None:
         return list(compiled_or_plain(_int8_normed_row_times_matrices, norm, row, *flat,
                                       plain=_plain_int8_normed_rows, normed=True, grouped=True, saves=saves))

@@ -172,9 +172,8 @@ class T5FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         """x (B, length, D) before its norm -> (B, length, D)."""
-        if self.gated:
-            gate, linear = fast.linears(x, self.wi_0, self.wi_1, norm=norm)  # (B, length, F) each
-            return self.wo(self.act(gate) * linear)  # (B, length, D)
+        if self.gated:  # act(norm(x) wi_0) * norm(x) wi_1: (B, length, F)
+            return self.wo(fast.gated(x, self.wi_0, self.wi_1, self.act, norm))  # (B, length, D)
         return self.wo(self.act(fast.linears(x, self.wi, norm=norm)[0]))
 
 

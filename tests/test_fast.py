@@ -300,8 +300,8 @@ def test_grouped_products_equal_one_at_a_time(monkeypatch, dtype):
     for layer in layers:
         layer.weight.copy_(torch.randn(layer.weight.shape, generator=g))
     kernels = []
-    monkeypatch.setattr(fast, "fused_linears", lambda x, w, b, norm=None, plain=fast.fused_linears:
-                        kernels.append(len(w)) or plain(x, w, b, norm))
+    monkeypatch.setattr(fast, "fused_linears", lambda x, w, b, norm=None, act=None, plain=fast.fused_linears:
+                        kernels.append(len(w)) or plain(x, w, b, norm, act))
     for rows in (1, 5):
         x = torch.randn(rows, 1, 128, generator=g).to(dtype)
         kernels.clear()
@@ -327,8 +327,8 @@ def test_normed_products_equal_norm_then_products(monkeypatch, dtype, norm_class
     for layer in layers:
         layer.weight.copy_(torch.randn(layer.weight.shape, generator=g))
     kernels = []
-    monkeypatch.setattr(fast, "fused_linears", lambda x, w, b, norm=None, plain=fast.fused_linears:
-                        kernels.append((len(w), norm is not None)) or plain(x, w, b, norm))
+    monkeypatch.setattr(fast, "fused_linears", lambda x, w, b, norm=None, act=None, plain=fast.fused_linears:
+                        kernels.append((len(w), norm is not None)) or plain(x, w, b, norm, act))
     for group in (layers[:1], layers):
         for rows in (1, 5):
             x = (torch.randn(rows, 1, 128, generator=g) * 3).to(dtype)
@@ -344,6 +344,51 @@ def test_normed_products_equal_norm_then_products(monkeypatch, dtype, norm_class
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+@pytest.mark.parametrize("act", [F.silu, F.gelu])
+def test_a_gated_unit_equals_its_products_then_the_activation(monkeypatch, kind, act):
+    """fast.gated(x, gate, up, act, norm) is act(gate(norm(x))) * up(norm(x)): for one row, the activation and the
+    product inside the products' one compiled call, rounded as op by op (emulate_precision_casts; silu bit for bit);
+    several rows, and a gated unit with biases, op by op after the products."""
+    from minivb.quant import Int8Linear
+
+    monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 1)
+    int8_kernel, bf16_kernel = quant.int8_rows_linears, fast.fused_linears
+    g = torch.Generator().manual_seed(2)
+    norm = RMSNorm(128, 1e-6).bfloat16()
+    norm.weight.copy_(torch.rand(128, generator=g) + 0.5)
+    for bias in (False, True):
+        if kind == "int8":
+            layers = [Int8Linear(128, 96, bias=bias, dtype=torch.bfloat16) for _ in range(2)]
+            for layer in layers:
+                layer.load_weight(torch.randn(96, 128, generator=g))
+        else:
+            layers = [fast.Linear(128, 96, bias=bias).bfloat16() for _ in range(2)]
+            for layer in layers:
+                layer.weight.copy_(torch.randn(96, 128, generator=g) * 0.1)
+        for layer in layers:
+            if bias:
+                layer.bias.copy_(torch.randn(96, generator=g))
+        calls = []  # the compiled kernels' calls, by the activation each was given
+        if kind == "int8":
+            monkeypatch.setattr(quant, "int8_rows_linears", lambda row, pairs, norm=None, act=None, k=int8_kernel:
+                                calls.append(act) or k(row, pairs, norm, act))
+        else:
+            monkeypatch.setattr(fast, "fused_linears", lambda x, w, b, norm=None, act=None, k=bf16_kernel:
+                                calls.append(act) or k(x, w, b, norm, act))
+        for rows in (1, 5):
+            x = (torch.randn(rows, 1, 128, generator=g) * 3).bfloat16()
+            calls.clear()
+            got, made = fast.gated(x, *layers, act, norm), list(calls)
+            want = act(layers[0](norm(x))) * layers[1](norm(x))
+            assert got.shape == want.shape == (rows, 1, 96) and got.dtype == torch.bfloat16
+            assert made == ([] if rows > 1 else [None, None] if bias else [act])
+            tolerance = 1e-4 if made == [act] else 0  # one call: GELU's erf is inductor's, ~1e-6 off ATen's
+            assert (got.float() - want.float()).abs().max() <= tolerance * want.abs().max()
+    assert not compiling._compile_failed
+
+
+@torch.no_grad()
 def test_grouped_int8_products_equal_one_at_a_time(monkeypatch):
     from minivb.quant import Int8Linear
 
@@ -355,8 +400,9 @@ def test_grouped_int8_products_equal_one_at_a_time(monkeypatch):
         if layer.bias is not None:
             layer.bias.copy_(torch.randn(layer.out_features, generator=g))
     calls = []
-    monkeypatch.setattr(quant, "int8_rows_linears", lambda row, pairs, norm=None, plain=quant.int8_rows_linears:
-                        calls.append(len(pairs)) or plain(row, pairs, norm))
+    plain = quant.int8_rows_linears
+    monkeypatch.setattr(quant, "int8_rows_linears", lambda row, pairs, norm=None, act=None:
+                        calls.append(len(pairs)) or plain(row, pairs, norm, act))
     one = torch.randn(1, 1, 96, generator=g).bfloat16()
     grouped = fast.linears(one, *layers)
     assert calls == [2]
@@ -384,8 +430,8 @@ def test_fast_decode_generates_the_plain_tokens(bf16_model, monkeypatch):
     monkeypatch.setattr(fast, "decode_route", plain_routes)
     monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)  # every one-row product of the tiny model compiled
     calls = []
-    monkeypatch.setattr(fast, "fused_linears", lambda x, w, b, norm=None: calls.append(len(w)) or
-                        plain_fused(x, w, b, norm))
+    monkeypatch.setattr(fast, "fused_linears", lambda x, w, b, norm=None, act=None: calls.append(len(w)) or
+                        plain_fused(x, w, b, norm, act))
     fused, fused_trace = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, return_trace=True)
     # 5 decode steps x (2 layers x 7 products + lm_head), the prompt's lm_head; a layer's q, k, v and gate, up in one
     # call each: 2 x 4 calls + lm_head a step
