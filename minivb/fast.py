@@ -414,7 +414,7 @@ class Linear(nn.Linear):
         in one compiled call, or None where a layer takes another route than "fused" (or reads its packed copy)."""
         if any(decode_route(x, layer.weight) != "fused" for layer in layers):
             return None
-        if packing.copy_replaced_a_weight(layers) or (act is not None and any(l.bias is not None for l in layers)):
+        if packing.copy_replaced_a_weight(layers) or (act is not None and any(m.bias is not None for m in layers)):
             return None  # the row reads the copy (forward); a gated unit with biases: its products, then act
         return fused_linears(x, [layer.weight for layer in layers], [layer.bias for layer in layers], norm, act)
 
