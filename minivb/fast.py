@@ -55,7 +55,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import compiling, converting, packing
 from .compiling import compiled_or_plain, override
-from .packing import can_pack
+from .packing import can_pack  # by name: decode_route's argument `packing` hides the module there
 
 # ----------------------------------------------------------------------------- 1. the compute dtype
 
@@ -242,8 +242,7 @@ def _chunks(in_features: int) -> int:
     return 1 if in_features // chunks < 256 else chunks  # awkward (prime-like) widths: the cascade sum, not tiny chunks
 
 
-def fused_linears(x: torch.Tensor, weights: list, biases: list, norm: nn.Module | None = None,
-                  act=None) -> list[torch.Tensor]:
+def fused_linears(x: torch.Tensor, weights: list, biases: list, norm: nn.Module | None = None, act=None) -> list:
     """[F.linear(norm(x), w, b) for w, b in zip(weights, biases)] for one row (..., in) and weights of the same width,
     through one call of the compiled kernel (plain F.linear where there is none); norm None: x as it is. act: the
     weights are a gated unit's gate and up, without biases (`gated`): [act(gate product) * up product]."""
@@ -424,25 +423,28 @@ class Linear(nn.Linear):
 # / 1.46): flan-t5-xl cut to 8 decoder layers, greedy int8 29.3-29.9 -> 28.4-28.9 ms a step; a 7B's 4 + 4 cut: same.
 def linears(x: torch.Tensor, *layers: nn.Module, norm: nn.Module | None = None) -> list[torch.Tensor]:
     """[layer(norm(x)) for layer in layers]: the products of one input with several layers (a layer's q, k, v), after
-    the pre-norm that feeds them (none: x as it is). Where the layers are of one class with a `products(x, layers,
-    norm)` (Linear, quant.Int8Linear) that takes them (one row of large matrices), one compiled call does it all."""
-    kind = type(layers[0])
-    if hasattr(kind, "products") and all(type(layer) is kind for layer in layers):
-        outs = kind.products(x, layers, norm)
-        if outs is not None:
-            return outs
+    the pre-norm that feeds them (none: x as it is); in one compiled call where `_in_one_call` takes them."""
+    outs = _in_one_call(x, layers, norm)
+    if outs is not None:
+        return outs
     x = x if norm is None else norm(x)
     return [layer(x) for layer in layers]
 
 
 def gated(x: torch.Tensor, gate: nn.Module, up: nn.Module, act, norm: nn.Module) -> torch.Tensor:
-    """act(gate(norm(x))) * up(norm(x)): a gated unit (LLaMA's SwiGLU, T5's gated GELU), its activation and product in
-    `linears`' one compiled call where it makes one (full flan-t5-xl, greedy steps alternated one by one, two runs:
-    int8 1.022-1.024x, bf16 1.009-1.027x; vicuna-7b's widths cut to 8 layers: int8 1.016x, bf16 level)."""
-    kind = type(gate)
-    if hasattr(kind, "products") and type(up) is kind:
-        outs = kind.products(x, (gate, up), norm, act=act)
-        if outs is not None:
-            return outs[0]
+    """act(gate(norm(x))) * up(norm(x)): a gated unit (SwiGLU, T5's gated GELU), act and product in `linears`' one
+    call where it makes one (full flan-t5-xl greedy steps alternated: int8 1.02x, bf16 1.01-1.03x; 7B widths ~1.0x)."""
+    outs = _in_one_call(x, (gate, up), norm, act)
+    if outs is not None:
+        return outs[0]
     x = norm(x)
     return act(gate(x)) * up(x)
+
+
+def _in_one_call(x: torch.Tensor, layers, norm: nn.Module | None, act=None) -> list[torch.Tensor] | None:
+    """`linears`' and `gated`'s one compiled call: where the layers are of one class with a `products(x, layers, norm,
+    act)` (Linear, quant.Int8Linear) that takes them (one row of large matrices), its outputs; else None."""
+    kind = type(layers[0])
+    if hasattr(kind, "products") and all(type(layer) is kind for layer in layers):
+        return kind.products(x, layers, norm, act=act)
+    return None
