@@ -1,7 +1,7 @@
 """How minivb compiles its kernels (fast.py's few-row products, quant.py's int8 ones and quantizing,
 decode_attention.py's softmax): torch.compile's inductor, C++ on the CPU, with the plain PyTorch code as the fallback
 wherever no compiler is found or compiling fails (said once, on stderr); a kernel with a fast plain route beside it
-is compiled only once it has paid for its compiling (`_renting`). The switches below are each measured where they are
+is compiled only once it has paid for its compiling (`Rent`). The switches below are each measured where they are
 set.
 """
 
@@ -49,12 +49,18 @@ _NORMED_OPTIONS = {"realize_reads_threshold": 1, "realize_opcount_threshold": 1,
 # normed row once too (old int8 kernel 2.0 ms with both, 2.0 with it alone). bf16 keeps both: full flan-t5-xl greedy,
 # fresh processes alternating, 98-104 ms with both against 137-151 with the reads threshold alone (level in 1 of 3).
 _GROUPED_NORMED_OPTIONS = {"realize_reads_threshold": 1, "emulate_precision_casts": True}
+# A bf16 decoder block compiled whole (decode_blocks.py) holds both: the products, which the opcount threshold of 1
+# would store whole (flan-t5-xl's `wo`, 2048 x 5120 fp32 a layer: 400 ms a step), and a gated unit's activation,
+# which without one is computed again for every weight row that reads it (inductor's CPU default realizes beyond 50
+# ops: exact GELU, ~25, ran 2048 x 5120 times a layer, 285 ms a step). 20 stores the activation, not the products:
+# 72-73 ms a step (whole blocks of int8 keep _GROUPED_NORMED_OPTIONS: 30 stored their grouped sums, 66 -> 77-83 ms).
+_BLOCK_OPTIONS = {"realize_reads_threshold": 1, "realize_opcount_threshold": 20, "emulate_precision_casts": True}
 
 
 @functools.cache
-def _compiled(function, normed: bool = False, grouped: bool = False):
+def _compiled(function, normed: bool = False, grouped: bool = False, block: bool = False):
     """`function` compiled by inductor (with _NORMED_OPTIONS where `normed`, _GROUPED_NORMED_OPTIONS where `grouped`
-    too), or None where it cannot build C++ here.
+    too, _BLOCK_OPTIONS for a `block`), or None where it cannot build C++ here.
 
     dynamic=True: one kernel for every shape (and a few size-1 specialisations), not one per matrix or cache length.
     Compiling takes 1-3 s at the first use in a process (inductor caches it on disk); each call costs ~40-80 us of
@@ -67,7 +73,9 @@ def _compiled(function, normed: bool = False, grouped: bool = False):
     once around a whole decode step (`settings`)."""
     if _compile_failed or not _compiler_found():
         return None
-    norm_options = (_GROUPED_NORMED_OPTIONS if grouped else _NORMED_OPTIONS) if normed else {}
+    norm_options = {}
+    if normed:
+        norm_options = _GROUPED_NORMED_OPTIONS if grouped else _BLOCK_OPTIONS if block else _NORMED_OPTIONS
     options = {"cpp.vec_isa_ok": True, "cpp.simdlen": _vector_width(), **norm_options}
     kernel = torch.compile(function, dynamic=True, options=options)
 
@@ -145,41 +153,64 @@ def _compile_failure(error: Exception) -> None:
 # / 16.4-17.2 s, a first token 12.6-14.2 / 10.7-11.4 s (more in the README, "How minivb computes on a CPU").
 # MINIVB_COMPILE=1 compiles at first use, 0 never.
 COMPILE_SECONDS = 2.0
-_rent_paid = 0.0  # seconds the rented kernels would have saved so far in this process
-_bought = False  # whether kernels compile from now on
+# A decoder block compiled whole (decode_blocks.py) costs more, cold (inductor's disk cache empty), AMD EPYC, with a
+# greedy answer's first 3 tokens: flan-t5-xl int8 16.2 s against 34.5 for its kernels one by one, bf16 12.1 / 28.2;
+# vicuna-7b's widths int8 7.9 / 23.7, bf16 6.6 / 14.7 (that is, ~5-15 s more). For ~0.4 ms saved a block a step, a
+# process compiles blocks once it has decoded ~37 000 blocks (flan-t5-xl: ~1500 tokens, an evaluation's first 50
+# answers), or at a decode's first step where that decode alone will (`first_of`).
+BLOCK_COMPILE_SECONDS = 15.0
 
 
-def _renting(saves: float) -> bool:
-    """Whether a kernel that would save `saves` seconds in this call takes its plain route (the rent above)."""
-    global _rent_paid, _bought
-    if not _bought:
-        _rent_paid += saves
-        _bought = _rent_paid >= COMPILE_SECONDS
-    return not _bought
+class Rent:
+    """What a kind of compiled code would have saved so far in this process (`paid`), against what compiling it
+    costs: compiled from the call where `paid` reaches `cost` (`bought`) on."""
+
+    def __init__(self, name: str):
+        self.name = name  # the module constant its cost is read from: COMPILE_SECONDS, BLOCK_COMPILE_SECONDS
+        self.paid = 0.0
+        self.bought = False
+
+    @property
+    def cost(self) -> float:
+        return globals()[self.name]  # read at each call: tests and benchmarks set the constant
+
+    def renting(self, saves: float) -> bool:
+        """Whether code that would save `saves` seconds in this call takes its plain route (the rent above)."""
+        if not self.bought:
+            self.paid += saves
+            self.bought = self.paid >= self.cost
+        return not self.bought
+
+
+KERNELS = Rent("COMPILE_SECONDS")  # fast.py's, quant.py's and decode_attention.py's rented kernels
+BLOCKS = Rent("BLOCK_COMPILE_SECONDS")  # decode_blocks.py's whole blocks
+RENTS = (KERNELS, BLOCKS)
 
 
 def first_of(steps: int, run, *args):
-    """run(*args), the first of `steps` alike (a decode's steps: generate.decode_step). Where what its rented kernels
-    would have saved, as much again at each step to come, covers compiling, compile from the next call on rather
+    """run(*args), the first of `steps` alike (a decode's steps: generate.decode_step). Where what its rented code
+    would have saved, as much again at each step to come, covers compiling it, compile from the next call on rather
     than rent until then."""
-    paid = _rent_paid
+    before = [rent.paid for rent in RENTS]
     out = run(*args)
-    if _rent_paid + (_rent_paid - paid) * (steps - 1) >= COMPILE_SECONDS:
-        buy()
+    for rent, paid in zip(RENTS, before):
+        if rent.paid + (rent.paid - paid) * (steps - 1) >= rent.cost:
+            rent.bought = True
     return out
 
 
 def buy() -> None:
-    """Compile from the next call on, as the rent does once it has paid (and a benchmark measuring the steady state)."""
-    global _bought
-    _bought = True
+    """Compile from the next call on, as the rents do once they have paid (and a benchmark measuring the steady
+    state)."""
+    for rent in RENTS:
+        rent.bought = True
 
 
 def compiles() -> bool:
     """Whether the rented kernels compile at their next call (bought, or MINIVB_COMPILE=1) where a compiler works: a
     layer makes a copy of its weight for a compiled kernel only then (packing.SplitWeight)."""
     forced = override("MINIVB_COMPILE")
-    return (_bought if forced is None else forced) and not _compile_failed and _compiler_found()
+    return (KERNELS.bought if forced is None else forced) and not _compile_failed and _compiler_found()
 
 
 def bytes_of(tensors) -> int:
@@ -187,22 +218,21 @@ def bytes_of(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def compiled_or_plain(function, *args, plain=None, normed: bool = False, grouped: bool = False,
-                      saves: float | None = None):
+def compiled_or_plain(function, *args, plain=None, normed: bool = False, grouped: bool = False, block: bool = False,
+                      saves: float | None = None, rent: Rent = KERNELS):
     """`function(*args)` through its compiled kernel; where there is none or compiling fails, `plain(*args)`: by
     default `function` itself, run op by op. normed: a kernel that starts with a pre-norm (_NORMED_OPTIONS); grouped:
-    one that sums in groups (_GROUPED_NORMED_OPTIONS). saves:
-    the seconds the kernel would save in this call over `plain`, a fast route of its own: `plain` until they have
-    paid for compiling (`_renting`)."""
-    global _bought
+    one that sums in groups (_GROUPED_NORMED_OPTIONS); block: a bf16 decoder block compiled whole (_BLOCK_OPTIONS).
+    saves: the seconds the kernel would save in this call over `plain`, a fast route of its own: `plain` until they
+    have paid for compiling (`rent`: KERNELS, or BLOCKS for whole blocks)."""
     forced = override("MINIVB_COMPILE")
-    if forced is False or (forced is None and saves is not None and _renting(saves)):
+    if forced is False or (forced is None and saves is not None and rent.renting(saves)):
         return (plain or function)(*args)
-    kernel = _compiled(function, normed, grouped)
+    kernel = _compiled(function, normed, grouped, block)
     if kernel is not None:
         try:
             out = kernel(*args)
-            _bought = _bought or saves is not None  # a rented kernel compiled: all of them do from now on (above)
+            rent.bought = rent.bought or saves is not None  # a rented kernel compiled: all do from now on (above)
             return out
         except Exception as error:
             _compile_failure(error)

@@ -1,8 +1,9 @@
 """Speed paths, all in one place: what runs faster than the plain code, on which machine, and the number measured.
-(Five live beside what they speed up and are listed here: weights packed for beams in packing.py, the int8 products
-and quantizing in quant.py's "fast paths of int8" section, the attention of a decode step in decode_attention.py,
-all three built on this file's kernels, weights converted to another dtype a block at a time in converting.py, and
-moving the KV cache of a beam step a few layers at a time in llama.KVCache.reorder.)
+(Six live beside what they speed up and are listed here: weights packed for beams in packing.py, the int8 products
+and quantizing in quant.py's "fast paths of int8" section, the attention of a decode step in decode_attention.py, a
+greedy step's blocks compiled whole in decode_blocks.py, all four built on this file's kernels, weights converted to
+another dtype a block at a time in converting.py, and moving the KV cache of a beam step a few layers at a time in
+llama.KVCache.reorder.)
 
 The model files compute plainly: every product in the dtype the weights are stored in, through F.linear. Three
 things about CPUs make that slow, and this file answers them without changing what the model files compute (measured
@@ -37,12 +38,11 @@ on the native-bf16 machine, AMD EPYC with avx512_bf16, 2 cores; the AVX2 numbers
    weight into two, the whole weight at once (a 7B's 6.6 G linear weights: 7-13 s -> ~3 s).
 
 The kernels this file and the others compile are built, rented on their plain routes until compiling pays, and fall
-back to plain PyTorch, in compiling.py.
-
-Switches (0 or 1) that override a choice, to test or where the flags mislead: MINIVB_NATIVE_BF16 (`has_native_bf16`),
-MINIVB_PACK (load_model's packing: memory.room_to_pack), MINIVB_SPLIT (memory.room_to_split), MINIVB_FUSED
-(`compiled_rows_pay`), MINIVB_COMPILE (compiling.py: kernels compiled at first use, or never, where by default they
-are rented until they pay).
+back to plain PyTorch, in compiling.py. Switches (0 or 1) that override a choice, to test or where the flags mislead:
+MINIVB_NATIVE_BF16 (`has_native_bf16`), MINIVB_PACK (load_model's packing: memory.room_to_pack), MINIVB_SPLIT
+(memory.room_to_split), MINIVB_FUSED (`compiled_rows_pay`), MINIVB_COMPILE (compiling.py: kernels compiled at first
+use, or never, where by default they are rented until they pay), MINIVB_BLOCKS (decode_blocks.takes: the same for
+whole blocks).
 """
 
 import contextlib

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import decode_attention, fast
+from . import decode_attention, decode_blocks, fast
 from .config import LlamaConfig
 from .fast import Linear  # nn.Linear; a decode step's few rows take the faster products of fast.py
 
@@ -304,8 +304,12 @@ class Llama(nn.Module):
         with fast.phase("decode" if L == 1 else "prefill", self.norm.weight) as compute:
             cos, sin = self.rope(position_ids, compute)  # (B or 1, 1, L, Dh)
             h = inputs_embeds.to(compute)
+            whole = decode_blocks.takes(self.layers, h, cache)  # greedy steps: a speed path
             for layer in self.layers:
-                h = layer(h, cos, sin, mask, cache)  # (B, L, D)
+                if whole:
+                    h = decode_blocks.llama_step(layer, h, cos, sin, mask, cache)  # (1, 1, D), compiled whole
+                else:
+                    h = layer(h, cos, sin, mask, cache)  # (B, L, D)
             if cache is not None:
                 cache.advance(L)
             if only_last_logits:

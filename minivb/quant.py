@@ -161,11 +161,11 @@ INT8PACK_ROWS = 4
 LANES, GROUPS = 16, 8  # fp32 sums in one AVX-512 vector; vectors of products added before they join them
 
 
-def _int8_row_times_matrix(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def _int8_row_times_matrix(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, groups=None) -> torch.Tensor:
     """row (1, in) fp32 x weight (out, in) int8, scaled per output -> (1, out) in the scales' dtype: one vectorized
-    pass over the weight, GROUPS vectors of products added at a time where `in` allows (above)."""
+    pass over the weight, GROUPS vectors of products added at a time where `in` allows (above), or `groups`."""
     out, width = weight.shape
-    groups = GROUPS if width % (GROUPS * LANES) == 0 else 1
+    groups = groups or (GROUPS if width % (GROUPS * LANES) == 0 else 1)
     weight, row = weight.reshape(out, -1, groups, LANES), row.reshape(-1, groups, LANES)  # (out, n, groups, 16)
     sums = weight[:, :, 0].float() * row[:, 0]  # (out, n, 16)
     for group in range(1, groups):  # each group's products apart: none is read twice (see compiling._NORMED_OPTIONS)

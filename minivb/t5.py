@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import decode_attention, fast
+from . import decode_attention, decode_blocks, fast
 from .config import T5Config
 from .fast import Linear  # nn.Linear; a decode step's few rows take the faster products of fast.py
 from .llama import KVCache  # the decoder's self-attention cache is LLaMA's
@@ -253,8 +253,12 @@ class T5Stack(nn.Module):
             not_pad = encoder_attention_mask[:, None, None, :].bool()  # (B, 1, 1, S); no position bias across
             cross_bias = torch.zeros(not_pad.shape, dtype=h.dtype, device=h.device).masked_fill(
                 ~not_pad, torch.finfo(h.dtype).min)
+        whole = self.is_decoder and decode_blocks.takes(self.blocks, h, cache)  # greedy steps: a speed path
         for block in self.blocks:
-            h = block(h, bias, cache, encoder_hidden, cross_bias)  # (B, L, D)
+            if whole:
+                h = decode_blocks.t5_step(block, h, bias, cache, encoder_hidden, cross_bias)  # (1, 1, D), each block compiled whole
+            else:
+                h = block(h, bias, cache, encoder_hidden, cross_bias)  # (B, L, D)
         if cache is not None:
             cache.advance(L)
         return self.final_norm(h)

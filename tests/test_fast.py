@@ -33,6 +33,7 @@ def compiled_rows(monkeypatch):
     use (not rented until they pay: compiling.py)."""
     monkeypatch.setenv("MINIVB_FUSED", "1")
     monkeypatch.setenv("MINIVB_COMPILE", "1")
+    monkeypatch.setenv("MINIVB_BLOCKS", "0")  # the kernels one by one (blocks compiled whole: test_decode_blocks.py)
 
 
 @pytest.fixture
@@ -447,8 +448,8 @@ def test_fast_decode_generates_the_plain_tokens(bf16_model, monkeypatch):
 def rent(monkeypatch):
     """compiling.py's rent as a fresh process has it: nothing paid, nothing compiled."""
     monkeypatch.delenv("MINIVB_COMPILE")
-    monkeypatch.setattr(compiling, "_rent_paid", 0.0)
-    monkeypatch.setattr(compiling, "_bought", False)
+    monkeypatch.setattr(compiling.KERNELS, "paid", 0.0)
+    monkeypatch.setattr(compiling.KERNELS, "bought", False)
 
 
 def test_kernels_with_a_fast_plain_route_are_rented_until_they_pay(monkeypatch, rent):
@@ -468,21 +469,21 @@ def test_kernels_with_a_fast_plain_route_are_rented_until_they_pay(monkeypatch, 
             torch.testing.assert_close(fast.fused_linears(x, [w], [None])[0], F.linear(x, w))
         return len(plain_calls)
 
-    assert products(4) == (2 if compiles else 4) and compiling._bought == compiles  # paid at the 3rd
-    monkeypatch.setattr(compiling, "_rent_paid", 0.0)
-    monkeypatch.setattr(compiling, "_bought", False)
+    assert products(4) == (2 if compiles else 4) and compiling.KERNELS.bought == compiles  # paid at the 3rd
+    monkeypatch.setattr(compiling.KERNELS, "paid", 0.0)
+    monkeypatch.setattr(compiling.KERNELS, "bought", False)
     monkeypatch.setenv("MINIVB_COMPILE", "0")
-    assert products(4) == 4 and not compiling._bought  # never compiled, nothing counted
-    assert torch.equal(quant.quantize_weight(w)[0], quant.quantize_rows(w)[0]) and not compiling._bought
+    assert products(4) == 4 and not compiling.KERNELS.bought  # never compiled, nothing counted
+    assert torch.equal(quant.quantize_weight(w)[0], quant.quantize_rows(w)[0]) and not compiling.KERNELS.bought
     monkeypatch.setenv("MINIVB_COMPILE", "1")
     assert products(2) == (0 if compiles else 2)
-    monkeypatch.setattr(compiling, "_bought", False)
+    monkeypatch.setattr(compiling.KERNELS, "bought", False)
     monkeypatch.delenv("MINIVB_COMPILE")
     if compiles:
         monkeypatch.setattr(quant, "QUANTIZE_COMPILE_MIN", 0)
         quant.quantize_weight(w)  # compiled at once, buying nothing
-        assert not compiling._bought and compiling._rent_paid == 0 and products(1) == 1  # still rented
-        assert products(2) == 1 and compiling._bought  # paid at the 3rd, as in a process that never quantized
+        assert not compiling.KERNELS.bought and compiling.KERNELS.paid == 0 and products(1) == 1  # still rented
+        assert products(2) == 1 and compiling.KERNELS.bought  # paid at the 3rd, as in a process that never quantized
 
 
 @torch.no_grad()
@@ -502,16 +503,16 @@ def test_a_decode_rents_its_first_step_and_compiles_where_the_steps_to_come_pay(
     monkeypatch.setattr(compiling, "COMPILE_SECONDS", 4 * step)
 
     short = model.generate(**batch, max_new_tokens=3, min_new_tokens=3)  # the prompt's lm_head and 2 steps: ~2 steps
-    assert not compiling._bought and len(plain_calls) == 1 + 2 * 9  # a step: 2 layers x 4 calls, and the lm_head
+    assert not compiling.KERNELS.bought and len(plain_calls) == 1 + 2 * 9  # a step: 2 layers x 4 calls, and the lm_head
     routes = fast.decode_route
     monkeypatch.setattr(fast, "decode_route", lambda *args: "plain")  # the reference: F.linear throughout
     reference = model.generate(**batch, max_new_tokens=6, min_new_tokens=6)
     monkeypatch.setattr(fast, "decode_route", routes)
-    monkeypatch.setattr(compiling, "_rent_paid", 0.0)
+    monkeypatch.setattr(compiling.KERNELS, "paid", 0.0)
     plain_calls.clear()
     long = model.generate(**batch, max_new_tokens=6, min_new_tokens=6)  # step 1 paid ~1, the 4 to come ~4 more
     compiles = compiling._compiler_found()
-    assert compiling._bought and len(plain_calls) == (1 + 9 if compiles else 1 + 5 * 9)
+    assert compiling.KERNELS.bought and len(plain_calls) == (1 + 9 if compiles else 1 + 5 * 9)
     assert torch.equal(long, reference) and torch.equal(short, reference[:, :3])
 
 

@@ -1,0 +1,130 @@
+"""minivb/decode_blocks.py: a greedy decode step's blocks compiled whole equal the blocks run one by one.
+
+As in test_fast.py, MINIVB_FUSED=1 takes the compiled one-row kernels on any processor, and a lowered size threshold
+lets the tiny models take them; MINIVB_BLOCKS=1 compiles the blocks at first use (the rent is tested on its own).
+"""
+
+import pytest
+import torch
+
+import minivb
+from minivb import compiling, decode_blocks, fast
+from tests import tiny
+
+# Widths whose heads are 16 wide: the int8 o projections add their terms in groups inside each head (_heads_product)
+OVERRIDES = {"llama": dict(hidden_size=64, intermediate_size=128),
+             "t5": dict(d_model=64, d_kv=16, d_ff=128)}
+LAYERS = {"llama": 2, "t5": 3}
+NEW_TOKENS = 6
+# Every token a new one: the tiny T5 would answer its start token over and over, whose keys are then all alike (and
+# attention the same with any weights)
+GREEDY = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, no_repeat_ngram_size=1)
+
+
+@pytest.fixture(scope="module", params=["llama", "llama-int8", "t5", "t5-int8"])
+def model(request, tmp_path_factory):
+    text, _, quantize = request.param.partition("-")
+    reference = tiny.build(text, text_overrides=OVERRIDES[text])
+    path = tiny.save(reference, tmp_path_factory.mktemp("tiny"))
+    model = minivb.load_model(path, dtype=torch.bfloat16, quantize=quantize or None)
+    batch = {k: v[:1] for k, v in tiny.batch(reference).items() if k != "labels"}  # one row: greedy decoding
+    return text, model, batch
+
+
+@pytest.fixture(autouse=True)
+def one_row_kernels(monkeypatch):
+    monkeypatch.setenv("MINIVB_FUSED", "1")
+    monkeypatch.setenv("MINIVB_COMPILE", "1")
+    monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)
+
+
+def compiled_blocks(monkeypatch) -> list:
+    """Records the name of each whole block that runs compiled (not its plain forward)."""
+    calls, compiled = [], compiling._compiled
+
+    def counting(function, *options):
+        kernel = compiled(function, *options)
+        if kernel is None or function not in (decode_blocks.t5_block, decode_blocks.llama_block):
+            return kernel
+        return lambda *args: calls.append(function.__name__) or kernel(*args)
+
+    monkeypatch.setattr(compiling, "_compiled", counting)
+    return calls
+
+
+@torch.no_grad()
+def test_whole_blocks_generate_the_tokens_of_the_blocks_one_by_one(model, monkeypatch):
+    """Greedy decoding, bf16 and int8, LLaMA and T5: the same tokens and scores within bf16's rounding. Every step
+    takes the whole blocks but T5's first (its cross-attention not yet in the cache) and the one that fills the
+    cache's last slot (`decode_blocks._write`)."""
+    text, model, batch = model
+    monkeypatch.setenv("MINIVB_BLOCKS", "0")
+    plain, plain_trace = model.generate(**batch, **GREEDY, return_trace=True)
+    monkeypatch.setenv("MINIVB_BLOCKS", "1")
+    calls = compiled_blocks(monkeypatch)
+    whole, whole_trace = model.generate(**batch, **GREEDY, return_trace=True)
+    if compiling._compiler_found():
+        # LLaMA: steps 2..6 feed tokens at slots P..P+4 of P+6; T5: steps 3..5 at slots 1..4 of 6 (not 5, the last)
+        steps = NEW_TOKENS - 1 if text == "llama" else NEW_TOKENS - 2
+        assert calls == [f"{text}_block"] * (steps * LAYERS[text])
+    assert torch.equal(whole, plain) and len(set(plain[0].tolist())) == NEW_TOKENS
+    for got, want in zip(whole_trace.scores, plain_trace.scores):
+        finite = want.isfinite()  # EOS is -inf until min_new_tokens
+        assert torch.equal(finite, got.isfinite())
+        assert (got[finite] - want[finite]).abs().max() <= 0.05 * want[finite].abs().max()
+
+
+@torch.no_grad()
+def test_which_steps_take_whole_blocks(model, monkeypatch):
+    text, model, _ = model
+    lm = model.language_model
+    blocks = lm.layers if text == "llama" else lm.decoder.blocks
+    width = blocks[0].attn_norm.weight.shape[0]
+    row = torch.zeros(1, 1, width, dtype=torch.bfloat16)
+    cache = lm.new_cache(1, 4)
+    cache.advance(1)
+    if text == "t5":
+        assert not decode_blocks.takes(blocks, row, cache)  # the first step projects the encoder output
+        keys = torch.zeros(1, lm.config.num_heads, 3, lm.config.d_kv, dtype=torch.bfloat16)
+        cache.cross = [(keys, keys)] * len(blocks)
+    assert decode_blocks.takes(blocks, row, cache)
+    assert not decode_blocks.takes(blocks, row.expand(1, 2, width), cache)  # a prompt
+    assert not decode_blocks.takes(blocks, torch.zeros(2, 1, width, dtype=torch.bfloat16), lm.new_cache(2, 4))
+    assert not decode_blocks.takes(blocks, row.float(), cache)  # rows in another dtype than the weights
+    with torch.enable_grad():
+        assert not decode_blocks.takes(blocks, row, cache)
+    cache.advance(2)
+    assert not decode_blocks.takes(blocks, row, cache)  # the cache's last slot: its slices would be contiguous
+    cache.length = 1
+    for switch, value in (("MINIVB_BLOCKS", "0"), ("MINIVB_FUSED", "0")):
+        monkeypatch.setenv(switch, value)
+        assert not decode_blocks.takes(blocks, row, cache)
+        monkeypatch.setenv(switch, "1")
+    monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 10**9)  # a model whose rows take the library's kernels
+    assert not decode_blocks.takes(blocks, row, cache)
+
+
+@torch.no_grad()
+def test_whole_blocks_are_rented_until_they_pay(model, monkeypatch):
+    """By default (MINIVB_BLOCKS unset) the blocks run their forward while what compiling them whole would have saved
+    adds up to BLOCK_COMPILE_SECONDS (compiling.BLOCKS); a decode whose first step shows that its steps to come pay
+    compiles them from its second step on (compiling.first_of), with the same tokens."""
+    text, model, batch = model
+    monkeypatch.setenv("MINIVB_BLOCKS", "0")
+    reference = model.generate(**batch, **GREEDY)
+    monkeypatch.delenv("MINIVB_BLOCKS")
+    monkeypatch.delenv("MINIVB_COMPILE")  # the kernels one by one are rented too (compiling.KERNELS)
+    monkeypatch.setattr(compiling.BLOCKS, "paid", 0.0)
+    monkeypatch.setattr(compiling.BLOCKS, "bought", False)
+    step = decode_blocks.BLOCK_SAVES * LAYERS[text]  # what a step's blocks would save
+    monkeypatch.setattr(compiling, "BLOCK_COMPILE_SECONDS", 4 * step)
+    calls = compiled_blocks(monkeypatch)
+    short = model.generate(**batch, **dict(GREEDY, max_new_tokens=3, min_new_tokens=3))  # 2 steps: ~3 paid
+    # T5's second step fills its cache's last slot: no whole blocks there
+    assert calls == [] and not compiling.BLOCKS.bought and torch.equal(short, reference[:, :3])
+    assert compiling.BLOCKS.paid == pytest.approx((2 if text == "llama" else 1) * step)
+    monkeypatch.setattr(compiling.BLOCKS, "paid", 0.0)
+    long = model.generate(**batch, **GREEDY)  # step 1 paid 1, the 4 to come ~4 more
+    assert compiling.BLOCKS.bought and torch.equal(long, reference)
+    if compiling._compiler_found():  # steps 2-5 (T5: 2-4, the 5th fills the last slot)
+        assert calls == [f"{text}_block"] * ((4 if text == "llama" else 3) * LAYERS[text])
