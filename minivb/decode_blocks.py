@@ -6,10 +6,12 @@ ops run one by one (~1 ms a block on the AMD EPYC, each compiled call ~40 us of 
 where its int8 weights take ~1.6 ms to read at 40 GB/s. Here a whole block is one function of its weights, the
 cache and the row, traced once by torch.compile (inductor fuses each block into one C++ loop nest, plus int8pack_mm
 for int8 weights wider than quant.INT8_FUSED_MAX_IN), and every block of the model calls the same compiled code.
-Greedy steps alternated in one process, AMD EPYC, ms a step, blocks one by one / whole, the same tokens:
-    full flan-t5-xl               int8 74.5-75.5 / 66.6-68.4 (1.10-1.13x)   bf16 91.1-93.4 / 74.1-74.5 (1.25x)
-    vicuna-7b's widths, 8 layers  int8 62.1-72.7 / 63.8-65.2 (level)        bf16 126.7 / 116.0-116.5 (1.09x)
-(the 7B's layers read 200-400 MB each: their calls weigh less than flan-t5-xl's 65-130 MB).
+Greedy steps alternated in one process, AMD EPYC, ms a step, blocks one by one / whole:
+    full flan-t5-xl      int8 75.0-76.2 / 65.2-68.6 (1.09-1.17x)   bf16 92.4-127.1 / 76.8-101.5 (1.02-1.29x, drift)
+    full vicuna-7b       int8 225-261 / 225-262 (0.97-1.08x)        bf16 370-486 / 341-444 (1.08-1.10x; once 0.86x)
+(the 7B's layers read 200-400 MB each: their calls weigh less than flan-t5-xl's 65-130 MB; profiled, its int8 block
+takes what its kernels one by one take, 6.9-7.5 ms). The same tokens, but for the 7B in bf16, whose greedy tokens
+part at a tie: two candidates of equal bf16 logits at the third token (before it, logits cosine 0.99974).
 
 It computes what the block's forward computes for that row, with the same kernels (fast._row_times_matrix,
 quant._int8_row_times_matrix, decode_attention._attention_rows_summed) and the same norms and activations, so the
@@ -33,25 +35,29 @@ from .decode_attention import _attention_rows_summed
 
 
 def _product(x: torch.Tensor, layer) -> torch.Tensor:
-    """layer(x) for one row x (1, in), fast.Linear or quant.Int8Linear without a bias -> (1, out), through the
-    kernels a decode step's row takes."""
+    """layer(x) for one row x (1, in), fast.Linear or quant.Int8Linear without a bias -> (1, out) in the layer's
+    dtype (int8: its scales'), through the kernels a decode step's row takes. x is fp32 holding the block's bf16
+    values, converted once for all the products that read it: given in bf16, each product converted it again at every
+    weight it read (the 7B's int8 q, k, v: 3 conversions a weight vector where the products make 1), and the block ran
+    slower than its kernels one by one."""
     weight = layer.weight
     if weight.dtype == torch.int8:
         scales = layer.weight_scale
         if weight.shape[1] > quant.INT8_FUSED_MAX_IN:  # wide: int8pack_mm is the faster (quant.py)
             return torch._weight_int8pack_mm(x.to(scales.dtype), weight, scales)
-        return quant._int8_row_times_matrix(x.float(), weight, scales)
+        return quant._int8_row_times_matrix(x, weight, scales)
     chunks = fast._chunks(weight.shape[1])
-    return fast._row_times_matrix(x.reshape(1, chunks, -1), weight.reshape(weight.shape[0], chunks, -1))
+    rows = x.reshape(1, chunks, -1)  # (1, chunks, in / chunks)
+    return fast._row_times_matrix(rows, weight.reshape(weight.shape[0], chunks, -1)).to(weight.dtype)
 
 
 def _heads_product(out: torch.Tensor, layer) -> torch.Tensor:
     """The attention's output (Hq, 1, Dh) times the o projection -> (1, D): int8 terms added in groups inside each
     head (the module docstring)."""
     heads, _, head_dim = out.shape
-    weight = layer.weight
+    weight, out = layer.weight, out.float()
     if weight.dtype == torch.int8 and head_dim % quant.LANES == 0:
-        return quant._int8_row_times_matrix(out.float(), weight, layer.weight_scale, groups=head_dim // quant.LANES)
+        return quant._int8_row_times_matrix(out, weight, layer.weight_scale, groups=head_dim // quant.LANES)
     return _product(out.reshape(1, heads * head_dim), layer)
 
 
@@ -69,18 +75,18 @@ def t5_block(block, h: torch.Tensor, end: int, keys, values, bias, cross_keys, c
     bias; cross_keys, cross_values (1, H, S, Dk) and cross_bias (1, 1, 1, S) or None the cross-attention's."""
     attn, cross, ffn = block.attn, block.cross_attn, block.ffn
     H, Dk = attn.num_heads, attn.d_kv
-    x = block.attn_norm(h).reshape(1, -1)  # (1, D)
+    x = block.attn_norm(h).reshape(1, -1).float()  # (1, D)
     q, k, v = (_product(x, p) for p in (attn.q, attn.k, attn.v))  # (1, H * Dk) each
     keys, values = _write(keys, k.view(1, H, 1, Dk), end), _write(values, v.view(1, H, 1, Dk), end)  # (H, end, Dk)
     out = _attention_rows_summed(q.view(H, 1, Dk), keys, values, bias[0], 1.0)  # (H, 1, Dk)
     h = h + _heads_product(out, attn.o).view_as(h)
-    x = block.cross_attn_norm(h).reshape(1, -1)
+    x = block.cross_attn_norm(h).reshape(1, -1).float()
     mask = None if cross_bias is None else cross_bias[0]  # (1, 1, S)
     out = _attention_rows_summed(_product(x, cross.q).view(H, 1, Dk), cross_keys[0], cross_values[0], mask, 1.0)
     h = h + _heads_product(out, cross.o).view_as(h)
-    x = block.ffn_norm(h).reshape(1, -1)
+    x = block.ffn_norm(h).reshape(1, -1).float()
     gated = ffn.act(_product(x, ffn.wi_0)) * _product(x, ffn.wi_1)  # (1, F)
-    return h + _product(gated, ffn.wo).view_as(h)
+    return h + _product(gated.float(), ffn.wo).view_as(h)
 
 
 def llama_block(block, h: torch.Tensor, end: int, keys, values, cos, sin, mask):
@@ -90,7 +96,7 @@ def llama_block(block, h: torch.Tensor, end: int, keys, values, cos, sin, mask):
 
     attn, mlp = block.attn, block.mlp
     H, Hkv, Dh = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    x = block.attn_norm(h).reshape(1, -1)  # (1, D)
+    x = block.attn_norm(h).reshape(1, -1).float()  # (1, D)
     q, k, v = (_product(x, p) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
     q = apply_rope(q.view(1, H, 1, Dh), cos, sin)  # (1, H, 1, Dh)
     keys = _write(keys, apply_rope(k.view(1, Hkv, 1, Dh), cos, sin), end)  # (Hkv, end, Dh)
@@ -98,16 +104,16 @@ def llama_block(block, h: torch.Tensor, end: int, keys, values, cos, sin, mask):
     # grouped-query attention: the query heads of each key/value head are its rows (decode_attention)
     out = _attention_rows_summed(q.view(Hkv, H // Hkv, Dh), keys, values, mask[0], Dh**-0.5)  # (Hkv, G, Dh)
     h = h + _heads_product(out.view(H, 1, Dh), attn.o_proj).view_as(h)
-    x = block.mlp_norm(h).reshape(1, -1)
+    x = block.mlp_norm(h).reshape(1, -1).float()
     gated = F.silu(_product(x, mlp.gate_proj)) * _product(x, mlp.up_proj)  # (1, I)
-    return h + _product(gated, mlp.down_proj).view_as(h)
+    return h + _product(gated.float(), mlp.down_proj).view_as(h)
 
 
 
 # ----------------------------------------------------------------------------- which steps take it, and the rent
 
 # What a block compiled whole saves over its forward, a step (the module docstring's table): flan-t5-xl int8 0.3-0.4
-# ms, bf16 0.7-0.8; the 7B's 8 layers bf16 1.3 ms.
+# ms, bf16 0.6-1.1; the 7B's bf16 ~1 ms, int8 ~0.
 BLOCK_SAVES = 0.4e-3  # s a block a step
 
 
