@@ -109,7 +109,6 @@ def llama_block(block, h: torch.Tensor, end: int, keys, values, cos, sin, mask):
     return h + _product(gated.float(), mlp.down_proj).view_as(h)
 
 
-
 # ----------------------------------------------------------------------------- which steps take it, and the rent
 
 # What a block compiled whole saves over its forward, a step (the module docstring's table): flan-t5-xl int8 0.3-0.4
@@ -168,8 +167,8 @@ def _run(function, block, *args, plain):
 
 
 def t5_step(block, h, bias, cache, encoder_hidden, cross_bias):
-    """A step of t5.T5Stack's decoder `block` through t5_block (where `takes` said so: the cross-attention is in the
-    cache from the first step on)."""
+    """A step of t5.T5Stack's decoder `block` through t5_block (where `takes` said so: from the second decode call on,
+    the cross-attention's keys and values are in the cache)."""
     i, end = block.layer_idx, cache.length + 1
     # .detach(): the same memory, no longer a view of the cache in dynamo's eyes (see decode_attention)
     return _run(t5_block, block, h, end, cache.keys[i].detach(), cache.values[i].detach(), bias, *cache.cross[i],

@@ -256,7 +256,7 @@ class T5Stack(nn.Module):
         whole = self.is_decoder and decode_blocks.takes(self.blocks, h, cache)  # greedy steps: a speed path
         for block in self.blocks:
             if whole:
-                h = decode_blocks.t5_step(block, h, bias, cache, encoder_hidden, cross_bias)  # (1, 1, D), each block compiled whole
+                h = decode_blocks.t5_step(block, h, bias, cache, encoder_hidden, cross_bias)  # (1, 1, D)
             else:
                 h = block(h, bias, cache, encoder_hidden, cross_bias)  # (B, L, D)
         if cache is not None:
