@@ -1,8 +1,8 @@
 """How minivb compiles its kernels (fast.py's few-row products, quant.py's int8 ones and quantizing,
-decode_attention.py's softmax): torch.compile's inductor, C++ on the CPU, with the plain PyTorch code as the fallback
-wherever no compiler is found or compiling fails (said once, on stderr); a kernel with a fast plain route beside it
-is compiled only once it has paid for its compiling (`Rent`). The switches below are each measured where they are
-set.
+decode_attention.py's softmax, decode_blocks.py's whole blocks): torch.compile's inductor, C++ on the CPU, with the
+plain PyTorch code as the fallback wherever no compiler is found or compiling fails (said once, on stderr); a kernel
+with a fast plain route beside it is compiled only once it has paid for its compiling (`Rent`). The switches below are
+each measured where they are set.
 """
 
 import contextlib
