@@ -128,7 +128,7 @@ def takes(blocks, h: torch.Tensor, cache) -> bool:
         return False
     if cache.length + 1 >= cache.max_length or cache.prompt_keys is not None:
         return False
-    if hasattr(blocks[0], "ffn") and (not blocks[0].ffn.gated or any(kv is None for kv in cache.cross)):
+    if not hasattr(blocks[0], "mlp") and (not blocks[0].ffn.gated or any(kv is None for kv in cache.cross)):
         return False  # T5: a gated feed-forward (Flan-T5's); the first step projects the encoder output
     # The blocks of a model are built alike; a packed copy (beams) may take a weight's place in any of them.
     return (all(_fits(layer, h) for layer in _products(blocks[0]))
@@ -157,10 +157,10 @@ def _fits(layer, h: torch.Tensor) -> bool:
     return fast.decode_route(h, layer.weight) == "fused"
 
 
-def _run(function, block, *args, plain):
+def _run(function, block, *args, int8: bool, plain):
     """function(block, *args) compiled whole, or plain() (the block's own forward) while it is rented, or where
-    nothing compiles. One graph serves every block of the model: its weights are inputs, not constants."""
-    int8 = isinstance(_products(block)[0], quant.Int8Linear)
+    nothing compiles. One graph serves every block of the model: its weights are inputs, not constants. int8: the
+    block's products are quant.Int8Linear (the grouped kernels' compile options)."""
     saves = None if compiling.override("MINIVB_BLOCKS") else BLOCK_SAVES
     return compiling.compiled_or_plain(function, block, *args, plain=lambda *_: plain(), normed=True, grouped=int8,
                                        block=not int8, saves=saves, rent=compiling.BLOCKS)
@@ -172,11 +172,12 @@ def t5_step(block, h, bias, cache, encoder_hidden, cross_bias):
     i, end = block.layer_idx, cache.length + 1
     # .detach(): the same memory, no longer a view of the cache in dynamo's eyes (see decode_attention)
     return _run(t5_block, block, h, end, cache.keys[i].detach(), cache.values[i].detach(), bias, *cache.cross[i],
-                cross_bias, plain=lambda: block(h, bias, cache, encoder_hidden, cross_bias))
+                cross_bias, int8=isinstance(block.attn.q, quant.Int8Linear),
+                plain=lambda: block(h, bias, cache, encoder_hidden, cross_bias))
 
 
 def llama_step(block, h, cos, sin, mask, cache):
     """A step of llama.Llama's `block` through llama_block (where `takes` said so)."""
     i, end = block.attn.layer_idx, cache.length + 1
     return _run(llama_block, block, h, end, cache.keys[i].detach(), cache.values[i].detach(), cos, sin, mask,
-                plain=lambda: block(h, cos, sin, mask, cache))
+                int8=isinstance(block.attn.q_proj, quant.Int8Linear), plain=lambda: block(h, cos, sin, mask, cache))
