@@ -14,10 +14,10 @@ takes what its kernels one by one take, 6.9-7.5 ms). The same tokens, but for th
 part at a tie: two candidates of equal bf16 logits at the third token (before it, logits cosine 0.99974).
 
 It computes what the block's forward computes for that row, with the same kernels (fast._row_times_matrix,
-quant._int8_row_times_matrix, decode_attention._attention_rows_summed) and the same norms and activations, so the
-plain forward stays the reference (tests/test_decode_blocks.py compares them). Taken only where one row takes the
-compiled kernels anyway (fast.compiled_rows_pay: AMD with AVX-512), and rented like them, for longer: compiling a
-block costs 5-15 s cold (compiling.BLOCK_COMPILE_SECONDS).
+native.int8_row or quant._int8_row_times_matrix, decode_attention._attention_rows_summed) and the same norms and
+activations, so the plain forward stays the reference (tests/test_decode_blocks.py compares them). Taken only where
+one row takes the compiled kernels anyway (fast.compiled_rows_pay: AMD with AVX-512), and rented like them, for
+longer: compiling a block costs 5-15 s cold (compiling.BLOCK_COMPILE_SECONDS).
 
 Three things the code below does because the generated code or dynamo's guards showed them:
   - each block's keys and values come in as tensors of their own and the new token's slot as an argument (`end`):
@@ -30,7 +30,7 @@ Three things the code below does because the generated code or dynamo's guards s
 import torch
 import torch.nn.functional as F
 
-from . import compiling, fast, packing, quant
+from . import compiling, fast, native, packing, quant
 from .decode_attention import _attention_rows_summed
 
 
@@ -43,6 +43,8 @@ def _product(x: torch.Tensor, layer) -> torch.Tensor:
     weight = layer.weight
     if weight.dtype == torch.int8:
         scales = layer.weight_scale
+        if native.fits(weight):  # VNNI, at the memory rate (native.py)
+            return native.int8_row(x, weight, scales)
         if weight.shape[1] > quant.INT8_FUSED_MAX_IN:  # wide: int8pack_mm is the faster (quant.py)
             return torch._weight_int8pack_mm(x.to(scales.dtype), weight, scales)
         return quant._int8_row_times_matrix(x, weight, scales)
@@ -56,7 +58,7 @@ def _heads_product(out: torch.Tensor, layer) -> torch.Tensor:
     head (the module docstring)."""
     heads, _, head_dim = out.shape
     weight, out = layer.weight, out.float()
-    if weight.dtype == torch.int8 and head_dim % quant.LANES == 0:
+    if weight.dtype == torch.int8 and head_dim % quant.LANES == 0 and not native.fits(weight):
         return quant._int8_row_times_matrix(out, weight, layer.weight_scale, groups=head_dim // quant.LANES)
     return _product(out.reshape(1, heads * head_dim), layer)
 
@@ -130,6 +132,7 @@ def takes(blocks, h: torch.Tensor, cache) -> bool:
         return False
     if not hasattr(blocks[0], "mlp") and (not blocks[0].ffn.gated or any(kv is None for kv in cache.cross)):
         return False  # T5: a gated feed-forward (Flan-T5's); the first step projects the encoder output
+    native.available()  # sets native.ready, which the traced _product reads
     # The blocks of a model are built alike; a packed copy (beams) may take a weight's place in any of them.
     return (all(_fits(layer, h) for layer in _products(blocks[0]))
             and not any(packing.copy_replaced_a_weight(_products(block)) for block in blocks))

@@ -28,7 +28,7 @@ on the native-bf16 machine, AMD EPYC with avx512_bf16, 2 cores; the AVX2 numbers
    fp32. Several rows (beams, a batch): a weight packed once for oneDNN (packing.py), `weight @ x.T` before that on
    CPUs with AMX, and without native bf16 a compiled kernel that reads each weight once for all rows (`rows_linear`).
    `linears` does a layer's q, k and v (gate and up) in one call with their pre-norm, `gated` a gated unit's
-   activation and product too; int8 weights take kernels of their own (quant.int8_linear).
+   activation and product too; int8 weights take kernels of their own (quant.int8_linear; one row: native.py's).
 
 3. The attention of a decode step (LLaMA's and T5's): on AMD, PyTorch's CPU flash-attention kernel is slow for one
    bf16 query a row; `decode_attention.attention` compiles the softmax written out, the batch folded into the heads
@@ -42,7 +42,7 @@ back to plain PyTorch, in compiling.py. Switches (0 or 1) that override a choice
 MINIVB_NATIVE_BF16 (`has_native_bf16`), MINIVB_PACK (load_model's packing: memory.room_to_pack), MINIVB_SPLIT
 (memory.room_to_split), MINIVB_FUSED (`compiled_rows_pay`), MINIVB_COMPILE (compiling.py: kernels compiled at first
 use, or never, where by default they are rented until they pay), MINIVB_BLOCKS (decode_blocks.takes: the same for
-whole blocks).
+whole blocks), MINIVB_NATIVE (native.available: one int8 row through kernels.c).
 """
 
 import contextlib

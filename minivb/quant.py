@@ -6,9 +6,10 @@ which is what lets vicuna-13b and flan-t5-xxl fit on a 24 GB machine.
 
 How: for each row of a weight matrix W (out, in), scale = max |W[row]| / 127 and W_int8 = round(W / scale), so
 W ~ W_int8 * scale with an error of at most scale / 2 per weight. The product x @ W.T becomes
-(x @ W_int8.T) * scale, which a decode step computes without ever materialising W in bf16 (one row: a compiled
-kernel or `torch._weight_int8pack_mm`; beams: integer products with int8 dot-product instructions, on AMD through a
-copy packed for oneDNN); a prompt's rows take copies of W a block at a time, or integer products (`int8_linear`).
+(x @ W_int8.T) * scale, which a decode step computes without ever materialising W in bf16 (one row: native.py's
+VNNI kernel, a compiled one or `torch._weight_int8pack_mm`; beams: integer products with int8 dot-product
+instructions, on AMD through a copy packed for oneDNN); a prompt's rows take copies of W a block at a time, or integer
+products (`int8_linear`).
 
 The quantization happens while each shard is read (checkpoint.load_state hands an Int8Linear its tensor through
 `load_weight`), so the bf16 model never exists in memory. Embeddings, norms, the vision encoder (257 rows a frame,
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import compiling, converting, fast, packing
+from . import compiling, converting, fast, native, packing
 from .compiling import compiled_or_plain
 
 QUANTIZE_CHOICES = ("int8",)
@@ -100,6 +101,8 @@ class Int8Linear(nn.Module):
         compiled call, or None where a layer takes another route."""
         if not (x.device.type == "cpu" and x.dtype == torch.bfloat16 and all(_fused_row(x, m.weight) for m in layers)):
             return None
+        if all(native.takes(x, m.weight) for m in layers):
+            return None  # each layer's own forward: the norm, then the native kernel, which reads the row as it is
         if packing.copy_replaced_a_weight(layers) or (act is not None and any(m.bias is not None for m in layers)):
             return None  # the row reads the copy (forward); a gated unit with biases: its products, then act
         pairs = [(m.weight, m.weight_scale.to(x.dtype)) for m in layers]
@@ -138,21 +141,16 @@ def check_quantize(quantize) -> None:
 #     bf16 copy (8 MB blocks)   10.4   7.5   8.5   7.5   8.2  11.0  13.0  21.5  28.9
 #     bf16 F.linear              6.1   5.4   5.9   5.8   8.5   7.4  10.0  17.1  26.3   (bf16 weights, for comparison)
 INT8_MATMUL_ROWS = 8
-# One row (greedy decoding) of an int8 matrix, on AMD with AVX-512 (elsewhere int8pack_mm is the faster: fast.
-# compiled_rows_pay). int8pack_mm streams 22-27 GB/s, bound by converting weights to fp32 on 2 cores, not by memory;
-# so is a plain compiled multiply-and-sum: inductor keeps one vector of LANES fp32 sums an output and each add waits
-# for the one before (~27 G weights/s). Adding GROUPS vectors of products first (adds that do not wait) leaves one
-# waiting add for every GROUPS x LANES weights. Streamed, GB/s, median of 10 alternating, int8pack_mm / one sum / 8
-# groups: 11008 x 4096 25.8 / 27.8 / 34.6, 32000 x 4096 22.7 / 26.0 / 30.1, 2048 x 2048 16.8 / 22.8 / 27.7 (4 groups:
-# 15-18, not found why); 4096 x 11008 (down) 25-27 / 15 / 15, the fp32 row (44 KB) out of the first-level cache; 5120
-# (13B) 22 / 13.5 / 22. So down projections and every 13B matrix stay on int8pack_mm. Greedy steps, one process
-# alternating, one sum -> groups: full flan-t5-xl 120.8 -> 95.6 ms; vicuna-7b cut to 8 layers 79.6 -> 77.0. (bf16
-# under a norm, grouped the same way: 10-13 % faster alone, level in full vicuna-7b's steps, alternated step by step.)
+# One row (greedy decoding) of an int8 matrix, on AMD with AVX-512 where native.py's VNNI kernel is not taken (no
+# VNNI, MINIVB_NATIVE=0; elsewhere int8pack_mm: fast.compiled_rows_pay). int8pack_mm and a plain compiled multiply-and-
+# sum are bound by converting weights to fp32 (~27 G weights/s: one vector of sums an output, each add waiting for the
+# one before); adding GROUPS vectors of products first leaves one waiting add a GROUPS x LANES. GB/s, int8pack_mm / one
+# sum / 8 groups: 11008 x 4096 25.8 / 27.8 / 34.6, 2048 x 2048 16.8 / 22.8 / 27.7; 4096 x 11008 (the fp32 row out of
+# the first-level cache) 25-27 / 15 / 15, 5120 (13B) 22 / 13.5 / 22: wider rows stay on int8pack_mm.
 INT8_FUSED_MAX_IN = 4096
 INT8_FUSED_SAVES_PER_BYTE = 5e-12  # s a byte over int8pack_mm (the rent: compiling.py); alone, AMD: -10 to 21 us a MB
-# int8pack_mm (PyTorch 2.13, AMD EPYC) takes widths (in) that are multiples of 16 only: at others (8, 24, 100, 300)
-# it crashed the process for several rows and returned NaN or 1e32 for one. The official widths are multiples of 64;
-# any other takes the block copies (and, for one row, no compiled kernel: its plain fallback is int8pack_mm).
+# int8pack_mm (PyTorch 2.13, AMD EPYC) takes widths (in) that are multiples of 16 only (others: crashes, NaN, 1e32).
+# The official widths are multiples of 64; any other takes the block copies (one row: no compiled kernel either).
 INT8PACK_WIDTHS = 16
 # int8pack_mm gives each thread blocks of 4 rows x 4 outputs, rows outermost: 5 rows (5 beams) on 2 cores are 4 rows on
 # one core and 1 on the other, which then waits. 4 rows a call spread each call's outputs over the cores: 5 x 5120 x
@@ -207,7 +205,9 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     (out,) -> x @ (weight * scales).T, (..., out) in x's dtype."""
     rows = x.reshape(-1, x.shape[-1])  # (R, in)
     scales = scales.to(x.dtype)
-    if _fused_row(x, weight):
+    if native.takes(x, weight):
+        out = native.int8_row(rows, weight, scales)  # (1, out): VNNI, at the memory rate (native.py)
+    elif _fused_row(x, weight):
         out = int8_rows_linears(rows, [(weight, scales)])[0]  # (1, out)
     elif _integer_rows(x):
         out = integer_linear(rows, weight, scales)  # (R, out)

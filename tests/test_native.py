@@ -1,0 +1,108 @@
+"""minivb/native.py: one row times an int8 matrix through kernels.c's VNNI kernel gives quant.integer_linear's numbers
+exactly, is taken where it should be, works inside torch.compile, and falls back when it cannot be built."""
+
+import pytest
+import torch
+
+from minivb import fast, native, quant
+
+has_instructions = native.NEEDS <= fast._cpu_flags()
+needs_kernel = pytest.mark.skipif(not has_instructions, reason="this CPU has no AVX-512 VNNI: the kernel never runs")
+
+
+@pytest.fixture
+def built(monkeypatch):
+    """The kernel switched on (MINIVB_NATIVE=1: whatever the processor's vendor) and built; skipped where it cannot
+    be (no C compiler)."""
+    monkeypatch.setenv("MINIVB_NATIVE", "1")
+    if not native.available():
+        pytest.skip("kernels.c could not be built here")
+
+
+def halves_product(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """quant.integer_linear for one row, its integer sums made exactly in int64 (no oneDNN)."""
+    halves, step = quant._int8_halves(row)  # (2, in) int8, (1, 1)
+    sums = (halves.long() @ weight.long().T).to(torch.int32)  # (2, out)
+    return quant._sum_halves(sums, step, scales)
+
+
+def weights(out: int, width: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randint(-127, 128, (out, width), dtype=torch.int8, generator=generator)
+    return weight, torch.rand(out, generator=generator) * 0.01 + 1e-3
+
+
+@needs_kernel
+@pytest.mark.parametrize("out, width", [(37, 128), (64, 320), (130, 1024), (5, 4096)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_equals_the_integer_products_exactly(built, out, width, dtype):
+    """Outputs that do not fill the last thread's share, widths of one and of many 64-byte steps; a row with one large
+    value (the grid's step is set by it) and values that fall halfway between two steps (rounded to even)."""
+    weight, scales = weights(out, width)
+    row = torch.randn(1, width, generator=torch.Generator().manual_seed(1)) * 3
+    row[0, 7] = -41.0
+    row[0, 9] = 41.0 / quant.GRID * 2.5  # 2.5 steps: rounds to 2
+    row, scales = row.to(dtype), scales.to(dtype)
+    got = native.int8_row(row, weight, scales)
+    assert got.dtype == dtype and got.shape == (1, out)
+    assert torch.equal(got, halves_product(row, weight, scales))
+    exact = row.double() @ (weight.double() * scales.double()[:, None]).T
+    assert (got.double() - exact).abs().max() <= 3e-3 * exact.abs().max()  # the grid's and the output's rounding
+
+
+@needs_kernel
+def test_an_all_zero_row_gives_zeros(built):
+    weight, scales = weights(8, 64)
+    assert torch.equal(native.int8_row(torch.zeros(1, 64), weight, scales), torch.zeros(1, 8))
+
+
+@needs_kernel
+def test_what_it_fits(built, monkeypatch):
+    weight, _ = weights(16, 128)
+    assert native.fits(weight)
+    assert not native.fits(weight[:, :96])  # not contiguous
+    assert not native.fits(weight[:, :96].contiguous())  # 96 inputs: not a multiple of 64
+    assert not native.fits(weight.float())
+    monkeypatch.setenv("MINIVB_NATIVE", "0")
+    assert not native.available() and not native.fits(weight)
+
+
+def test_switched_on_only_where_the_cpu_has_the_instructions(monkeypatch):
+    monkeypatch.setenv("MINIVB_NATIVE", "1")
+    monkeypatch.setattr(fast, "_cpu_flags", lambda: frozenset({"avx512f", "avx512bw"}))  # no VNNI
+    assert not native.available()
+
+
+@needs_kernel
+def test_one_row_of_an_int8_layer_takes_it(built, monkeypatch):
+    """Int8Linear: one bf16 row takes the kernel, with its numbers; 2 rows and autograd do not."""
+    calls = []
+    call = native._call
+    monkeypatch.setattr(native, "_call", lambda *args: calls.append(1) or call(*args))
+    layer = quant.Int8Linear(256, 48, bias=False, dtype=torch.bfloat16)
+    layer.weight, scales = weights(48, 256)
+    layer.weight_scale.copy_(scales)
+    row = torch.randn(1, 1, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(layer(row)[0], halves_product(row[0], layer.weight, layer.weight_scale)) and calls == [1]
+        layer(row.expand(1, 2, 256))
+    layer(row.requires_grad_())
+    assert calls == [1]
+
+
+@needs_kernel
+def test_inside_a_compiled_function(built):
+    """decode_blocks' whole blocks call it from code torch.compile traced: the operator, with the same numbers."""
+    weight, scales = weights(64, 256)
+    row = torch.randn(1, 256)
+    compiled = torch.compile(lambda x, w, s: native.int8_row(x * 2, w, s) + 1, dynamic=True)
+    assert torch.equal(compiled(row, weight, scales), native.int8_row(row * 2, weight, scales) + 1)
+
+
+def test_a_compiler_that_fails_is_said_and_left(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("CC", "false")  # a command that exists and fails
+    monkeypatch.setenv("MINIVB_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "SOURCE", tmp_path / "kernels.c")  # another source: a library of its own
+    (tmp_path / "kernels.c").write_text("/* nothing */\n")
+    assert native._library.__wrapped__() is None
+    assert "could not build kernels.c" in capsys.readouterr().err
