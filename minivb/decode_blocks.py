@@ -48,6 +48,8 @@ def _product(x: torch.Tensor, layer) -> torch.Tensor:
         if weight.shape[1] > quant.INT8_FUSED_MAX_IN:  # wide: int8pack_mm is the faster (quant.py)
             return torch._weight_int8pack_mm(x.to(scales.dtype), weight, scales)
         return quant._int8_row_times_matrix(x, weight, scales)
+    if native.fits(weight):  # vdpbf16ps, at the memory rate (native.py)
+        return native.bf16_row(x, weight)
     chunks = fast._chunks(weight.shape[1])
     rows = x.reshape(1, chunks, -1)  # (1, chunks, in / chunks)
     return fast._row_times_matrix(rows, weight.reshape(weight.shape[0], chunks, -1)).to(weight.dtype)
@@ -132,7 +134,7 @@ def takes(blocks, h: torch.Tensor, cache) -> bool:
         return False
     if not hasattr(blocks[0], "mlp") and (not blocks[0].ffn.gated or any(kv is None for kv in cache.cross)):
         return False  # T5: a gated feed-forward (Flan-T5's); the first step projects the encoder output
-    native.available()  # sets native.ready, which the traced _product reads
+    native.available(h.dtype)  # loads the kernels: sets native.ready, which the traced _product reads
     # The blocks of a model are built alike; a packed copy (beams) may take a weight's place in any of them.
     return (all(_fits(layer, h) for layer in _products(blocks[0]))
             and not any(packing.copy_replaced_a_weight(_products(block)) for block in blocks))

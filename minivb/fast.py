@@ -1,9 +1,8 @@
 """Speed paths, all in one place: what runs faster than the plain code, on which machine, and the number measured.
-(Six live beside what they speed up and are listed here: weights packed for beams in packing.py, the int8 products
-and quantizing in quant.py's "fast paths of int8" section, the attention of a decode step in decode_attention.py, a
-greedy step's blocks compiled whole in decode_blocks.py, all four built on this file's kernels, weights converted to
-another dtype a block at a time in converting.py, and moving the KV cache of a beam step a few layers at a time in
-llama.KVCache.reorder.)
+(Seven live beside what they speed up and are listed here: weights packed for beams in packing.py, the int8 products
+and quantizing in quant.py, the attention of a decode step in decode_attention.py, a greedy step's blocks compiled
+whole in decode_blocks.py, one row's hand-written kernels in native.py, weights converted a block at a time in
+converting.py, moving the KV cache of a beam step in llama.KVCache.reorder.)
 
 The model files compute plainly: every product in the dtype the weights are stored in, through F.linear. Three
 things about CPUs make that slow, and this file answers them without changing what the model files compute (measured
@@ -23,12 +22,12 @@ on the native-bf16 machine, AMD EPYC with avx512_bf16, 2 cores; the AVX2 numbers
    F.linear 6.0 ms). `compute_dtype` is that rule.
 
 2. Few-row products (decode steps), one route each (`decode_route`, its table). One row (greedy): on AMD, bf16
-   F.linear streams a matrix at about half the memory rate, a multiply-and-sum compiled by torch.compile near it;
-   elsewhere the library's kernels are as fast or faster (`compiled_rows_pay`): torch.mv for bf16, F.linear for
-   fp32. Several rows (beams, a batch): a weight packed once for oneDNN (packing.py), `weight @ x.T` before that on
-   CPUs with AMX, and without native bf16 a compiled kernel that reads each weight once for all rows (`rows_linear`).
+   F.linear streams a matrix at about half the memory rate, a compiled multiply-and-sum near it, native.py's kernels
+   (AVX-512 BF16, VNNI) at it; elsewhere the library's kernels are as fast or faster (`compiled_rows_pay`): torch.mv
+   for bf16, F.linear for fp32. Several rows (beams, a batch): a weight packed once for oneDNN (packing.py), `weight
+   @ x.T` before it with AMX, without native bf16 a compiled kernel reading each weight once for all (`rows_linear`).
    `linears` does a layer's q, k and v (gate and up) in one call with their pre-norm, `gated` a gated unit's
-   activation and product too; int8 weights take kernels of their own (quant.int8_linear; one row: native.py's).
+   activation and product too; int8 weights take kernels of their own (quant.int8_linear).
 
 3. The attention of a decode step (LLaMA's and T5's): on AMD, PyTorch's CPU flash-attention kernel is slow for one
    bf16 query a row; `decode_attention.attention` compiles the softmax written out, the batch folded into the heads
@@ -42,7 +41,7 @@ back to plain PyTorch, in compiling.py. Switches (0 or 1) that override a choice
 MINIVB_NATIVE_BF16 (`has_native_bf16`), MINIVB_PACK (load_model's packing: memory.room_to_pack), MINIVB_SPLIT
 (memory.room_to_split), MINIVB_FUSED (`compiled_rows_pay`), MINIVB_COMPILE (compiling.py: kernels compiled at first
 use, or never, where by default they are rented until they pay), MINIVB_BLOCKS (decode_blocks.takes: the same for
-whole blocks), MINIVB_NATIVE (native.available: one int8 row through kernels.c).
+whole blocks), MINIVB_NATIVE (native.available: one row through kernels.c).
 """
 
 import contextlib
@@ -53,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from . import compiling, converting, packing
+from . import compiling, converting, native, packing
 from .compiling import compiled_or_plain, override
 from .packing import can_pack  # by name: decode_route's argument `packing` hides the module there
 
@@ -183,12 +182,9 @@ def _row_times_matrix(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 # A few rows of bf16 on a CPU without native bf16 (beams): F.linear's cost grows with every row there, where one pass
 # that converts each weight to fp32 once and multiplies it by all the rows does not, as much. 11008 x 4096, ms a
-# matrix, Intel Xeon with AVX2 emulated (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2, MINIVB_NATIVE_BF16=0;
-# one row there, F.linear 6.0-7.7 ms, as on issue 12's AVX2 machine), best of 7-9 alternating:
-#     rows            1      2      3      5      8
-#     F.linear       7.7   11.3   14.4   21.5   34.5
-#     this kernel    8.1    9.2   10.6   12.7   22.8
-# (With native bf16, the other routes are the faster. As one broadcast product, each weight converted per row: 24.2.)
+# matrix, emulated AVX2 on the Intel Xeon (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2, MINIVB_NATIVE_BF16=0),
+# best of 7-9 alternating, rows 1 / 2 / 3 / 5 / 8: F.linear 7.7 / 11.3 / 14.4 / 21.5 / 34.5, this 8.1 / 9.2 / 10.6 /
+# 12.7 / 22.8 (with native bf16 the other routes are faster; as one broadcast product, a weight converted a row: 24.2).
 FEW_ROWS = 8
 ROWS_SAVES_PER_BYTE = 98e-12  # s a byte of weights, 5 rows (the table: 2 rows 23 us a MB, 8 rows 130)
 
@@ -371,7 +367,6 @@ def _amx_matrix_rows() -> bool:
 
 class Linear(nn.Linear):
     """nn.Linear whose few-row products take the faster route of `decode_route`; the same product otherwise.
-
     `packed`: a packing.PackedWeight where packing.allow_packing let this layer keep a packed copy of its weight;
     `split`: a packing.SplitWeight where load_model let a wide weight keep a column-split copy for one row."""
 
@@ -384,6 +379,9 @@ class Linear(nn.Linear):
             if copy is not None:
                 self.split = None  # the packed copy took the weight's place: one row reads it, not a split copy
                 return packing.linear(x, copy, self.bias)
+        if route == "fused" and native.takes(x, self.weight):  # vdpbf16ps, at the memory rate (native.py)
+            out = native.bf16_row(x.reshape(1, -1), self.weight).reshape(*x.shape[:-1], -1)
+            return out if self.bias is None else out + self.bias
         if route == "fused" and self.split is not None and compiling.compiles():  # a wide weight (packing.py)
             return packing.split_linear(x, self.split.get(self.weight, _chunks(self.weight.shape[1])), self.bias)
         if route == "fused":
@@ -412,6 +410,8 @@ class Linear(nn.Linear):
         """`linears`' and `gated`'s fast path: the products of one row (normed by `norm`) with several layers' weights
         in one compiled call, or None where a layer takes another route than "fused" (or reads its packed copy)."""
         if any(decode_route(x, layer.weight) != "fused" for layer in layers):
+            return None
+        if all(native.takes(x, layer.weight) for layer in layers):  # the norm, then each layer's native kernel
             return None
         if packing.copy_replaced_a_weight(layers) or (act is not None and any(m.bias is not None for m in layers)):
             return None  # the row reads the copy (forward); a gated unit with biases: its products, then act

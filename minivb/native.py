@@ -1,30 +1,34 @@
-"""One row times an int8 matrix at the memory rate: minivb's one hand-written kernel (kernels.c), for greedy decoding.
+"""One row times a matrix at the memory rate: minivb's hand-written kernels (kernels.c), for greedy decoding.
 
-Why a kernel of its own. Decoding one row reads every weight once, so int8 weights should take half the time of
-bf16 ones. The kernels PyTorch can build or has do not get there on 2 cores: inductor's compiled multiply-and-sum
-(quant._int8_row_times_matrix) converts each int8 weight to fp32 before multiplying, 3 instructions for 16 weights,
-~30 G weights/s at best and ~15-24 at widths whose fp32 row leaves the first-level cache (5120 inputs and more);
-`torch._weight_int8pack_mm` does the same work at ~22-28; oneDNN's integer products (packing.pack_int8), one row cut
-in two halves, ~22. x86 VNNI's vpdpbusd multiplies 64 int8 weights by 64 bytes of the row and adds them into 16 int32
-sums in one instruction, so kernels.c reads the weight at the rate memory delivers it. Its numbers are those of
-quant.integer_linear, exactly (kernels.c says how). AMD EPYC (Zen 4), 2 threads, one row, GB/s read, best of 3
-rounds alternating in one process (the 1 GB sum beside each shape, which drifts 30-54 GB/s within the run):
-    matrix           this kernel   inductor's kernel   int8pack_mm   bf16: a hand-written vdpbf16ps kernel / inductor's
-    11008 x 4096         39.2            38.8              25.2           44.0 / 45.7   (1 GB sum: 50.7)
-    4096 x 11008         41.4            15.6              28.2           45.4 / 18.4   (54.1)
-    2048 x 5120          29.7            21.5              23.0           32.3 / 20.3   (32.0)
-    13824 x 5120         28.9            22.0              21.7           30.7 / 18.9   (30.7)
-    32000 x 4096         33.7            28.3              22.9           30.5 / 28.1   (30.1)
-(bf16 rows in the table only to show the same instruction count question: minivb's bf16 rows keep inductor's kernel,
-split copies for the wide ones: packing.SplitWeight.)
+Why kernels of its own. Decoding one row reads every weight once, so its time is the weights' bytes over the memory
+rate, and int8 weights should take half the time of bf16 ones. The kernels PyTorch can build or has do not get there
+on 2 cores: inductor's compiled multiply-and-sum (quant._int8_row_times_matrix, fast._row_times_matrix) converts each
+weight to fp32 before multiplying it, 3 instructions for 16 weights, ~30 G weights/s at best and ~15-24 at widths
+whose fp32 row leaves the first-level cache (5120 inputs and more); `torch._weight_int8pack_mm` does the same work
+at ~22-28; oneDNN's integer products (packing.pack_int8), one row cut in two halves, ~22. x86 has instructions that
+multiply and add without converting: VNNI's vpdpbusd, 64 int8 weights by 64 bytes of the row into 16 exact int32
+sums, and AVX-512 BF16's vdpbf16ps, 32 bf16 weights by 32 bf16 values of the row into 16 fp32 sums. kernels.c's two
+loops use them, and read the weights at the rate memory delivers them. AMD EPYC (Zen 4), 2 threads, one row, GB/s
+read, best of 3 rounds alternating in one process (the 1 GB sum beside each shape, which drifts 30-54 GB/s):
+    matrix           int8: vpdpbusd   inductor's   int8pack_mm   bf16: vdpbf16ps   inductor's   (1 GB sum)
+    11008 x 4096           39.2          38.8          25.2             44.0           45.7       (50.7)
+    4096 x 11008           41.4          15.6          28.2             45.4           18.4       (54.1)
+    2048 x 5120            29.7          21.5          23.0             32.3           20.3       (32.0)
+    13824 x 5120           28.9          22.0          21.7             30.7           18.9       (30.7)
+    32000 x 4096           33.7          28.3          22.9             30.5           28.1       (30.1)
+(an earlier version of the int8 loop, in another run; the one here, in a fast phase: 2048 x 2048 45.5 against
+inductor's 31.1, 11008 x 4096 53.2 against 38.9). The int8 numbers are those of quant.integer_linear, exactly (the
+row on a grid of 2^15 steps, kernels.c says how); the bf16 ones those of a compiled kernel but for the order of the
+fp32 sums.
 
 Built at first use with the system's C compiler (CC, else gcc, cc or clang: the ~1 s it takes is paid once a
 machine; the library is kept in ~/.cache/minivb, or $MINIVB_CACHE, named by a hash of its source and flags), and
-called through ctypes, wrapped as a PyTorch operator (`torch.library.custom_op`) so that a decode block compiled whole
-(decode_blocks.py) calls it as it calls any op. Its threads are OpenMP's, the same runtime (libgomp.so.1) PyTorch
+called through ctypes, wrapped as PyTorch operators (`torch.library.custom_op`) so that a decode block compiled whole
+(decode_blocks.py) calls them as it calls any op. Their threads are OpenMP's, the same runtime (libgomp.so.1) PyTorch
 loaded, told torch.get_num_threads(). Taken where one row takes minivb's compiled kernels (fast.compiled_rows_pay:
-AMD with AVX-512, where it was measured) and the CPU has AVX-512 VNNI and BW; MINIVB_NATIVE=0 turns it off, 1 on
-wherever the CPU has the instructions. Where nothing builds it, said once on stderr, the compiled kernels stay.
+AMD with AVX-512, where they were measured) and the CPU has the instructions (AVX-512 VNNI for int8, AVX-512 BF16 for
+bf16); MINIVB_NATIVE=0 turns them off, 1 on wherever the CPU has them. Where nothing builds them, said once on
+stderr, the compiled kernels stay.
 """
 
 import ctypes
@@ -39,71 +43,101 @@ from pathlib import Path
 
 import torch
 
-from . import compiling, fast
+from . import compiling
 
 SOURCE = Path(__file__).with_name("kernels.c")
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
-NEEDS = frozenset({"avx512f", "avx512bw", "avx512_vnni"})  # /proc/cpuinfo's names of what FLAGS compile for
-WIDTH_STEP = 64  # the kernel reads 64 inputs at a time
-MAX_INPUTS = 65536  # its int32 sums are exact up to this many inputs (kernels.c)
-ready = False  # set by `available` once the library is loaded: what code traced by torch.compile reads
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-mavx512bf16", "-fopenmp", "-ffp-contract=off",
+         "-shared", "-fPIC"]
+NEEDS = {torch.int8: frozenset({"avx512f", "avx512bw", "avx512_vnni"}),  # /proc/cpuinfo's names of what each loop
+         torch.bfloat16: frozenset({"avx512f", "avx512bw", "avx512_bf16"})}  # of kernels.c runs
+WIDTH_STEP = {torch.int8: 64, torch.bfloat16: 32}  # the inputs each loop reads at a time
+MAX_INPUTS = 65536  # the int8 loop's int32 sums are exact up to this many inputs (kernels.c)
+ready = frozenset()  # the weight dtypes whose kernel is loaded, set by `available`: what code traced by torch.compile
+# reads (no call that builds anything)
 
 
-def available() -> bool:
-    """Whether one row of an int8 matrix takes this kernel here (the module docstring); builds it at the first call."""
+def available(dtype: torch.dtype) -> bool:
+    """Whether one row of a matrix of `dtype` takes its kernel here (the module docstring); builds the library at the
+    first call."""
+    from . import fast  # (fast imports this file)
+
     global ready
     forced = compiling.override("MINIVB_NATIVE")
-    if forced is False or not NEEDS <= fast._cpu_flags():
-        ready = False
-    else:
-        ready = (forced or fast.compiled_rows_pay()) and _library() is not None
-    return ready
+    if forced is False or not (forced or fast.compiled_rows_pay()):
+        ready = frozenset()
+    elif not ready:
+        flags = fast._cpu_flags()
+        dtypes = frozenset(dtype for dtype, needs in NEEDS.items() if needs <= flags)
+        ready = dtypes if dtypes and _library() is not None else frozenset()
+    return dtype in ready
 
 
 def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether x (..., in) is one row that the kernel multiplies by `weight` here: outside autograd (the row's grid
-    has no gradient), building the kernel at the first call."""
+    """Whether x (..., in) is one row that a kernel multiplies by `weight` here: outside autograd (int8: the row's
+    grid has no gradient), bf16 rows for bf16 weights; builds the library at the first call."""
     one_row = x.numel() == x.shape[-1] and not (torch.is_grad_enabled() and x.requires_grad)
-    return one_row and available() and fits(weight)
+    bf16_row = weight.dtype != torch.bfloat16 or x.dtype == torch.bfloat16
+    return one_row and bf16_row and available(weight.dtype) and fits(weight)
 
 
 def fits(weight: torch.Tensor) -> bool:
-    """Whether `weight` is an int8 matrix the kernel multiplies, where it is `ready` (readable inside a traced
-    function: no call that builds anything)."""
+    """Whether `weight` is a matrix a kernel multiplies, where its kernel is `ready`."""
     width = weight.shape[-1]
-    return (ready and weight.dtype == torch.int8 and weight.dim() == 2 and weight.device.type == "cpu"
-            and weight.is_contiguous() and width % WIDTH_STEP == 0 and width <= MAX_INPUTS)
+    return (weight.dtype in ready and weight.dim() == 2 and weight.device.type == "cpu" and weight.is_contiguous()
+            and width % WIDTH_STEP[weight.dtype] == 0 and width <= MAX_INPUTS)
 
 
 def int8_row(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """row (1, in) times weight (out, in) int8, scaled per output by scales (out,) -> (1, out) in scales' dtype:
     quant.integer_linear's numbers for one row. Only where `fits(weight)`."""
-    product = _int8_row if torch.compiler.is_compiling() else _call  # the operator costs ~15 us more a call
+    product = _int8_row if torch.compiler.is_compiling() else _int8_call  # the operator costs ~15 us more a call
     return product(row, weight, scales.float()).to(scales.dtype)
+
+
+def bf16_row(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """row (1, in) of bf16 values (in bf16 or fp32) times weight (out, in) bf16 -> (1, out) bf16, the sums in fp32.
+    Only where `fits(weight)`."""
+    product = _bf16_row if torch.compiler.is_compiling() else _bf16_call
+    return product(row.to(torch.bfloat16), weight).to(torch.bfloat16)
 
 
 @torch.library.custom_op("minivb::int8_row", mutates_args=())
 def _int8_row(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """_call as an operator: what code traced by torch.compile calls (decode_blocks.py)."""
-    return _call(row, weight, scales)
+    """_int8_call as an operator: what code traced by torch.compile calls (decode_blocks.py)."""
+    return _int8_call(row, weight, scales)
 
 
-def _call(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+@torch.library.custom_op("minivb::bf16_row", mutates_args=())
+def _bf16_row(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return _bf16_call(row, weight)
+
+
+@_int8_row.register_fake
+@_bf16_row.register_fake
+def _(row: torch.Tensor, weight: torch.Tensor, *scales: torch.Tensor) -> torch.Tensor:
+    return row.new_empty((1, weight.shape[0]), dtype=torch.float32)
+
+
+def _int8_call(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """kernels.c's int8_row: row (1, in), weight (out, in) int8, scales (out,) fp32 -> (1, out) fp32."""
     out, width = weight.shape
-    row, scales = row.float().contiguous(), scales.contiguous()
-    y = torch.empty(1, out)
-    pointer = ctypes.c_void_p
-    status = _library().int8_row(pointer(row.data_ptr()), pointer(weight.data_ptr()), pointer(scales.data_ptr()),
-                                 pointer(y.data_ptr()), out, width, torch.get_num_threads())
+    row, scales, y = row.float().contiguous(), scales.contiguous(), torch.empty(1, out)
+    status = _library().int8_row(*_pointers(row, weight, scales, y), out, width, torch.get_num_threads())
     if status != 0:
         raise MemoryError(f"minivb's int8 kernel could not allocate 2 x {width} bytes for a row's halves")
     return y
 
 
-@_int8_row.register_fake
-def _(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return row.new_empty((1, weight.shape[0]), dtype=torch.float32)
+def _bf16_call(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """kernels.c's bf16_row: row (1, in) bf16, weight (out, in) bf16 -> (1, out) fp32."""
+    out, width = weight.shape
+    row, y = row.contiguous(), torch.empty(1, out)
+    _library().bf16_row(*_pointers(row, weight, y), out, width, torch.get_num_threads())
+    return y
+
+
+def _pointers(*tensors: torch.Tensor) -> list[ctypes.c_void_p]:
+    return [ctypes.c_void_p(tensor.data_ptr()) for tensor in tensors]
 
 
 @functools.cache
@@ -129,9 +163,11 @@ def _library() -> ctypes.CDLL | None:
     library = ctypes.CDLL(str(path))
     library.int8_row.restype = ctypes.c_int
     library.int8_row.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    library.bf16_row.restype = None
+    library.bf16_row.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     return library
 
 
 def _without(reason: str) -> None:
-    print(f"minivb: {reason}: one row of an int8 matrix keeps the compiled kernels (~1.3-1.6x slower)", file=sys.stderr)
+    print(f"minivb: {reason}: one row keeps the compiled kernels (int8 ~1.3-1.6x slower)", file=sys.stderr)
     return None

@@ -21,12 +21,11 @@ NEW_TOKENS = 6
 GREEDY = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, no_repeat_ngram_size=1)
 
 
-# int8 blocks take native.py's VNNI kernel where the CPU has it; "-compiled": inductor's int8 kernels (MINIVB_NATIVE=0)
-@pytest.fixture(scope="module",
-                params=["llama", "llama-int8", "llama-int8-compiled", "t5", "t5-int8", "t5-int8-compiled"])
+# One row takes native.py's kernels where the CPU has their instructions; "/compiled": inductor's (MINIVB_NATIVE=0)
+@pytest.fixture(scope="module", params=[f"{text}{int8}{kernels}" for text in ("llama", "t5") for int8 in ("", "-int8")
+                                        for kernels in ("", "/compiled")])
 def model(request, tmp_path_factory):
-    text, _, quantize = request.param.partition("-")
-    quantize = quantize.removesuffix("-compiled")
+    text, _, quantize = request.param.removesuffix("/compiled").partition("-")
     reference = tiny.build(text, text_overrides=OVERRIDES[text])
     path = tiny.save(reference, tmp_path_factory.mktemp("tiny"))
     model = minivb.load_model(path, dtype=torch.bfloat16, quantize=quantize or None)
@@ -37,7 +36,7 @@ def model(request, tmp_path_factory):
 @pytest.fixture(autouse=True)
 def one_row_kernels(monkeypatch, request):
     callspec = getattr(request.node, "callspec", None)
-    if callspec is not None and callspec.params.get("model", "").endswith("-compiled"):
+    if callspec is not None and callspec.params.get("model", "").endswith("/compiled"):
         monkeypatch.setenv("MINIVB_NATIVE", "0")
     monkeypatch.setenv("MINIVB_FUSED", "1")
     monkeypatch.setenv("MINIVB_COMPILE", "1")

@@ -34,6 +34,7 @@ def compiled_rows(monkeypatch):
     monkeypatch.setenv("MINIVB_FUSED", "1")
     monkeypatch.setenv("MINIVB_COMPILE", "1")
     monkeypatch.setenv("MINIVB_BLOCKS", "0")  # the kernels one by one (blocks compiled whole: test_decode_blocks.py)
+    monkeypatch.setenv("MINIVB_NATIVE", "0")  # inductor's, not kernels.c's (test_native.py)
 
 
 @pytest.fixture

@@ -1,13 +1,16 @@
-"""minivb/native.py: one row times an int8 matrix through kernels.c's VNNI kernel gives quant.integer_linear's numbers
-exactly, is taken where it should be, works inside torch.compile, and falls back when it cannot be built."""
+"""minivb/native.py: one row times an int8 matrix through kernels.c's VNNI loop gives quant.integer_linear's numbers
+exactly, one bf16 row times a bf16 matrix through its vdpbf16ps loop the exact sums within fp32's rounding; both are
+taken where they should be, work inside torch.compile, and fall back when they cannot be built."""
 
 import pytest
 import torch
 
 from minivb import fast, native, quant
 
-has_instructions = native.NEEDS <= fast._cpu_flags()
+has_instructions = native.NEEDS[torch.int8] <= fast._cpu_flags()
 needs_kernel = pytest.mark.skipif(not has_instructions, reason="this CPU has no AVX-512 VNNI: the kernel never runs")
+has_bf16 = native.NEEDS[torch.bfloat16] <= fast._cpu_flags()
+needs_bf16_kernel = pytest.mark.skipif(not has_bf16, reason="this CPU has no AVX-512 BF16: the bf16 kernel never runs")
 
 
 @pytest.fixture
@@ -15,7 +18,7 @@ def built(monkeypatch):
     """The kernel switched on (MINIVB_NATIVE=1: whatever the processor's vendor) and built; skipped where it cannot
     be (no C compiler)."""
     monkeypatch.setenv("MINIVB_NATIVE", "1")
-    if not native.available():
+    if not native.available(torch.int8):
         pytest.skip("kernels.c could not be built here")
 
 
@@ -64,21 +67,22 @@ def test_what_it_fits(built, monkeypatch):
     assert not native.fits(weight[:, :96].contiguous())  # 96 inputs: not a multiple of 64
     assert not native.fits(weight.float())
     monkeypatch.setenv("MINIVB_NATIVE", "0")
-    assert not native.available() and not native.fits(weight)
+    assert not native.available(torch.int8) and not native.fits(weight)
 
 
 def test_switched_on_only_where_the_cpu_has_the_instructions(monkeypatch):
     monkeypatch.setenv("MINIVB_NATIVE", "1")
-    monkeypatch.setattr(fast, "_cpu_flags", lambda: frozenset({"avx512f", "avx512bw"}))  # no VNNI
-    assert not native.available()
+    monkeypatch.setattr(fast, "_cpu_flags", lambda: frozenset({"avx512f", "avx512bw"}))  # no VNNI, no BF16
+    monkeypatch.setattr(native, "ready", frozenset())
+    assert not native.available(torch.int8) and not native.available(torch.bfloat16)
 
 
 @needs_kernel
 def test_one_row_of_an_int8_layer_takes_it(built, monkeypatch):
     """Int8Linear: one bf16 row takes the kernel, with its numbers; 2 rows and autograd do not."""
     calls = []
-    call = native._call
-    monkeypatch.setattr(native, "_call", lambda *args: calls.append(1) or call(*args))
+    call = native._int8_call
+    monkeypatch.setattr(native, "_int8_call", lambda *args: calls.append(1) or call(*args))
     layer = quant.Int8Linear(256, 48, bias=False, dtype=torch.bfloat16)
     layer.weight, scales = weights(48, 256)
     layer.weight_scale.copy_(scales)
@@ -106,3 +110,42 @@ def test_a_compiler_that_fails_is_said_and_left(monkeypatch, tmp_path, capsys):
     (tmp_path / "kernels.c").write_text("/* nothing */\n")
     assert native._library.__wrapped__() is None
     assert "could not build kernels.c" in capsys.readouterr().err
+
+
+@needs_bf16_kernel
+@pytest.mark.parametrize("out, width", [(37, 32), (64, 96), (130, 1024), (5, 4128)])
+def test_bf16_rows_give_the_exact_sums_within_fp32_rounding(built, out, width):
+    """Widths of one 32-value step, of an odd number of them, of many; then rounded to bf16 as a compiled kernel's."""
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(out, width, generator=generator).bfloat16()
+    row = torch.randn(1, width, generator=generator).bfloat16()
+    got = native.bf16_row(row, weight)
+    assert got.dtype == torch.bfloat16 and got.shape == (1, out)
+    exact = row.double() @ weight.double().T
+    assert (got.double() - exact).abs().max() <= 2**-8 * exact.abs().max()  # bf16's rounding of the result
+    sums = native._bf16_call(row, weight).double()  # before that rounding: fp32 sums in another order
+    assert (sums - exact).abs().max() <= 1e-6 * (row.double().abs() @ weight.double().abs().T).max()
+    assert torch.equal(native.bf16_row(row.float(), weight), got)  # a row of bf16 values held in fp32
+
+
+@needs_bf16_kernel
+def test_one_bf16_row_of_a_linear_layer_takes_it(built, monkeypatch):
+    """fast.Linear: one bf16 row on the compiled route takes the kernel (bias added after), several rows do not."""
+    calls = []
+    call = native._bf16_call
+    monkeypatch.setattr(native, "_bf16_call", lambda *args: calls.append(1) or call(*args))
+    monkeypatch.setenv("MINIVB_FUSED", "1")
+    monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)
+    layer = fast.Linear(256, 48, dtype=torch.bfloat16)
+    row = torch.randn(1, 1, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = layer(row)
+        assert calls == [1] and got.shape == (1, 1, 48)
+        want = torch.nn.functional.linear(row.double(), layer.weight.double(), layer.bias.double())
+        assert (got.double() - want).abs().max() <= 2**-7 * want.abs().max()
+        layer(row.expand(1, 2, 256))
+    assert calls == [1]
+    monkeypatch.setenv("MINIVB_NATIVE", "0")
+    with torch.no_grad():
+        layer(row)
+    assert calls == [1]
