@@ -160,7 +160,10 @@ def _library() -> ctypes.CDLL | None:
         except (OSError, subprocess.CalledProcessError) as error:
             detail = getattr(error, "stderr", b"") or str(error).encode()
             return _without(f"{compiler} could not build kernels.c ({detail.decode(errors='replace').strip()[:200]})")
-    library = ctypes.CDLL(str(path))
+    try:
+        library = ctypes.CDLL(str(path))
+    except OSError as error:  # a library left broken in the cache folder: delete it to build it again
+        return _without(f"{path} could not be loaded ({error})")
     library.int8_row.restype = ctypes.c_int
     library.int8_row.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     library.bf16_row.restype = None
@@ -169,5 +172,5 @@ def _library() -> ctypes.CDLL | None:
 
 
 def _without(reason: str) -> None:
-    print(f"minivb: {reason}: one row keeps the compiled kernels (int8 ~1.3-1.6x slower)", file=sys.stderr)
+    print(f"minivb: {reason}: one row keeps the compiled kernels (slower: minivb/native.py)", file=sys.stderr)
     return None
