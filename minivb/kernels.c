@@ -1,6 +1,7 @@
-/* minivb's one hand-written kernel: one row times an int8 matrix with AVX-512 VNNI (why: native.py).
+/* minivb's hand-written kernels (why: native.py): one row times an int8 matrix with AVX-512 VNNI (int8_row), and one
+   bf16 row times a bf16 matrix with AVX-512 BF16 (bf16_row, at the end).
 
-   It computes exactly what quant.integer_linear computes for one row, in one pass over the weight:
+   int8_row computes exactly what quant.integer_linear computes for one row, in one pass over the weight:
      1. the row x (in,) goes on a grid of 2 x GRID + 1 steps of its largest magnitude, q = round(x / step), and each
         q is cut in two int8 halves, q = HALF * high + low, high in [-128, 127], low in [0, HALF);
      2. vpdpbusd multiplies 64 unsigned bytes by 64 signed bytes and adds each 4 products into 16 int32 sums, so the
