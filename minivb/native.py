@@ -67,7 +67,7 @@ def available(dtype: torch.dtype) -> bool:
         ready = frozenset()
     elif not ready:
         flags = fast._cpu_flags()
-        dtypes = frozenset(dtype for dtype, needs in NEEDS.items() if needs <= flags)
+        dtypes = frozenset(kind for kind, needs in NEEDS.items() if needs <= flags)
         ready = dtypes if dtypes and _library() is not None else frozenset()
     return dtype in ready
 
