@@ -4,8 +4,9 @@ A decode step of one row reads every weight of the language model once, and the 
 quant.py read them near the memory rate. What is left is calls: a block of T5's decoder is ~8 compiled calls and ~30
 ops run one by one (~1 ms a block on the AMD EPYC, each compiled call ~40 us of dynamo's and AOT's Python wrappers),
 where its int8 weights take ~1.6 ms to read at 40 GB/s. Here a whole block is one function of its weights, the
-cache and the row, traced once by torch.compile (inductor fuses each block into one C++ loop nest, plus int8pack_mm
-for int8 weights wider than quant.INT8_FUSED_MAX_IN), and every block of the model calls the same compiled code.
+cache and the row, traced once by torch.compile (inductor fuses each block into one C++ loop nest, which calls
+native.py's kernels for the products where they are taken, else int8pack_mm for int8 weights wider than
+quant.INT8_FUSED_MAX_IN), and every block of the model calls the same compiled code.
 Greedy steps alternated in one process, AMD EPYC, ms a step, blocks one by one / whole:
     full flan-t5-xl      int8 75.0-76.2 / 65.2-68.6 (1.09-1.17x)   bf16 92.4-127.1 / 76.8-101.5 (1.02-1.29x, drift)
     full vicuna-7b       int8 225-261 / 225-262 (0.97-1.08x)        bf16 370-486 / 341-444 (1.08-1.10x; once 0.86x)

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from . import compiling
+from . import compiling, fast  # (fast imports this file: its names are read at calls only)
 
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-mavx512bf16", "-fopenmp", "-ffp-contract=off",
@@ -59,8 +59,6 @@ ready = frozenset()  # the weight dtypes whose kernel is loaded, set by `availab
 def available(dtype: torch.dtype) -> bool:
     """Whether one row of a matrix of `dtype` takes its kernel here (the module docstring); builds the library at the
     first call."""
-    from . import fast  # (fast imports this file)
-
     global ready
     forced = compiling.override("MINIVB_NATIVE")
     if forced is False or not (forced or fast.compiled_rows_pay()):

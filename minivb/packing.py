@@ -359,6 +359,8 @@ def allow_packing(model: torch.nn.Module, allowed: bool = True, replaces: bool =
 # a layer has one only where load_model found room for all of them (memory.room_to_split), made at its first one-row
 # product through the compiled kernel; where beams made a packed copy that took the weight's place, one row reads
 # that instead, and the split copy goes (fast.Linear). int8 weights are not split (their one-row routes: quant.py).
+# Where native.py's bf16 kernel takes one row (AVX-512 BF16), it reads the plain weight at the memory rate and no copy
+# is made: the copies serve where it is not taken (MINIVB_NATIVE=0, a compiler that cannot build it).
 SPLIT_MIN_INPUTS = 8192  # more inputs than this (two chunks or fewer: no gain measured)
 SPLIT_MIN_BYTES = 32 * 2**20  # larger than the last-level cache (a smaller matrix is read from it: no gain)
 
