@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import minivb
-from minivb import compiling, decode_blocks, fast
+from minivb import compiling, decode_blocks, fast, packing
 from tests import tiny
 
 # Widths whose heads are 16 wide: the int8 o projections add their terms in groups inside each head (_heads_product)
@@ -105,6 +105,13 @@ def test_which_steps_take_whole_blocks(model, monkeypatch):
         monkeypatch.setenv(switch, value)
         assert not decode_blocks.takes(blocks, row, cache)
         monkeypatch.setenv(switch, "1")
+    # Packed copies that take their weights' places (packing.PackedWeight.replaces): one made by beams, in any block
+    layers = [layer for block in blocks for layer in decode_blocks._products(block)]
+    for layer in layers:
+        monkeypatch.setattr(layer, "packed", packing.PackedWeight(replaces=True))
+    assert decode_blocks.takes(blocks, row, cache)  # none made yet
+    layers[-1].packed.copy = (packing._identity(layers[-1].weight), layers[-1].weight.clone())
+    assert not decode_blocks.takes(blocks, row, cache)
     monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 10**9)  # a model whose rows take the library's kernels
     assert not decode_blocks.takes(blocks, row, cache)
 
