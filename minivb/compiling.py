@@ -53,7 +53,8 @@ _GROUPED_NORMED_OPTIONS = {"realize_reads_threshold": 1, "emulate_precision_cast
 # would store whole (flan-t5-xl's `wo`, 2048 x 5120 fp32 a layer: 400 ms a step), and a gated unit's activation,
 # which without one is computed again for every weight row that reads it (inductor's CPU default realizes beyond 50
 # ops: exact GELU, ~25, ran 2048 x 5120 times a layer, 285 ms a step). 20 stores the activation, not the products:
-# 72-73 ms a step (whole blocks of int8 keep _GROUPED_NORMED_OPTIONS: 30 stored their grouped sums, 66 -> 77-83 ms).
+# 72-73 ms a step. Whole blocks of int8 take it where native.py's kernels are theirs (decode_blocks._grouped); through
+# quant.py's grouped kernels they keep _GROUPED_NORMED_OPTIONS (30 stored their grouped sums, 66 -> 77-83 ms a step).
 _BLOCK_OPTIONS = {"realize_reads_threshold": 1, "realize_opcount_threshold": 20, "emulate_precision_casts": True}
 
 
@@ -222,7 +223,7 @@ def compiled_or_plain(function, *args, plain=None, normed: bool = False, grouped
                       saves: float | None = None, rent: Rent = KERNELS):
     """`function(*args)` through its compiled kernel; where there is none or compiling fails, `plain(*args)`: by
     default `function` itself, run op by op. normed: a kernel that starts with a pre-norm (_NORMED_OPTIONS); grouped:
-    one that sums in groups (_GROUPED_NORMED_OPTIONS); block: a bf16 decoder block compiled whole (_BLOCK_OPTIONS).
+    one that sums in groups (_GROUPED_NORMED_OPTIONS); block: a decoder block compiled whole (_BLOCK_OPTIONS).
     saves: the seconds the kernel would save in this call over `plain`, a fast route of its own: `plain` until they
     have paid for compiling (`rent`: KERNELS, or BLOCKS for whole blocks)."""
     forced = override("MINIVB_COMPILE")

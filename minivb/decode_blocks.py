@@ -167,13 +167,22 @@ def _fits(layer, h: torch.Tensor) -> bool:
     return fast.decode_route(h, layer.weight) == "fused"
 
 
-def _run(function, block, *args, int8: bool, plain):
+def _run(function, block, *args, grouped: bool, plain):
     """function(block, *args) compiled whole, or plain() (the block's own forward) while it is rented, or where
-    nothing compiles. One graph serves every block of the model: its weights are inputs, not constants. int8: the
-    block's products are quant.Int8Linear (the grouped kernels' compile options)."""
+    nothing compiles. One graph serves every block of the model: its weights are inputs, not constants. grouped: the
+    block's int8 products are quant.py's kernels, which add their terms in groups (`_grouped`)."""
     saves = None if compiling.override("MINIVB_BLOCKS") else BLOCK_SAVES
-    return compiling.compiled_or_plain(function, block, *args, plain=lambda *_: plain(), normed=True, grouped=int8,
-                                       block=not int8, saves=saves, rent=compiling.BLOCKS)
+    return compiling.compiled_or_plain(function, block, *args, plain=lambda *_: plain(), normed=True, grouped=grouped,
+                                       block=not grouped, saves=saves, rent=compiling.BLOCKS)
+
+
+def _grouped(layer) -> bool:
+    """Whether a block's products are int8 through quant.py's grouped kernels (where native.py's is not taken), whose
+    sums the block options would store whole (compiling._GROUPED_NORMED_OPTIONS). Through native.py's, an int8 block
+    takes the bf16 blocks' options, whose operation count stores LLaMA's rotated query once: without it, inductor
+    rotated it again for every key of the cache (full vicuna-7b int8: a block's own loops 234 -> 45 us; greedy steps
+    alternated in one process, 217-283 -> 185-229 ms, the same tokens)."""
+    return isinstance(layer, quant.Int8Linear) and not native.fits(layer.weight)
 
 
 def t5_step(block, h, bias, cache, encoder_hidden, cross_bias):
@@ -182,7 +191,7 @@ def t5_step(block, h, bias, cache, encoder_hidden, cross_bias):
     i, end = block.layer_idx, cache.length + 1
     # .detach(): the same memory, no longer a view of the cache in dynamo's eyes (see decode_attention)
     return _run(t5_block, block, h, end, cache.keys[i].detach(), cache.values[i].detach(), bias, *cache.cross[i],
-                cross_bias, int8=isinstance(block.attn.q, quant.Int8Linear),
+                cross_bias, grouped=_grouped(block.attn.q),
                 plain=lambda: block(h, bias, cache, encoder_hidden, cross_bias))
 
 
@@ -190,4 +199,4 @@ def llama_step(block, h, cos, sin, mask, cache):
     """A step of llama.Llama's `block` through llama_block (where `takes` said so)."""
     i, end = block.attn.layer_idx, cache.length + 1
     return _run(llama_block, block, h, end, cache.keys[i].detach(), cache.values[i].detach(), cos, sin, mask,
-                int8=isinstance(block.attn.q_proj, quant.Int8Linear), plain=lambda: block(h, cos, sin, mask, cache))
+                grouped=_grouped(block.attn.q_proj), plain=lambda: block(h, cos, sin, mask, cache))

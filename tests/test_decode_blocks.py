@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import minivb
-from minivb import compiling, decode_blocks, fast, packing
+from minivb import compiling, decode_blocks, fast, native, packing, quant
 from tests import tiny
 
 # Widths whose heads are 16 wide: the int8 o projections add their terms in groups inside each head (_heads_product)
@@ -114,6 +114,20 @@ def test_which_steps_take_whole_blocks(model, monkeypatch):
     assert not decode_blocks.takes(blocks, row, cache)
     monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 10**9)  # a model whose rows take the library's kernels
     assert not decode_blocks.takes(blocks, row, cache)
+
+
+def test_int8_blocks_take_the_grouped_options_only_through_quants_kernels(model, monkeypatch):
+    """decode_blocks._grouped: an int8 block whose products are native.py's compiles with the bf16 blocks' options
+    (compiling._BLOCK_OPTIONS); through quant.py's grouped kernels (MINIVB_NATIVE=0, or no VNNI), with theirs."""
+    text, model, _ = model
+    lm = model.language_model
+    layer = lm.layers[0].attn.q_proj if text == "llama" else lm.decoder.blocks[0].attn.q
+    int8 = isinstance(layer, quant.Int8Linear)
+    native.available(torch.int8)  # what the model's steps set, whatever ran before
+    assert decode_blocks._grouped(layer) == (int8 and torch.int8 not in native.ready)
+    monkeypatch.setenv("MINIVB_NATIVE", "0")
+    native.available(torch.int8)
+    assert decode_blocks._grouped(layer) == int8
 
 
 @torch.no_grad()
