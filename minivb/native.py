@@ -88,7 +88,7 @@ def fits(weight: torch.Tensor) -> bool:
 def int8_row(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """row (1, in) times weight (out, in) int8, scaled per output by scales (out,) -> (1, out) in scales' dtype:
     quant.integer_linear's numbers for one row. Only where `fits(weight)`."""
-    product = torch.ops.minivb.int8_row if torch.compiler.is_compiling() else _int8_call  # (the operator: +8 us)
+    product = torch.ops.minivb.int8_row if torch.compiler.is_compiling() else _int8_call  # (operator: +3 us)
     return product(row, weight, scales.float()).to(scales.dtype)
 
 
@@ -119,8 +119,8 @@ def _bf16_call(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 # The two calls as PyTorch operators, what code traced by torch.compile calls (decode_blocks.py). Defined through
-# torch.library.Library, not the custom_op decorator, whose wrappers cost a call 21 us against 11 (a 64 x 64 int8
-# matrix; ctypes alone 3, _int8_call 7): a whole decoder block makes 6-9 calls a step.
+# torch.library.Library, not the custom_op decorator, whose wrappers cost a call 21 us against 10 (a 64 x 64 int8
+# matrix; ctypes alone 3, _int8_call 7): a whole decoder block makes 7-9 calls a step.
 _OPERATORS = torch.library.Library("minivb", "DEF")
 _OPERATORS.define("int8_row(Tensor row, Tensor weight, Tensor scales) -> Tensor")
 _OPERATORS.define("bf16_row(Tensor row, Tensor weight) -> Tensor")
