@@ -123,6 +123,7 @@ def test_int8_blocks_take_the_grouped_options_only_through_quants_kernels(model,
     lm = model.language_model
     layer = lm.layers[0].attn.q_proj if text == "llama" else lm.decoder.blocks[0].attn.q
     int8 = isinstance(layer, quant.Int8Linear)
+    monkeypatch.setattr(native, "ready", native.ready)  # restored after: the switch below empties it
     native.available(torch.int8)  # what the model's steps set, whatever ran before
     assert decode_blocks._grouped(layer) == (int8 and torch.int8 not in native.ready)
     monkeypatch.setenv("MINIVB_NATIVE", "0")
