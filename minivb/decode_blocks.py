@@ -50,7 +50,7 @@ def _product(x: torch.Tensor, layer) -> torch.Tensor:
             return torch._weight_int8pack_mm(x.to(scales.dtype), weight, scales)
         return quant._int8_row_times_matrix(x, weight, scales)
     if native.fits(weight):  # vdpbf16ps, at the memory rate (native.py)
-        return native.bf16_row(x, weight)
+        return native.bf16_rows(x, weight)
     chunks = fast._chunks(weight.shape[1])
     rows = x.reshape(1, chunks, -1)  # (1, chunks, in / chunks)
     return fast._row_times_matrix(rows, weight.reshape(weight.shape[0], chunks, -1)).to(weight.dtype)

@@ -1,4 +1,4 @@
-"""One row times a matrix at the memory rate: minivb's hand-written kernels (kernels.c), for greedy decoding.
+"""A few rows times a matrix at the memory rate: minivb's hand-written kernels (kernels.c), for decoding.
 
 Why kernels of its own. Decoding one row reads every weight once, so its time is the weights' bytes over the memory
 rate, and int8 weights should take half the time of bf16 ones. The kernels PyTorch can build or has do not get there
@@ -21,6 +21,23 @@ inductor's 31.1, 11008 x 4096 53.2 against 38.9). The int8 numbers are those of 
 row on a grid of 2^15 steps, kernels.c says how); the bf16 ones those of a compiled kernel but for the order of the
 fp32 sums.
 
+A few bf16 rows (a beam search's, before packing.py packs the weights for oneDNN) take the same bf16 loop, which
+reads each weight once for all the rows, where F.linear hands them to oneDNN, which repacks the whole weight at every
+call. Up to MAX_ROWS rows (kernels.c's sums stay in registers). 5 rows, ms a matrix, best of 3 alternating, the 1 GB
+sum at 30-33 GB/s (but 32000 x 4096: 47):
+    matrix           bf16_rows   F.linear   packed copy (packing.py)   packing it
+    11008 x 4096        3.09        4.61            2.95                  52.8
+    4096 x 11008        3.13        4.56            2.84                  30.4
+    4096 x 4096         1.15        1.71            1.09                  22.1
+    32000 x 4096        7.27       14.15            6.21                 157.8
+    13824 x 5120        4.95        6.97            4.40                  74.3
+    5120 x 5120         1.90        2.54            1.68                  27.5
+    2048 x 5120         0.74        0.99            0.67                  11.3
+    32128 x 2048        4.28        6.77            4.35                  60.1
+1.4-1.9x F.linear, and within 0-15 % of the packed copy without making one (in a faster phase of the machine, the 1
+GB sum at 45-47 GB/s, 11008 x 4096: 2.59 against 2.03 packed and 5.05 F.linear). One row takes the same loop: 1-7 %
+faster than a loop of one weight row at a time (the one before it) at ~31 GB/s, 3-6 % slower at ~47.
+    
 Built at first use with the system's C compiler (CC, else gcc, cc or clang: the ~1 s it takes is paid once a
 machine; the library is kept in ~/.cache/minivb, or $MINIVB_CACHE, named by a hash of its source and flags), and
 called through ctypes, wrapped as PyTorch operators (`torch.library.Library`) so that a decode block compiled whole
@@ -51,6 +68,7 @@ FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-mavx512bf16", "-fop
 NEEDS = {torch.int8: frozenset({"avx512f", "avx512bw", "avx512_vnni"}),  # /proc/cpuinfo's names of what each loop
          torch.bfloat16: frozenset({"avx512f", "avx512bw", "avx512_bf16"})}  # of kernels.c runs
 WIDTH_STEP = {torch.int8: 64, torch.bfloat16: 32}  # the inputs each loop reads at a time
+MAX_ROWS = {torch.int8: 1, torch.bfloat16: 6}  # the rows each loop multiplies at once (kernels.c)
 MAX_INPUTS = 65536  # the int8 loop's int32 sums are exact up to this many inputs (kernels.c)
 ready = frozenset()  # the weight dtypes whose kernel is loaded, set by `available`: what code traced by torch.compile
 # reads (no call that builds anything)
@@ -71,11 +89,13 @@ def available(dtype: torch.dtype) -> bool:
 
 
 def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether x (..., in) is one row that a kernel multiplies by `weight` here: outside autograd (int8: the row's
-    grid has no gradient), bf16 rows for bf16 weights; builds the library at the first call."""
-    one_row = x.numel() == x.shape[-1] and not (torch.is_grad_enabled() and x.requires_grad)
-    bf16_row = weight.dtype != torch.bfloat16 or x.dtype == torch.bfloat16
-    return one_row and bf16_row and available(weight.dtype) and fits(weight)
+    """Whether x (..., in) is rows that a kernel multiplies by `weight` here: one row for int8 weights, up to
+    MAX_ROWS for bf16; outside autograd (int8: the row's grid has no gradient), bf16 rows for bf16 weights; builds
+    the library at the first call."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    few = 0 < rows <= MAX_ROWS.get(weight.dtype, 0) and not (torch.is_grad_enabled() and x.requires_grad)
+    bf16_rows = weight.dtype != torch.bfloat16 or x.dtype == torch.bfloat16
+    return few and bf16_rows and available(weight.dtype) and fits(weight)
 
 
 def fits(weight: torch.Tensor) -> bool:
@@ -92,11 +112,11 @@ def int8_row(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> t
     return product(row, weight, scales.float()).to(scales.dtype)
 
 
-def bf16_row(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """row (1, in) of bf16 values (in bf16 or fp32) times weight (out, in) bf16 -> (1, out) bf16, the sums in fp32.
-    Only where `fits(weight)`."""
-    product = torch.ops.minivb.bf16_row if torch.compiler.is_compiling() else _bf16_call
-    return product(row.to(torch.bfloat16), weight).to(torch.bfloat16)
+def bf16_rows(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """rows (R, in) of bf16 values (in bf16 or fp32), R up to MAX_ROWS, times weight (out, in) bf16 -> (R, out) bf16,
+    the sums in fp32. Only where `fits(weight)`."""
+    product = torch.ops.minivb.bf16_rows if torch.compiler.is_compiling() else _bf16_call
+    return product(rows.to(torch.bfloat16), weight).to(torch.bfloat16)
 
 
 def _int8_call(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -110,11 +130,14 @@ def _int8_call(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) ->
     return y
 
 
-def _bf16_call(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """kernels.c's bf16_row: row (1, in) bf16, weight (out, in) bf16 -> (1, out) fp32."""
-    out, width = weight.shape
-    row, y = row.contiguous(), torch.empty(1, out)
-    _library().bf16_row(row.data_ptr(), weight.data_ptr(), y.data_ptr(), out, width, torch.get_num_threads())
+def _bf16_call(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """kernels.c's bf16_rows: rows (R, in) bf16, weight (out, in) bf16 -> (R, out) fp32."""
+    (out, width), count = weight.shape, rows.shape[0]
+    rows, y = rows.contiguous(), torch.empty(count, out)
+    status = _library().bf16_rows(rows.data_ptr(), weight.data_ptr(), y.data_ptr(), count, out, width,
+                                  torch.get_num_threads())
+    if status != 0:
+        raise ValueError(f"minivb's bf16 kernel multiplies 1 to {MAX_ROWS[torch.bfloat16]} rows at once, got {count}")
     return y
 
 
@@ -123,9 +146,9 @@ def _bf16_call(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 # matrix; ctypes alone 3, _int8_call 7): a whole decoder block makes 7-9 calls a step.
 _OPERATORS = torch.library.Library("minivb", "DEF")
 _OPERATORS.define("int8_row(Tensor row, Tensor weight, Tensor scales) -> Tensor")
-_OPERATORS.define("bf16_row(Tensor row, Tensor weight) -> Tensor")
+_OPERATORS.define("bf16_rows(Tensor rows, Tensor weight) -> Tensor")
 _OPERATORS.impl("int8_row", _int8_call, "CPU")
-_OPERATORS.impl("bf16_row", _bf16_call, "CPU")
+_OPERATORS.impl("bf16_rows", _bf16_call, "CPU")
 
 
 @torch.library.register_fake("minivb::int8_row", lib=_OPERATORS)
@@ -133,9 +156,9 @@ def _(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Te
     return row.new_empty((1, weight.shape[0]), dtype=torch.float32)
 
 
-@torch.library.register_fake("minivb::bf16_row", lib=_OPERATORS)
-def _(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return row.new_empty((1, weight.shape[0]), dtype=torch.float32)
+@torch.library.register_fake("minivb::bf16_rows", lib=_OPERATORS)
+def _(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return rows.new_empty((rows.shape[0], weight.shape[0]), dtype=torch.float32)
 
 
 @functools.cache
@@ -164,11 +187,12 @@ def _library() -> ctypes.CDLL | None:
         return _without(f"{path} could not be loaded ({error})")
     library.int8_row.restype = ctypes.c_int
     library.int8_row.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-    library.bf16_row.restype = None
-    library.bf16_row.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    library.bf16_rows.restype = ctypes.c_int
+    library.bf16_rows.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     return library
 
 
 def _without(reason: str) -> None:
-    print(f"minivb: {reason}: one row keeps the compiled kernels (slower: minivb/native.py)", file=sys.stderr)
+    print(f"minivb: {reason}: decode steps keep the compiled kernels and F.linear (slower: minivb/native.py)",
+          file=sys.stderr)
     return None

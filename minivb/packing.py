@@ -75,6 +75,11 @@ from . import compiling
 PACK_ROWS = 5  # the rows oneDNN is told to expect (a beam search's); any number of rows works with the same copy
 PACK_MAX_ROWS = 128  # the most rows of a product that packs: a decode step of 5 beams x 25 videos
 PACK_AFTER = 32  # the few-row products a weight makes unpacked before it packs: about what packing costs (above)
+# The same where native.py's bf16 kernel multiplies those products (AMD with AVX-512 BF16): it reads the plain weight
+# near the memory rate, so a packed copy saves less a product and takes longer to pay for (native.py's table: 90-375
+# products at the matrices of a 7B or 13B; a vicuna-7b layer's seven, 277 at a 31 GB/s phase of the machine, 88 at a
+# 47 GB/s one).
+PACK_AFTER_NATIVE = 128
 refused = False  # set when oneDNN refused to pack on this machine: F.linear from then on
 
 
@@ -288,10 +293,10 @@ class PackedWeight:
         copy `replaces` the weight."""
         return None if fused and not self.replaces else self.current(weight)
 
-    def get(self, weight: torch.Tensor, rows: int, make=pack) -> torch.Tensor | None:
+    def get(self, weight: torch.Tensor, rows: int, make=pack, after: int | None = None) -> torch.Tensor | None:
         """The packed copy for a product of `rows` rows by `weight`; None while there is none to use (fewer than
-        PACK_AFTER such products so far) and where oneDNN refuses to pack. `make`: the function that packs (int8
-        weights: pack_int8)."""
+        `after` such products so far, PACK_AFTER by default) and where oneDNN refuses to pack. `make`: the function
+        that packs (int8 weights: pack_int8)."""
         identity = _identity(weight)
         if self.copy is not None and self.copy[0] == identity:
             return self.copy[1]
@@ -301,7 +306,7 @@ class PackedWeight:
         seen, count = self.products
         count = count + 1 if seen == identity else 1
         self.products = (identity, count)
-        if count < PACK_AFTER:
+        if count < (PACK_AFTER if after is None else after):
             return None
         packed = make(weight)
         if packed is not None:

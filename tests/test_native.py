@@ -1,11 +1,11 @@
 """minivb/native.py: one row times an int8 matrix through kernels.c's VNNI loop gives quant.integer_linear's numbers
-exactly, one bf16 row times a bf16 matrix through its vdpbf16ps loop the exact sums within fp32's rounding; both are
-taken where they should be, work inside torch.compile, and fall back when they cannot be built."""
+exactly, 1 to 6 bf16 rows times a bf16 matrix through its vdpbf16ps loop the exact sums within fp32's rounding; both
+are taken where they should be, work inside torch.compile, and fall back when they cannot be built."""
 
 import pytest
 import torch
 
-from minivb import fast, native, quant
+from minivb import fast, native, packing, quant
 
 has_instructions = native.NEEDS[torch.int8] <= fast._cpu_flags()
 needs_kernel = pytest.mark.skipif(not has_instructions, reason="this CPU has no AVX-512 VNNI: the kernel never runs")
@@ -113,39 +113,93 @@ def test_a_compiler_that_fails_is_said_and_left(monkeypatch, tmp_path, capsys):
 
 
 @needs_bf16_kernel
-@pytest.mark.parametrize("out, width", [(37, 32), (64, 96), (130, 1024), (5, 4128)])
-def test_bf16_rows_give_the_exact_sums_within_fp32_rounding(built, out, width):
-    """Widths of one 32-value step, of an odd number of them, of many; then rounded to bf16 as a compiled kernel's."""
+@pytest.mark.parametrize("rows", [1, 2, 5, 6])
+@pytest.mark.parametrize("out, width", [(37, 32), (64, 96), (130, 1024), (5, 4128), (3, 64)])
+def test_bf16_rows_give_the_exact_sums_within_fp32_rounding(built, rows, out, width):
+    """Widths of one 32-value step, of an odd number of them, of many; outputs that fill whole tiles of 4 and ones
+    that leave 1-3 over (fewer than a tile: only those); then rounded to bf16 as a compiled kernel's."""
     generator = torch.Generator().manual_seed(2)
     weight = torch.randn(out, width, generator=generator).bfloat16()
-    row = torch.randn(1, width, generator=generator).bfloat16()
-    got = native.bf16_row(row, weight)
-    assert got.dtype == torch.bfloat16 and got.shape == (1, out)
-    exact = row.double() @ weight.double().T
-    assert (got.double() - exact).abs().max() <= 2**-8 * exact.abs().max()  # bf16's rounding of the result
-    sums = native._bf16_call(row, weight).double()  # before that rounding: fp32 sums in another order
-    assert (sums - exact).abs().max() <= 1e-6 * (row.double().abs() @ weight.double().abs().T).max()
-    assert torch.equal(native.bf16_row(row.float(), weight), got)  # a row of bf16 values held in fp32
+    x = torch.randn(rows, width, generator=generator).bfloat16()
+    got = native.bf16_rows(x, weight)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, out)
+    exact = x.double() @ weight.double().T  # (rows, out)
+    assert ((got.double() - exact).abs() <= 2**-8 * exact.abs()).all()  # bf16's rounding of each result
+    sums = native._bf16_call(x, weight).double()  # before that rounding: fp32 sums in another order
+    assert ((sums - exact).abs() <= 1e-6 * (x.double().abs() @ weight.double().abs().T)).all()
+    assert torch.equal(native.bf16_rows(x.float(), weight), got)  # rows of bf16 values held in fp32
+    assert torch.equal(native.bf16_rows(x[-1:], weight), got[-1:])  # each row's sums are its own
 
 
 @needs_bf16_kernel
-def test_one_bf16_row_of_a_linear_layer_takes_it(built, monkeypatch):
-    """fast.Linear: one bf16 row on the compiled route takes the kernel (bias added after), several rows do not."""
+def test_more_bf16_rows_than_its_sums_hold_are_refused(built):
+    weight = torch.randn(8, 64).bfloat16()
+    many = torch.randn(native.MAX_ROWS[torch.bfloat16] + 1, 64).bfloat16()
+    assert native.takes(many[:-1], weight) and not native.takes(many, weight)
+    assert not native.takes(many[:2].float(), weight.to(torch.int8))  # int8: one row at a time
+    with pytest.raises(ValueError, match="1 to 6 rows at once, got 7"):
+        native.bf16_rows(many, weight)
+
+
+@needs_bf16_kernel
+def test_bf16_rows_inside_a_compiled_function(built):
+    """The operator's shape for code torch.compile traced (several rows), with the same numbers."""
+    weight = torch.randn(36, 128).bfloat16()
+    x = torch.randn(5, 128).bfloat16()
+    compiled = torch.compile(lambda x, w: native.bf16_rows(x * 2, w), dynamic=True)  # (an op after it would fuse
+    assert torch.equal(compiled(x, weight), native.bf16_rows(x * 2, weight))  # with its rounding to bf16)
+
+
+@needs_bf16_kernel
+def test_a_few_bf16_rows_of_a_linear_layer_take_it(built, monkeypatch):
+    """fast.Linear: one bf16 row on the compiled route takes the kernel (bias added after), so do 2 to 6 rows
+    (beams), 7 rows and rows in autograd do not."""
     calls = []
     call = native._bf16_call
     monkeypatch.setattr(native, "_bf16_call", lambda *args: calls.append(1) or call(*args))
     monkeypatch.setenv("MINIVB_FUSED", "1")
     monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)
     layer = fast.Linear(256, 48, dtype=torch.bfloat16)
-    row = torch.randn(1, 1, 256, dtype=torch.bfloat16)
+    beams = torch.randn(7, 1, 256, dtype=torch.bfloat16)  # (beams, 1, in): a beam step's rows
     with torch.no_grad():
-        got = layer(row)
-        assert calls == [1] and got.shape == (1, 1, 48)
-        want = torch.nn.functional.linear(row.double(), layer.weight.double(), layer.bias.double())
-        assert (got.double() - want).abs().max() <= 2**-7 * want.abs().max()
-        layer(row.expand(1, 2, 256))
-    assert calls == [1]
+        for count in (1, 5):
+            got = layer(beams[:count])
+            assert len(calls) == 1 and got.shape == (count, 1, 48)
+            want = torch.nn.functional.linear(beams[:count].double(), layer.weight.double(), layer.bias.double())
+            assert ((got.double() - want).abs() <= 2**-7 * want.abs().max()).all()
+            calls.clear()
+        layer(beams)  # 7 rows: F.linear
+    layer(beams[:5].requires_grad_())
+    assert calls == []
     monkeypatch.setenv("MINIVB_NATIVE", "0")
     with torch.no_grad():
-        layer(row)
-    assert calls == [1]
+        layer(beams[:1])
+        layer(beams[:5])
+    assert calls == []
+
+
+@needs_bf16_kernel
+def test_beams_take_it_until_the_weight_packs_later(built, monkeypatch):
+    """Where the kernel multiplies a beam step's rows, a layer allowed to pack waits PACK_AFTER_NATIVE few-row
+    products, not PACK_AFTER (the copy saves less there: packing.py), then reads its packed copy."""
+    monkeypatch.setenv("MINIVB_FUSED", "1")
+    monkeypatch.setenv("MINIVB_NATIVE_BF16", "1")
+    monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(packing, "PACK_AFTER", 2)
+    monkeypatch.setattr(packing, "PACK_AFTER_NATIVE", 4)
+    calls = []
+    call = native._bf16_call
+    monkeypatch.setattr(native, "_bf16_call", lambda *args: calls.append(1) or call(*args))
+    layer = fast.Linear(256, 48, dtype=torch.bfloat16)
+    packing.allow_packing(layer)
+    beams = torch.randn(5, 1, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for step in range(1, 6):
+            got = layer(beams)
+            assert (layer.packed.copy is not None) == (step >= 4) and len(calls) == min(step, 3)
+            if step >= 4:
+                assert torch.equal(got, torch.nn.functional.linear(beams, layer.weight, layer.bias))  # oneDNN's
+        layer.weight.mul_(-1)  # a weight changed in place: its products counted anew; 7 rows: the plain count
+        for step in range(1, 3):
+            layer(torch.randn(7, 1, 256, dtype=torch.bfloat16))
+            assert (layer.packed.copy is not None) == (step >= 2) and len(calls) == 3
