@@ -15,7 +15,7 @@ takes what its kernels one by one take, 6.9-7.5 ms). The same tokens, but for th
 part at a tie: two candidates of equal bf16 logits at the third token (before it, logits cosine 0.99974).
 
 It computes what the block's forward computes for that row, with the same kernels (fast._row_times_matrix,
-native.int8_row or quant._int8_row_times_matrix, decode_attention._attention_rows_summed) and the same norms and
+native.int8_rows or quant._int8_row_times_matrix, decode_attention._attention_rows_summed) and the same norms and
 activations, so the plain forward stays the reference (tests/test_decode_blocks.py compares them). Taken only where
 one row takes the compiled kernels anyway (fast.compiled_rows_pay: AMD with AVX-512), and rented like them, for
 longer: compiling a block costs 5-15 s cold (compiling.BLOCK_COMPILE_SECONDS).
@@ -45,7 +45,7 @@ def _product(x: torch.Tensor, layer) -> torch.Tensor:
     if weight.dtype == torch.int8:
         scales = layer.weight_scale
         if native.fits(weight):  # VNNI, at the memory rate (native.py)
-            return native.int8_row(x, weight, scales)
+            return native.int8_rows(x, weight, scales)
         if weight.shape[1] > quant.INT8_FUSED_MAX_IN:  # wide: int8pack_mm is the faster (quant.py)
             return torch._weight_int8pack_mm(x.to(scales.dtype), weight, scales)
         return quant._int8_row_times_matrix(x, weight, scales)

@@ -68,7 +68,7 @@ FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-mavx512bf16", "-fop
 NEEDS = {torch.int8: frozenset({"avx512f", "avx512bw", "avx512_vnni"}),  # /proc/cpuinfo's names of what each loop
          torch.bfloat16: frozenset({"avx512f", "avx512bw", "avx512_bf16"})}  # of kernels.c runs
 WIDTH_STEP = {torch.int8: 64, torch.bfloat16: 32}  # the inputs each loop reads at a time
-MAX_ROWS = {torch.int8: 1, torch.bfloat16: 6}  # the rows each loop multiplies at once (kernels.c)
+MAX_ROWS = {torch.int8: 6, torch.bfloat16: 6}  # the rows each loop multiplies at once (kernels.c)
 MAX_INPUTS = 65536  # the int8 loop's int32 sums are exact up to this many inputs (kernels.c)
 ready = frozenset()  # the weight dtypes whose kernel is loaded, set by `available`: what code traced by torch.compile
 # reads (no call that builds anything)
@@ -89,9 +89,8 @@ def available(dtype: torch.dtype) -> bool:
 
 
 def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether x (..., in) is rows that a kernel multiplies by `weight` here: one row for int8 weights, up to
-    MAX_ROWS for bf16; outside autograd (int8: the row's grid has no gradient), bf16 rows for bf16 weights; builds
-    the library at the first call."""
+    """Whether x (..., in) is rows that a kernel multiplies by `weight` here: 1 to MAX_ROWS rows, outside autograd
+    (int8: a row's grid has no gradient), bf16 rows for bf16 weights; builds the library at the first call."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     few = 0 < rows <= MAX_ROWS.get(weight.dtype, 0) and not (torch.is_grad_enabled() and x.requires_grad)
     bf16_rows = weight.dtype != torch.bfloat16 or x.dtype == torch.bfloat16
@@ -105,11 +104,11 @@ def fits(weight: torch.Tensor) -> bool:
             and width % WIDTH_STEP[weight.dtype] == 0 and width <= MAX_INPUTS)
 
 
-def int8_row(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """row (1, in) times weight (out, in) int8, scaled per output by scales (out,) -> (1, out) in scales' dtype:
-    quant.integer_linear's numbers for one row. Only where `fits(weight)`."""
-    product = torch.ops.minivb.int8_row if torch.compiler.is_compiling() else _int8_call  # (operator: +3 us)
-    return product(row, weight, scales.float()).to(scales.dtype)
+def int8_rows(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """rows (R, in), R up to MAX_ROWS, times weight (out, in) int8, scaled per output by scales (out,) -> (R, out) in
+    scales' dtype: quant.integer_linear's numbers. Only where `fits(weight)`."""
+    product = torch.ops.minivb.int8_rows if torch.compiler.is_compiling() else _int8_call  # (operator: +3 us)
+    return product(rows, weight, scales.float()).to(scales.dtype)
 
 
 def bf16_rows(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -119,14 +118,13 @@ def bf16_rows(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return product(rows.to(torch.bfloat16), weight).to(torch.bfloat16)
 
 
-def _int8_call(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """kernels.c's int8_row: row (1, in), weight (out, in) int8, scales (out,) fp32 -> (1, out) fp32."""
-    out, width = weight.shape
-    row, scales, y = row.float().contiguous(), scales.contiguous(), torch.empty(1, out)
-    status = _library().int8_row(row.data_ptr(), weight.data_ptr(), scales.data_ptr(), y.data_ptr(), out, width,
-                                 torch.get_num_threads())
-    if status != 0:
-        raise MemoryError(f"minivb's int8 kernel could not allocate 2 x {width} bytes for a row's halves")
+def _int8_call(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """kernels.c's int8_rows: rows (R, in), weight (out, in) int8, scales (out,) fp32 -> (R, out) fp32."""
+    (out, width), count = weight.shape, rows.shape[0]
+    rows, scales, y = rows.float().contiguous(), scales.contiguous(), torch.empty(count, out)
+    status = _library().int8_rows(rows.data_ptr(), weight.data_ptr(), scales.data_ptr(), y.data_ptr(), count, out,
+                                  width, torch.get_num_threads())
+    _check(status, count, width)
     return y
 
 
@@ -136,24 +134,31 @@ def _bf16_call(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     rows, y = rows.contiguous(), torch.empty(count, out)
     status = _library().bf16_rows(rows.data_ptr(), weight.data_ptr(), y.data_ptr(), count, out, width,
                                   torch.get_num_threads())
-    if status != 0:
-        raise ValueError(f"minivb's bf16 kernel multiplies 1 to {MAX_ROWS[torch.bfloat16]} rows at once, got {count}")
+    _check(status, count, width)
     return y
+
+
+def _check(status: int, count: int, width: int) -> None:
+    """kernels.c's status: 0 done, -1 no memory for the int8 rows' halves, -2 a count of rows it does not take."""
+    if status == -1:
+        raise MemoryError(f"minivb's int8 kernel could not allocate 2 x {count} x {width} bytes for the rows' halves")
+    if status == -2:
+        raise ValueError(f"minivb's kernels multiply 1 to {max(MAX_ROWS.values())} rows at once, got {count}")
 
 
 # The two calls as PyTorch operators, what code traced by torch.compile calls (decode_blocks.py). Defined through
 # torch.library.Library, not the custom_op decorator, whose wrappers cost a call 21 us against 10 (a 64 x 64 int8
 # matrix; ctypes alone 3, _int8_call 7): a whole decoder block makes 7-9 calls a step.
 _OPERATORS = torch.library.Library("minivb", "DEF")
-_OPERATORS.define("int8_row(Tensor row, Tensor weight, Tensor scales) -> Tensor")
+_OPERATORS.define("int8_rows(Tensor rows, Tensor weight, Tensor scales) -> Tensor")
 _OPERATORS.define("bf16_rows(Tensor rows, Tensor weight) -> Tensor")
-_OPERATORS.impl("int8_row", _int8_call, "CPU")
+_OPERATORS.impl("int8_rows", _int8_call, "CPU")
 _OPERATORS.impl("bf16_rows", _bf16_call, "CPU")
 
 
-@torch.library.register_fake("minivb::int8_row", lib=_OPERATORS)
-def _(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return row.new_empty((1, weight.shape[0]), dtype=torch.float32)
+@torch.library.register_fake("minivb::int8_rows", lib=_OPERATORS)
+def _(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return rows.new_empty((rows.shape[0], weight.shape[0]), dtype=torch.float32)
 
 
 @torch.library.register_fake("minivb::bf16_rows", lib=_OPERATORS)
@@ -185,8 +190,8 @@ def _library() -> ctypes.CDLL | None:
         library = ctypes.CDLL(str(path))
     except OSError as error:  # a library left broken in the cache folder: delete it to build it again
         return _without(f"{path} could not be loaded ({error})")
-    library.int8_row.restype = ctypes.c_int
-    library.int8_row.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    library.int8_rows.restype = ctypes.c_int
+    library.int8_rows.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     library.bf16_rows.restype = ctypes.c_int
     library.bf16_rows.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     return library

@@ -84,7 +84,7 @@ class Int8Linear(nn.Module):
         150 rows 24-60 / 22-61, 5 rows 3.6-9.2 / 1.6-4.2)."""
         if self.packed is None:
             return None
-        if _packed_rows(x):
+        if _packed_rows(x) and not native.takes(x, self.weight):  # native.py's kernel: as fast as a copy, none made
             return self.packed.get(self.weight, x.numel() // x.shape[-1], make=packing.pack_int8)
         if self.packed.replaces and x.device.type == "cpu" and _without_autograd(x):
             return self.packed.current(self.weight)
@@ -206,7 +206,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     rows = x.reshape(-1, x.shape[-1])  # (R, in)
     scales = scales.to(x.dtype)
     if native.takes(x, weight):
-        out = native.int8_row(rows, weight, scales)  # (1, out): VNNI, at the memory rate (native.py)
+        out = native.int8_rows(rows, weight, scales)  # (R, out): VNNI, at the memory rate (native.py)
     elif _fused_row(x, weight):
         out = int8_rows_linears(rows, [(weight, scales)])[0]  # (1, out)
     elif _integer_rows(x):

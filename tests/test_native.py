@@ -22,10 +22,10 @@ def built(monkeypatch):
         pytest.skip("kernels.c could not be built here")
 
 
-def halves_product(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """quant.integer_linear for one row, its integer sums made exactly in int64 (no oneDNN)."""
-    halves, step = quant._int8_halves(row)  # (2, in) int8, (1, 1)
-    sums = (halves.long() @ weight.long().T).to(torch.int32)  # (2, out)
+def halves_product(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """quant.integer_linear, its integer sums made exactly in int64 (no oneDNN)."""
+    halves, step = quant._int8_halves(rows)  # (2R, in) int8, (R, 1)
+    sums = (halves.long() @ weight.long().T).to(torch.int32)  # (2R, out)
     return quant._sum_halves(sums, step, scales)
 
 
@@ -36,27 +36,34 @@ def weights(out: int, width: int, seed: int = 0) -> tuple[torch.Tensor, torch.Te
 
 
 @needs_kernel
-@pytest.mark.parametrize("out, width", [(37, 128), (64, 320), (130, 1024), (5, 4096)])
+@pytest.mark.parametrize("rows", [1, 2, 5, 6])
+@pytest.mark.parametrize("out, width", [(37, 128), (64, 320), (130, 1024), (5, 4096), (1, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_equals_the_integer_products_exactly(built, out, width, dtype):
-    """Outputs that do not fill the last thread's share, widths of one and of many 64-byte steps; a row with one large
-    value (the grid's step is set by it) and values that fall halfway between two steps (rounded to even)."""
+def test_equals_the_integer_products_exactly(built, rows, out, width, dtype):
+    """Outputs that do not fill the last thread's share or the last tile of 2 (one output: only that), widths of one
+    and of many 64-byte steps; rows of their own scale each, one with a large value (the grid's step is set by it)
+    and values that fall halfway between two steps (rounded to even)."""
     weight, scales = weights(out, width)
-    row = torch.randn(1, width, generator=torch.Generator().manual_seed(1)) * 3
-    row[0, 7] = -41.0
-    row[0, 9] = 41.0 / quant.GRID * 2.5  # 2.5 steps: rounds to 2
-    row, scales = row.to(dtype), scales.to(dtype)
-    got = native.int8_row(row, weight, scales)
-    assert got.dtype == dtype and got.shape == (1, out)
-    assert torch.equal(got, halves_product(row, weight, scales))
-    exact = row.double() @ (weight.double() * scales.double()[:, None]).T
-    assert (got.double() - exact).abs().max() <= 3e-3 * exact.abs().max()  # the grid's and the output's rounding
+    x = torch.randn(rows, width, generator=torch.Generator().manual_seed(1)) * 3
+    x = x * torch.logspace(0, 2, rows)[:, None]  # each row on a grid of its own
+    x[0, 7] = -41.0
+    x[0, 9] = 41.0 / quant.GRID * 2.5  # 2.5 steps: rounds to 2
+    x, scales = x.to(dtype), scales.to(dtype)
+    got = native.int8_rows(x, weight, scales)
+    assert got.dtype == dtype and got.shape == (rows, out)
+    assert torch.equal(got, halves_product(x, weight, scales))
+    exact = x.double() @ (weight.double() * scales.double()[:, None]).T
+    # The grid rounds each value by half a step at most; then the output's own rounding (bf16: 2^-8 of it)
+    half_steps = x.double().abs().amax(1, keepdim=True) / quant.GRID / 2  # (rows, 1)
+    grid = half_steps * (weight.double().abs() * scales.double()[:, None]).sum(1)  # (rows, out)
+    assert ((got.double() - exact).abs() <= 1.01 * grid + torch.finfo(dtype).eps * exact.abs()).all()
+    assert torch.equal(native.int8_rows(x[-1:], weight, scales), got[-1:])  # each row's numbers are its own
 
 
 @needs_kernel
 def test_an_all_zero_row_gives_zeros(built):
     weight, scales = weights(8, 64)
-    assert torch.equal(native.int8_row(torch.zeros(1, 64), weight, scales), torch.zeros(1, 8))
+    assert torch.equal(native.int8_rows(torch.zeros(1, 64), weight, scales), torch.zeros(1, 8))
 
 
 @needs_kernel
@@ -78,20 +85,28 @@ def test_switched_on_only_where_the_cpu_has_the_instructions(monkeypatch):
 
 
 @needs_kernel
-def test_one_row_of_an_int8_layer_takes_it(built, monkeypatch):
-    """Int8Linear: one bf16 row takes the kernel, with its numbers; 2 rows and autograd do not."""
+def test_a_few_rows_of_an_int8_layer_take_it(built, monkeypatch):
+    """Int8Linear: 1 to 6 bf16 rows take the kernel, with its numbers, and never pack (the kernel is as fast as a
+    packed copy: native.py); 7 rows and autograd do not take it."""
+    monkeypatch.setattr(packing, "PACK_AFTER", 1)
+    monkeypatch.setattr(quant, "int8_packing_pays", lambda: True)  # (AMD's choice, measured there)
     calls = []
     call = native._int8_call
     monkeypatch.setattr(native, "_int8_call", lambda *args: calls.append(1) or call(*args))
     layer = quant.Int8Linear(256, 48, bias=False, dtype=torch.bfloat16)
     layer.weight, scales = weights(48, 256)
     layer.weight_scale.copy_(scales)
-    row = torch.randn(1, 1, 256, dtype=torch.bfloat16)
+    packing.allow_packing(layer)
+    beams = torch.randn(7, 1, 256, dtype=torch.bfloat16)  # (beams, 1, in)
     with torch.no_grad():
-        assert torch.equal(layer(row)[0], halves_product(row[0], layer.weight, layer.weight_scale)) and calls == [1]
-        layer(row.expand(1, 2, 256))
-    layer(row.requires_grad_())
-    assert calls == [1]
+        for count in (1, 5, 6):
+            got = layer(beams[:count])
+            assert torch.equal(got[:, 0], halves_product(beams[:count, 0], layer.weight, layer.weight_scale))
+            assert len(calls) == 1 and layer.packed.copy is None
+            calls.clear()
+        layer(beams)
+    layer(beams[:1].requires_grad_())
+    assert calls == []
 
 
 @needs_kernel
@@ -99,8 +114,10 @@ def test_inside_a_compiled_function(built):
     """decode_blocks' whole blocks call it from code torch.compile traced: the operator, with the same numbers."""
     weight, scales = weights(64, 256)
     row = torch.randn(1, 256)
-    compiled = torch.compile(lambda x, w, s: native.int8_row(x * 2, w, s) + 1, dynamic=True)
-    assert torch.equal(compiled(row, weight, scales), native.int8_row(row * 2, weight, scales) + 1)
+    compiled = torch.compile(lambda x, w, s: native.int8_rows(x * 2, w, s) + 1, dynamic=True)
+    assert torch.equal(compiled(row, weight, scales), native.int8_rows(row * 2, weight, scales) + 1)
+    beams = torch.randn(5, 256)  # a beam step's rows: the operator's shape
+    assert torch.equal(compiled(beams, weight, scales), native.int8_rows(beams * 2, weight, scales) + 1)
 
 
 def test_a_compiler_that_fails_is_said_and_left(monkeypatch, tmp_path, capsys):
@@ -136,9 +153,11 @@ def test_more_bf16_rows_than_its_sums_hold_are_refused(built):
     weight = torch.randn(8, 64).bfloat16()
     many = torch.randn(native.MAX_ROWS[torch.bfloat16] + 1, 64).bfloat16()
     assert native.takes(many[:-1], weight) and not native.takes(many, weight)
-    assert not native.takes(many[:2].float(), weight.to(torch.int8))  # int8: one row at a time
-    with pytest.raises(ValueError, match="1 to 6 rows at once, got 7"):
-        native.bf16_rows(many, weight)
+    integers, scales = weights(8, 64)
+    assert native.takes(many[:-1].float(), integers) and not native.takes(many.float(), integers)
+    for product in (lambda: native.bf16_rows(many, weight), lambda: native.int8_rows(many, integers, scales)):
+        with pytest.raises(ValueError, match="1 to 6 rows at once, got 7"):
+            product()
 
 
 @needs_bf16_kernel
