@@ -113,10 +113,11 @@ int int8_rows(const float *x, const int8_t *w, const float *scales, float *y, in
    vdpbf16ps multiplies 32 pairs of bf16 (exactly, in fp32) and adds each 2 products into 16 fp32 sums, where
    converting both to fp32 first takes 3 more instructions. BF16_TILE weight rows at a time, each against every row
    of x: each weight load serves `rows` sums and each load of x BF16_TILE sums, and the next BF16_TILE weight rows
-   are prefetched while these are summed, so that a thread keeps 2 x BF16_TILE streams of memory in flight (5 rows x 11008 x 4096, AMD EPYC, 2 threads, the 1 GB sum at ~31
-   GB/s: 1 weight row at a time 5.4 ms, 4 at a time 3.4, and 3.1 with the next 4 prefetched; 8 at a time, whose 40
-   sums cannot stay in registers, 3.1-3.2; F.linear 4.7, oneDNN's packed copy 2.8).
-   Its sums are made in another order than a compiled kernel's or oneDNN's: fp32 rounding apart. */
+   are prefetched while these are summed, so that a thread keeps 2 x BF16_TILE streams of memory in flight (5 rows x
+   11008 x 4096, AMD EPYC, 2 threads, the 1 GB sum at ~31 GB/s: 1 weight row at a time 5.4 ms, 4 at a time 3.4, and
+   3.1 with the next 4 prefetched; 8 at a time, whose 40 sums cannot stay in registers, 3.1-3.2; F.linear 4.7,
+   oneDNN's packed copy 2.8). Its sums are made in another order than a compiled kernel's or oneDNN's: fp32 rounding
+   apart. */
 #define BF16_TILE 4 /* weight rows a tile: 4 x 6 sums */
 
 static inline __attribute__((always_inline)) void bf16_tile(const uint16_t *x, const uint16_t *w, float *y,

@@ -9,43 +9,43 @@ at ~22-28; oneDNN's integer products (packing.pack_int8), one row cut in two hal
 multiply and add without converting: VNNI's vpdpbusd, 64 int8 weights by 64 bytes of the row into 16 exact int32
 sums, and AVX-512 BF16's vdpbf16ps, 32 bf16 weights by 32 bf16 values of the row into 16 fp32 sums. kernels.c's two
 loops use them, and read the weights at the rate memory delivers them. AMD EPYC (Zen 4), 2 threads, one row, GB/s
-read, best of 3 rounds alternating in one process (the 1 GB sum beside each shape, which drifts 30-54 GB/s):
-    matrix           int8: vpdpbusd   inductor's   int8pack_mm   bf16: vdpbf16ps   inductor's   (1 GB sum)
-    11008 x 4096           39.2          38.8          25.2             44.0           45.7       (50.7)
-    4096 x 11008           41.4          15.6          28.2             45.4           18.4       (54.1)
-    2048 x 5120            29.7          21.5          23.0             32.3           20.3       (32.0)
-    13824 x 5120           28.9          22.0          21.7             30.7           18.9       (30.7)
-    32000 x 4096           33.7          28.3          22.9             30.5           28.1       (30.1)
-(an earlier version of the int8 loop, in another run; the one here, in a fast phase: 2048 x 2048 45.5 against
-inductor's 31.1, 11008 x 4096 53.2 against 38.9). The int8 numbers are those of quant.integer_linear, exactly (the
-row on a grid of 2^15 steps, kernels.c says how); the bf16 ones those of a compiled kernel but for the order of the
-fp32 sums.
+read, best of 3 rounds alternating in one process (the 1 GB sum beside each shape, which drifts 29-47 GB/s; "one
+row": this file's loops until they took a tile of weight rows for beams, below, one weight row at a time):
+                  int8:  int8_rows  one row   inductor's  int8pack_mm   bf16: bf16_rows  one row  inductor's
+    11008 x 4096          29.9       32.7       23.9        21.1               33.7       32.2      29.9
+    4096 x 11008          38.9       22.0        -          26.4               37.8       31.7      25.6
+    4096 x 4096           40.7       44.8       24.1        24.9               44.7       48.3      41.0
+    13824 x 5120          31.7       33.5        -          23.5               32.4       32.8      31.1
+    5120 x 13824          30.7       24.0        -          27.1               33.1       29.1      23.5
+    32000 x 4096          30.0       31.9       25.5        21.5               30.5       32.7      31.8
+(the 1 GB sum 29.7 / 44.9 / 47.0 / 31.0 / 29.9 / 30.5; inductor's int8 kernel takes rows of up to 4096 inputs:
+quant.INT8_FUSED_MAX_IN). The int8 numbers are those of quant.integer_linear, exactly (the row on a grid of 2^15
+steps, kernels.c says how); the bf16 ones those of a compiled kernel but for the order of the fp32 sums.
 
-A few bf16 rows (a beam search's, before packing.py packs the weights for oneDNN) take the same bf16 loop, which
-reads each weight once for all the rows, where F.linear hands them to oneDNN, which repacks the whole weight at every
-call. Up to MAX_ROWS rows (kernels.c's sums stay in registers). 5 rows, ms a matrix, best of 3 alternating, the 1 GB
-sum at 30-33 GB/s (but 32000 x 4096: 47):
-    matrix           bf16_rows   F.linear   packed copy (packing.py)   packing it
-    11008 x 4096        3.09        4.61            2.95                  52.8
-    4096 x 11008        3.13        4.56            2.84                  30.4
-    4096 x 4096         1.15        1.71            1.09                  22.1
-    32000 x 4096        7.27       14.15            6.21                 157.8
-    13824 x 5120        4.95        6.97            4.40                  74.3
-    5120 x 5120         1.90        2.54            1.68                  27.5
-    2048 x 5120         0.74        0.99            0.67                  11.3
-    32128 x 2048        4.28        6.77            4.35                  60.1
-1.4-1.9x F.linear, and within 0-15 % of the packed copy without making one (in a faster phase of the machine, the 1
-GB sum at 45-47 GB/s, 11008 x 4096: 2.59 against 2.03 packed and 5.05 F.linear). One row takes the same loop: 1-7 %
-faster than a loop of one weight row at a time (the one before it) at ~31 GB/s, 3-6 % slower at ~47.
-    
+A few rows (a beam search's 5) take the same loops, which read each weight once for all the rows (kernels.c: a tile
+of weight rows against every row), where F.linear hands bf16 rows to oneDNN, which repacks the whole weight at every
+call, and int8pack_mm's cost grows with each row. Up to MAX_ROWS rows (the tile's sums stay in registers). 5 rows, ms
+a matrix, best of 3 alternating, the 1 GB sum at 29-40 GB/s:
+                  int8:  int8_rows  int8pack_mm  packed  packing   bf16: bf16_rows  F.linear  packed  packing
+    11008 x 4096          2.58       5.27       2.19    70.6              3.13       4.72     2.82    59.1
+    4096 x 11008          2.48       4.73       2.38    65.3              3.20       4.68     2.84    32.5
+    4096 x 4096           1.00       2.02       0.95    26.8              1.23       1.79     1.12    21.1
+    2048 x 5120           0.63       1.40       0.77    19.3              0.73       1.20     0.56    12.8
+    13824 x 5120          3.86       8.81       3.50   113.7              4.66       8.38     3.64    36.3
+    5120 x 13824          3.80       7.55       3.63    82.3              5.21       7.05     4.55    19.5
+    32000 x 4096          7.41      16.60       6.12   178.9              7.98      14.70     6.62   164.2
+("packed": oneDNN's packed copy, packing.py, and what packing it costs.) int8 2.0-2.3x int8pack_mm, bf16 1.4-1.8x
+F.linear, and both within 0-25 % of the packed copy without making one: the weights pack for beams only after
+PACK_AFTER_NATIVE such products there.
+
 Built at first use with the system's C compiler (CC, else gcc, cc or clang: the ~1 s it takes is paid once a
 machine; the library is kept in ~/.cache/minivb, or $MINIVB_CACHE, named by a hash of its source and flags), and
 called through ctypes, wrapped as PyTorch operators (`torch.library.Library`) so that a decode block compiled whole
 (decode_blocks.py) calls them as it calls any op. Their threads are OpenMP's, the same runtime (libgomp.so.1) PyTorch
-loaded, told torch.get_num_threads(). Taken where one row takes minivb's compiled kernels (fast.compiled_rows_pay:
-AMD with AVX-512, where they were measured) and the CPU has the instructions (AVX-512 VNNI for int8, AVX-512 BF16 for
-bf16); MINIVB_NATIVE=0 turns them off, 1 on wherever the CPU has them. Where nothing builds them, said once on
-stderr, the compiled kernels stay.
+loaded, told torch.get_num_threads(). Taken for 1 to MAX_ROWS rows where one row takes minivb's compiled kernels
+(fast.compiled_rows_pay: AMD with AVX-512, where they were measured) and the CPU has the instructions (AVX-512 VNNI
+for int8, AVX-512 BF16 for bf16); MINIVB_NATIVE=0 turns them off, 1 on wherever the CPU has them. Where nothing
+builds them, said once on stderr, the compiled kernels and F.linear stay.
 """
 
 import ctypes

@@ -75,11 +75,10 @@ from . import compiling
 PACK_ROWS = 5  # the rows oneDNN is told to expect (a beam search's); any number of rows works with the same copy
 PACK_MAX_ROWS = 128  # the most rows of a product that packs: a decode step of 5 beams x 25 videos
 PACK_AFTER = 32  # the few-row products a weight makes unpacked before it packs: about what packing costs (above)
-# The same where native.py's bf16 kernel multiplies those products (AMD with AVX-512 BF16): it reads the plain weight
-# near the memory rate, so a packed copy saves less a product and takes longer to pay for (native.py's table: 90-375
-# products at the matrices of a 7B or 13B; a vicuna-7b layer's seven, 277 at a 31 GB/s phase of the machine, 88 at a
-# 47 GB/s one).
-PACK_AFTER_NATIVE = 128
+# The same where native.py's kernels multiply those products (AMD with AVX-512 BF16 and VNNI): they read the plain
+# weight near the memory rate, so a packed copy saves less a product (5-20 %) and takes longer to pay for (native.py's
+# table: a vicuna-7b layer's seven weights, bf16 165 products, 88 and 277 in other runs; int8 290).
+PACK_AFTER_NATIVE = 192
 refused = False  # set when oneDNN refused to pack on this machine: F.linear from then on
 
 

@@ -20,9 +20,9 @@ runs alternate (transformers, minivb, minivb int8 quantized as it loads, minivb 
                    generate call of 1 + K tokens (EOS forbidden, so every run decodes them all). Its floor: the
                    language model's bytes one step reads (every weight but the embedding table) over the memory
                    read rate measured right before (a 1 GB sum). Then the first beam step of the process, and the
-                   median of the last K steps of a beam search of 1 + 128 + K tokens: minivb packs its weights
-                   for beams once they have made 32 few-row products (packing.PACK_AFTER), 128 where its
-                   hand-written kernel multiplies them before (PACK_AFTER_NATIVE), where memory allows
+                   median of the last K steps of a beam search of 1 + 192 + K tokens: minivb packs its weights
+                   for beams once they have made 32 few-row products (packing.PACK_AFTER), 192 where its
+                   hand-written kernels multiply them before (PACK_AFTER_NATIVE), where memory allows
     logits         cosine of the first token's logits to transformers bf16 (int8: also to minivb bf16)
 
 vicuna-13b and flan-t5-xxl do not fit a 24 GB machine in bf16: minivb runs them in int8, after asking for bf16 to
@@ -56,7 +56,7 @@ VIDEO = ROOT / "tests" / "data" / "clock_cc0_1bpp.gif"
 QUESTION = "What is happening in the video?"
 NUM_FRAMES = 4
 GB = 1e9
-PACK_AFTER = 128  # the most of minivb.packing's PACK_AFTER and PACK_AFTER_NATIVE (a transformers worker: no minivb)
+PACK_AFTER = 192  # the most of minivb.packing's PACK_AFTER and PACK_AFTER_NATIVE (a transformers worker: no minivb)
 ASK_TOKENS = 30  # minivb.__main__.ASK_MAX_NEW_TOKENS, `python -m minivb ask`'s default (with 5 beams)
 FIT_IN_BF16 = ("vicuna-7b", "flan-t5-xl")  # on a 24 GB machine; vicuna-13b and flan-t5-xxl run in int8 only
 

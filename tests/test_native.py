@@ -86,9 +86,10 @@ def test_switched_on_only_where_the_cpu_has_the_instructions(monkeypatch):
 
 @needs_kernel
 def test_a_few_rows_of_an_int8_layer_take_it(built, monkeypatch):
-    """Int8Linear: 1 to 6 bf16 rows take the kernel, with its numbers, and never pack (the kernel is as fast as a
-    packed copy: native.py); 7 rows and autograd do not take it."""
+    """Int8Linear: 1 to 6 bf16 rows take the kernel, with its numbers, and pack only after PACK_AFTER_NATIVE such
+    products (packing.py); 7 rows and autograd do not take it."""
     monkeypatch.setattr(packing, "PACK_AFTER", 1)
+    monkeypatch.setattr(packing, "PACK_AFTER_NATIVE", 4)
     monkeypatch.setattr(quant, "int8_packing_pays", lambda: True)  # (AMD's choice, measured there)
     calls = []
     call = native._int8_call
@@ -104,7 +105,14 @@ def test_a_few_rows_of_an_int8_layer_take_it(built, monkeypatch):
             assert torch.equal(got[:, 0], halves_product(beams[:count, 0], layer.weight, layer.weight_scale))
             assert len(calls) == 1 and layer.packed.copy is None
             calls.clear()
-        layer(beams)
+        five = layer(beams[:5])  # the 3rd few-row product (2 to 6 rows: one row does not count), the kernel's
+        assert layer.packed.copy is None and len(calls) == 1
+        calls.clear()
+        assert torch.equal(layer(beams[:5]), five)  # the 4th: packed, the same exact sums from the copy
+        assert layer.packed.copy is not None and calls == []
+        layer.weight = layer.weight.clone()  # a new weight: counted anew
+        layer(beams)  # 7 rows: not the kernel's, packed at once (PACK_AFTER)
+        assert layer.packed.copy is not None and calls == []
     layer(beams[:1].requires_grad_())
     assert calls == []
 
