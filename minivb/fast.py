@@ -1,7 +1,7 @@
 """Speed paths, all in one place: what runs faster than the plain code, on which machine, and the number measured.
 (Seven live beside what they speed up and are listed here: weights packed for beams in packing.py, the int8 products
 and quantizing in quant.py, the attention of a decode step in decode_attention.py, a greedy step's blocks compiled
-whole in decode_blocks.py, one row's hand-written kernels in native.py, weights converted a block at a time in
+whole in decode_blocks.py, a few rows' hand-written kernels in native.py, weights converted a block at a time in
 converting.py, moving the KV cache of a beam step in llama.KVCache.reorder.)
 
 The model files compute plainly: every product in the dtype the weights are stored in, through F.linear. Three
@@ -24,8 +24,9 @@ on the native-bf16 machine, AMD EPYC with avx512_bf16, 2 cores; the AVX2 numbers
 2. Few-row products (decode steps), one route each (`decode_route`, its table). One row (greedy): on AMD, bf16
    F.linear streams a matrix at about half the memory rate, a compiled multiply-and-sum near it, native.py's kernels
    (AVX-512 BF16, VNNI) at it; elsewhere the library's kernels are as fast or faster (`compiled_rows_pay`): torch.mv
-   for bf16, F.linear for fp32. Several rows (beams, a batch): a weight packed once for oneDNN (packing.py), `weight
-   @ x.T` before it with AMX, without native bf16 a compiled kernel reading each weight once for all (`rows_linear`).
+   for bf16, F.linear for fp32. Several rows (beams, a batch): a weight packed once for oneDNN (packing.py); before
+   it, up to 6 rows through native.py's kernels on AMD, `weight @ x.T` with AMX, and without native bf16 a compiled
+   kernel reading each weight once for all (`rows_linear`).
    `linears` does a layer's q, k and v (gate and up) in one call with their pre-norm, `gated` a gated unit's
    activation and product too; int8 weights take kernels of their own (quant.int8_linear).
 
@@ -41,7 +42,7 @@ back to plain PyTorch, in compiling.py. Switches (0 or 1) that override a choice
 MINIVB_NATIVE_BF16 (`has_native_bf16`), MINIVB_PACK (load_model's packing: memory.room_to_pack), MINIVB_SPLIT
 (memory.room_to_split), MINIVB_FUSED (`compiled_rows_pay`), MINIVB_COMPILE (compiling.py: kernels compiled at first
 use, or never, where by default they are rented until they pay), MINIVB_BLOCKS (decode_blocks.takes: the same for
-whole blocks), MINIVB_NATIVE (native.available: one row through kernels.c).
+whole blocks), MINIVB_NATIVE (native.available: 1 to 6 rows through kernels.c).
 """
 
 import contextlib
@@ -319,7 +320,7 @@ def decode_route(x: torch.Tensor, weight: torch.Tensor, packing: bool = False) -
     packed  several rows of a large CPU matrix in a layer allowed to pack (`packing`): beams, a batch's decode
             steps, and prompts once the copy exists, through the weight packed once for oneDNN (packing.py).
     rows    2-6 rows of a large bf16 matrix where native.py's kernel takes them (beams before packing, on AMD with
-            AVX-512 BF16: ~1.5-2x F.linear's oneDNN, which repacks the weight at every call; native.py's table); and
+            AVX-512 BF16: 1.4-1.8x F.linear's oneDNN, which repacks the weight at every call; native.py's table); and
             2-8 rows (FEW_ROWS) of a large bf16 matrix on a CPU without native bf16 (beams there), through the
             compiled few-row kernel (`_rows_times_matrix`): F.linear's cost grows with each row there.
     matrix  `weight @ x.T`, where nothing is packed (yet): 2-8 rows of a large fp32 matrix with MKL on AMD, where
