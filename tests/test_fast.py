@@ -975,15 +975,20 @@ def test_attention_after_a_shared_prompt_equals_sdpa_over_copies(num_kv_heads, d
     assert got.shape == (R, H, 1, Dh) and got.dtype == dtype
     error = (got.double() - exact).abs().max()
     assert error <= (1e-6 if dtype == torch.float32 else 2 * sdpa_error), (error, sdpa_error)
-    # One part: on a CPU, PyTorch's own kernel (SDPA's, bit for bit); written out in fp32 (other devices), the same
-    # log-sum-exps and values no further from the exact ones.
+    # One part: on a CPU with several queries a head (G = 2 here), PyTorch's own kernel (SDPA's, bit for bit); with
+    # one (G = 1) and on other devices written out in fp32, the same log-sum-exps and values no further from the
+    # exact ones than the kernel's.
     queries, own_keep = q.view(R, num_kv_heads, -1, Dh), keep[..., P:]  # (R, Hkv, G, Dh), (R, 1, 1, t)
     out, lse = decode_attention._attention_and_logsumexp(queries, k, v, own_keep)
-    out2, lse2 = decode_attention._written_out_attention_and_logsumexp(queries, k, v, own_keep)
-    assert torch.equal(out, F.scaled_dot_product_attention(queries, k, v, own_keep))
+    written, written_lse = decode_attention._written_out_attention_and_logsumexp(queries, k, v, own_keep)
+    additive = torch.zeros(own_keep.shape, dtype=dtype).masked_fill_(~own_keep, float("-inf"))
+    kernel, kernel_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(queries, k, v, attn_mask=additive)[:2]
+    assert torch.equal(kernel, F.scaled_dot_product_attention(queries, k, v, own_keep))
+    assert torch.equal(out, kernel if queries.shape[2] > 1 else written)
+    assert torch.equal(lse, kernel_lse if queries.shape[2] > 1 else written_lse)
     exact = F.scaled_dot_product_attention(queries.double(), k.double(), v.double(), own_keep)
-    assert (lse - lse2).abs().max() <= 1e-5 * lse.abs().max()
-    assert (out2.double() - exact).abs().max() <= (out.double() - exact).abs().max() + 1e-6
+    assert (kernel_lse - written_lse).abs().max() <= 1e-5 * kernel_lse.abs().max()
+    assert (written.double() - exact).abs().max() <= (kernel.double() - exact).abs().max() + 1e-6
 
 
 def test_decode_attention_with_a_position_bias_equals_sdpa():
