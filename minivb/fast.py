@@ -303,7 +303,8 @@ def compiled_rows_pay() -> bool:
 
 
 def decode_route(x: torch.Tensor, weight: torch.Tensor, packing: bool = False) -> str:
-    """Which product `Linear` uses: "fused", "vector", "packed", "rows", "matrix" (weight @ x.T) or "plain" (F.linear).
+    """Which product `Linear` uses: "fused", "vector", "packed", "native", "rows", "matrix" (weight @ x.T) or "plain"
+    (F.linear).
 
     fused   one row (greedy decoding) of a large CPU matrix, outside autograd, both dtypes, on processors where the
             compiled kernel pays (compiled_rows_pay, AMD): measured above.
@@ -319,9 +320,9 @@ def decode_route(x: torch.Tensor, weight: torch.Tensor, packing: bool = False) -
             fast), so that the plain weight's pages are no longer read (memory.room_to_pack counts on it).
     packed  several rows of a large CPU matrix in a layer allowed to pack (`packing`): beams, a batch's decode
             steps, and prompts once the copy exists, through the weight packed once for oneDNN (packing.py).
-    rows    2-6 rows of a large bf16 matrix where native.py's kernel takes them (beams before packing, on AMD with
-            AVX-512 BF16: 1.4-1.8x F.linear's oneDNN, which repacks the weight at every call; native.py's table); and
-            2-8 rows (FEW_ROWS) of a large bf16 matrix on a CPU without native bf16 (beams there), through the
+    native  2-6 rows of a large bf16 matrix where native.py's kernel takes them (beams before packing, on AMD with
+            AVX-512 BF16: 1.4-1.8x F.linear's oneDNN, which repacks the weight at every call; native.py's table).
+    rows    2-8 rows (FEW_ROWS) of a large bf16 matrix on a CPU without native bf16 (beams there), through the
             compiled few-row kernel (`_rows_times_matrix`): F.linear's cost grows with each row there.
     matrix  `weight @ x.T`, where nothing is packed (yet): 2-8 rows of a large fp32 matrix with MKL on AMD, where
             F.linear takes MKL's slow path and this its matrix-matrix kernel (MATRIX_MIN_WEIGHTS; in bf16 there,
@@ -351,7 +352,7 @@ def decode_route(x: torch.Tensor, weight: torch.Tensor, packing: bool = False) -
     if packing and can_pack(weight.dtype) and rows > 1:
         return "packed"
     if rows > 1 and native.takes(x, weight):
-        return "rows"
+        return "native"
     if 1 < rows <= FEW_ROWS and weight.dtype == torch.bfloat16 and not has_native_bf16():
         return "rows"
     if 1 < rows <= 8 and weight.dtype == torch.float32 and weight.numel() >= MATRIX_MIN_WEIGHTS and _mkl_on_amd():
@@ -380,18 +381,18 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         route = decode_route(x, self.weight, self.packed is not None)
         if route == "packed":
-            kernel = native.takes(x, self.weight)  # what multiplies the rows until the weight packs (packing.py)
-            after = packing.PACK_AFTER_NATIVE if kernel else packing.PACK_AFTER
+            native_rows = native.takes(x, self.weight)  # what multiplies the rows until the weight packs (packing.py)
+            after = packing.PACK_AFTER_NATIVE if native_rows else packing.PACK_AFTER
             copy = self.packed.get(self.weight, rows=x.numel() // x.shape[-1], after=after)
             if copy is not None:
                 return packing.linear(x, copy, self.bias)
-            route = decode_route(x, self.weight)  # not packed (yet): the best route without a copy
+            route = "native" if native_rows else decode_route(x, self.weight)  # the best route without a copy (yet)
         if route in ("fused", "vector") and self.packed is not None:
             copy = self.packed.for_one_row(self.weight, fused=route == "fused")  # made by beams, if any
             if copy is not None:
                 self.split = None  # the packed copy took the weight's place: one row reads it, not a split copy
                 return packing.linear(x, copy, self.bias)
-        if route in ("fused", "rows") and native.takes(x, self.weight):  # vdpbf16ps, at the memory rate (native.py)
+        if route == "native" or (route == "fused" and native.takes(x, self.weight)):  # vdpbf16ps (native.py)
             out = native.bf16_rows(x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], -1)
             return out if self.bias is None else out + self.bias
         if route == "fused" and self.split is not None and compiling.compiles():  # a wide weight (packing.py)

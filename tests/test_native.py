@@ -189,6 +189,8 @@ def test_a_few_bf16_rows_of_a_linear_layer_take_it(built, monkeypatch):
     layer = fast.Linear(256, 48, dtype=torch.bfloat16)
     beams = torch.randn(7, 1, 256, dtype=torch.bfloat16)  # (beams, 1, in): a beam step's rows
     with torch.no_grad():
+        assert [fast.decode_route(beams[:n], layer.weight) for n in (1, 2, 6, 7)] == ["fused", *["native"] * 2, "plain"]
+        assert fast.decode_route(beams[:5].float(), layer.weight.float()) != "native"
         for count in (1, 5):
             got = layer(beams[:count])
             assert len(calls) == 1 and got.shape == (count, 1, 48)
