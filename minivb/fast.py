@@ -25,8 +25,8 @@ on the native-bf16 machine, AMD EPYC with avx512_bf16, 2 cores; the AVX2 numbers
    F.linear streams a matrix at about half the memory rate, a compiled multiply-and-sum near it, native.py's kernels
    (AVX-512 BF16, VNNI) at it; elsewhere the library's kernels are as fast or faster (`compiled_rows_pay`): torch.mv
    for bf16, F.linear for fp32. Several rows (beams, a batch): a weight packed once for oneDNN (packing.py); before
-   it, up to 6 rows through native.py's kernels on AMD, `weight @ x.T` with AMX, and without native bf16 a compiled
-   kernel reading each weight once for all (`rows_linear`).
+   it, up to 6 rows through native.py's kernels on AMD, `weight @ x.T` with AMX, a compiled kernel (`rows_linear`)
+   without native bf16.
    `linears` does a layer's q, k and v (gate and up) in one call with their pre-norm, `gated` a gated unit's
    activation and product too; int8 weights take kernels of their own (quant.int8_linear).
 
@@ -303,8 +303,7 @@ def compiled_rows_pay() -> bool:
 
 
 def decode_route(x: torch.Tensor, weight: torch.Tensor, packing: bool = False) -> str:
-    """Which product `Linear` uses: "fused", "vector", "packed", "native", "rows", "matrix" (weight @ x.T) or "plain"
-    (F.linear).
+    """Which product `Linear` uses: "fused", "vector", "packed", "native", "rows", "matrix" or "plain" (F.linear).
 
     fused   one row (greedy decoding) of a large CPU matrix, outside autograd, both dtypes, on processors where the
             compiled kernel pays (compiled_rows_pay, AMD): measured above.
@@ -382,8 +381,7 @@ class Linear(nn.Linear):
         route = decode_route(x, self.weight, self.packed is not None)
         if route == "packed":
             native_rows = native.takes(x, self.weight)  # what multiplies the rows until the weight packs (packing.py)
-            after = packing.PACK_AFTER_NATIVE if native_rows else packing.PACK_AFTER
-            copy = self.packed.get(self.weight, rows=x.numel() // x.shape[-1], after=after)
+            copy = self.packed.get(self.weight, rows=x.numel() // x.shape[-1], native_rows=native_rows)
             if copy is not None:
                 return packing.linear(x, copy, self.bias)
             route = "native" if native_rows else decode_route(x, self.weight)  # the best route without a copy (yet)

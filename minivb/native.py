@@ -68,7 +68,7 @@ FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-mavx512bf16", "-fop
 NEEDS = {torch.int8: frozenset({"avx512f", "avx512bw", "avx512_vnni"}),  # /proc/cpuinfo's names of what each loop
          torch.bfloat16: frozenset({"avx512f", "avx512bw", "avx512_bf16"})}  # of kernels.c runs
 WIDTH_STEP = {torch.int8: 64, torch.bfloat16: 32}  # the inputs each loop reads at a time
-MAX_ROWS = {torch.int8: 6, torch.bfloat16: 6}  # the rows each loop multiplies at once (kernels.c)
+MAX_ROWS = 6  # the rows both loops multiply at once (kernels.c)
 MAX_INPUTS = 65536  # the int8 loop's int32 sums are exact up to this many inputs (kernels.c)
 ready = frozenset()  # the weight dtypes whose kernel is loaded, set by `available`: what code traced by torch.compile
 # reads (no call that builds anything)
@@ -92,7 +92,7 @@ def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether x (..., in) is rows that a kernel multiplies by `weight` here: 1 to MAX_ROWS rows, outside autograd
     (int8: a row's grid has no gradient), bf16 rows for bf16 weights; builds the library at the first call."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    few = 0 < rows <= MAX_ROWS.get(weight.dtype, 0) and not (torch.is_grad_enabled() and x.requires_grad)
+    few = 0 < rows <= MAX_ROWS and not (torch.is_grad_enabled() and x.requires_grad)
     bf16_rows = weight.dtype != torch.bfloat16 or x.dtype == torch.bfloat16
     return few and bf16_rows and available(weight.dtype) and fits(weight)
 
@@ -143,7 +143,7 @@ def _check(status: int, count: int, width: int) -> None:
     if status == -1:
         raise MemoryError(f"minivb's int8 kernel could not allocate 2 x {count} x {width} bytes for the rows' halves")
     if status == -2:
-        raise ValueError(f"minivb's kernels multiply 1 to {max(MAX_ROWS.values())} rows at once, got {count}")
+        raise ValueError(f"minivb's kernels multiply 1 to {MAX_ROWS} rows at once, got {count}")
 
 
 # The two calls as PyTorch operators, what code traced by torch.compile calls (decode_blocks.py). Defined through

@@ -292,10 +292,10 @@ class PackedWeight:
         copy `replaces` the weight."""
         return None if fused and not self.replaces else self.current(weight)
 
-    def get(self, weight: torch.Tensor, rows: int, make=pack, after: int | None = None) -> torch.Tensor | None:
+    def get(self, weight: torch.Tensor, rows: int, make=pack, native_rows: bool = False) -> torch.Tensor | None:
         """The packed copy for a product of `rows` rows by `weight`; None while there is none to use (fewer than
-        `after` such products so far, PACK_AFTER by default) and where oneDNN refuses to pack. `make`: the function
-        that packs (int8 weights: pack_int8)."""
+        PACK_AFTER such products so far, PACK_AFTER_NATIVE where native.py's kernels multiply them meanwhile:
+        `native_rows`) and where oneDNN refuses to pack. `make`: the function that packs (int8 weights: pack_int8)."""
         identity = _identity(weight)
         if self.copy is not None and self.copy[0] == identity:
             return self.copy[1]
@@ -305,7 +305,7 @@ class PackedWeight:
         seen, count = self.products
         count = count + 1 if seen == identity else 1
         self.products = (identity, count)
-        if count < (PACK_AFTER if after is None else after):
+        if count < (PACK_AFTER_NATIVE if native_rows else PACK_AFTER):
             return None
         packed = make(weight)
         if packed is not None:

@@ -84,9 +84,9 @@ class Int8Linear(nn.Module):
         150 rows 24-60 / 22-61, 5 rows 3.6-9.2 / 1.6-4.2)."""
         if self.packed is None:
             return None
-        if _packed_rows(x):  # later where native.py's kernel multiplies the rows until then (packing.py)
-            after = packing.PACK_AFTER_NATIVE if native.takes(x, self.weight) else packing.PACK_AFTER
-            return self.packed.get(self.weight, x.numel() // x.shape[-1], make=packing.pack_int8, after=after)
+        if _packed_rows(x):  # later where native.py's kernel multiplies the rows meanwhile (packing.py)
+            native_rows = native.takes(x, self.weight)
+            return self.packed.get(self.weight, x.numel() // x.shape[-1], packing.pack_int8, native_rows)
         if self.packed.replaces and x.device.type == "cpu" and _without_autograd(x):
             return self.packed.current(self.weight)
         return None
@@ -334,8 +334,7 @@ def _integer_rows(x: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------- int8 weights packed once, for beams
 
 # Several rows by an int8 weight packed once for oneDNN (packing.pack_int8; its table): the same exact sums as
-# integer_linear's, 2-3x faster, once a weight has made packing.PACK_AFTER products (the bf16 rule); where native.py's
-# kernel multiplies up to 6 rows (as exactly, 0-20 % slower than the copy), after PACK_AFTER_NATIVE. Measured on AMD.
+# integer_linear's, 2-3x faster (0-20 % than native.py's kernel), packed by bf16's rule (packing.py). Measured on AMD.
 
 
 def int8_packing_pays() -> bool:

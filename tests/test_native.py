@@ -159,7 +159,7 @@ def test_bf16_rows_give_the_exact_sums_within_fp32_rounding(built, rows, out, wi
 @needs_bf16_kernel
 def test_more_bf16_rows_than_its_sums_hold_are_refused(built):
     weight = torch.randn(8, 64).bfloat16()
-    many = torch.randn(native.MAX_ROWS[torch.bfloat16] + 1, 64).bfloat16()
+    many = torch.randn(native.MAX_ROWS + 1, 64).bfloat16()
     assert native.takes(many[:-1], weight) and not native.takes(many, weight)
     integers, scales = weights(8, 64)
     assert native.takes(many[:-1].float(), integers) and not native.takes(many.float(), integers)
