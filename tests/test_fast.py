@@ -931,7 +931,7 @@ def test_packed_int8_products_are_refused_where_onednn_saturates():
 
 @torch.no_grad()
 @pytest.mark.parametrize("num_kv_heads", [4, 2])
-def test_decode_attention_equals_sdpa(num_kv_heads):
+def test_decode_attention_equals_sdpa(num_kv_heads, monkeypatch):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(3, 4, 1, 16, generator=g).bfloat16()  # one query a row: the explicit fp32 softmax
     k, v = (torch.randn(3, num_kv_heads, 9, 16, generator=g).bfloat16() for _ in range(2))
@@ -939,9 +939,16 @@ def test_decode_attention_equals_sdpa(num_kv_heads):
     keep[1, ..., :4] = False  # a left-padded row
     expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=keep,
                                               enable_gqa=num_kv_heads != 4)
-    got = decode_attention.attention(q, k, v, keep, enable_gqa=num_kv_heads != 4)  # compiled
+    calls = []
+    compiled = decode_attention._compiled_attention_rows
+    monkeypatch.setattr(decode_attention, "_compiled_attention_rows", lambda *a: calls.append(1) or compiled(*a))
+    got = decode_attention.attention(q, k, v, keep, enable_gqa=num_kv_heads != 4)
+    assert len(calls) == (num_kv_heads == 4)  # compiled for one query a key/value head; for two, written out
     assert got.dtype == torch.bfloat16
     plain = decode_attention._explicit_attention(q, k, v, keep)  # what runs where nothing compiles
+    one_key = decode_attention.attention(q, k[:, :, 4:5], v[:, :, 4:5], keep[..., 4:5], enable_gqa=num_kv_heads != 4)
+    assert torch.equal(one_key, v[:, :, 4:5].repeat_interleave(4 // num_kv_heads, dim=1))  # its value: written out
+    assert len(calls) == (num_kv_heads == 4)  # (not compiled again for one key)
     assert (got.float() - plain.float()).abs().max() <= 2**-8 * expected.abs().max()
     assert (got.float() - expected).abs().max() <= 2**-8 * expected.abs().max()  # one bf16 rounding
     fused = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=num_kv_heads != 4)
@@ -1014,13 +1021,17 @@ def test_decode_attention_with_a_position_bias_equals_sdpa():
 def test_beams_reuse_the_decode_attention_compiled_for_one_row(monkeypatch):
     """The attention compiled at a greedy step serves a 5-beam step too: no compile at the first beam step."""
     def step(batch, length, room, mask):
-        cache = torch.zeros(batch, 4, room, 16, dtype=torch.bfloat16)  # (B, Hkv, max length, Dh), as KVCache holds
+        cache = torch.zeros(batch, 8, room, 16, dtype=torch.bfloat16)  # (B, Hkv, max length, Dh), as KVCache holds
         q = torch.randn(batch, 1, 8, 16).bfloat16().transpose(1, 2)  # (B, H, 1, Dh) from (B, 1, H, Dh)
         keep = torch.ones(batch, 1, 1, length, dtype=torch.bool) if mask else None
-        return decode_attention.attention(q, cache[:, :, :length], cache[:, :, :length], keep, enable_gqa=True)
+        return decode_attention.attention(q, cache[:, :, :length], cache[:, :, :length], keep)
 
+    calls = []
+    compiled = decode_attention._compiled_attention_rows
+    monkeypatch.setattr(decode_attention, "_compiled_attention_rows", lambda *a: calls.append(1) or compiled(*a))
     for mask in (True, False):
         step(1, 40, 70, mask)  # greedy: compiled here (or earlier in this process)
+    assert len(calls) == 2
     monkeypatch.setattr(compiling, "_compile_failed", False)
     with torch._dynamo.config.patch(error_on_recompile=True):  # a compile now fails: the plain path, and a notice
         steps = ((1, 41, 70, True), (5, 30, 90, True), (5, 31, 90, False), (3, 64, 64, True))  # beams, a batch
