@@ -1040,12 +1040,14 @@ def test_beams_reuse_the_decode_attention_compiled_for_one_row(monkeypatch):
     assert not compiling._compile_failed
 
 
-@pytest.mark.parametrize("piece_bytes", [1, 3 * (3 * 4 * 6 * 8 * 4), 2**30])  # a layer, three, all at once
-def test_cache_reorder_in_pieces_equals_index_select(monkeypatch, piece_bytes):
+@pytest.mark.parametrize("piece_bytes", [1, 3 * (2 * 4 * 6 * 8 * 4), 2**30])  # a layer, a few, all at once
+@pytest.mark.parametrize("index", [[2, 0, 0, 3], [1, 0, 2, 3], [0, 0, 1, 2], [3, 2, 1, 0], [0, 1, 2, 3]])
+def test_cache_reorder_in_pieces_equals_index_select(monkeypatch, piece_bytes, index):
+    """Only the rows that take another's place move (a swap, a chain, a row kept, none): as index_select would."""
     monkeypatch.setattr(llama, "REORDER_BYTES", piece_bytes)
-    cache = llama.KVCache(7, 3, 4, 12, 8, torch.float32, "cpu")  # (layers, B, Hkv, max_length, Dh)
+    cache = llama.KVCache(7, 4, 4, 12, 8, torch.float32, "cpu")  # (layers, B, Hkv, max_length, Dh)
     cache.keys.normal_(), cache.values.normal_()
-    cache.length, index, filled = 9, torch.tensor([2, 0, 0]), slice(3, 9)
+    cache.length, index, filled = 9, torch.tensor(index), slice(3, 9)
     expected = [tensor.clone() for tensor in (cache.keys, cache.values)]
     for tensor in expected:
         tensor[:, :, :, filled] = tensor[:, :, :, filled].index_select(1, index)
