@@ -31,8 +31,8 @@ on the native-bf16 machine, AMD EPYC with avx512_bf16, 2 cores; the AVX2 numbers
    activation and product too; int8 weights take kernels of their own (quant.int8_linear).
 
 3. The attention of a decode step (LLaMA's and T5's): on AMD, PyTorch's CPU flash-attention kernel is slow for one
-   bf16 query a row; `decode_attention.attention` compiles the softmax written out, the batch folded into the heads
-   (one kernel for greedy decoding and beams). Beams read their shared prompt once (attention_after_shared_prompt).
+   bf16 query a row; `decode_attention.attention` writes the softmax out, compiled for one query a key/value head
+   (the batch folded into the heads). Beams read their shared prompt once (attention_after_shared_prompt).
 
 4. Quantizing while loading: quant.quantize_weight compiles int8 quantization's five passes over fp32 copies of a
    weight into two, the whole weight at once (a 7B's 6.6 G linear weights: 7-13 s -> ~3 s).
@@ -103,10 +103,7 @@ class computing_in(TorchFunctionMode):
     operations keep PyTorch's type promotion (fp32 activation * bf16 norm weight = fp32). Native-bf16 machine,
     150 x 4096 x 11008: bf16 weights upcast at each call 87 GFLOP/s, fp32 weights 129: the upcast costs a third at
     150 rows, less with more (the ViT's 1028 for 4 frames); on the AVX2 machine it still wins ~3-4x over its 16
-    GFLOP/s bf16. Where gradients cross a frozen weight (a fine-tune's language model) the product is
-    `converting.FrozenLinear`'s, which keeps no upcast copy for the backward pass; that pass in bf16 would be no
-    choice: 170 x 4096 x 11008 backward, emulated AVX2 on the Intel Xeon, 48 s in bf16 against 0.14 s in fp32
-    (forward 0.70 against 0.18 s)."""
+    GFLOP/s bf16. Where gradients cross a frozen weight (a fine-tune's language model): `converting.FrozenLinear`."""
 
     UPCAST = {F.linear, F.conv2d, F.layer_norm, F.scaled_dot_product_attention}
 
@@ -148,8 +145,7 @@ def _linear_arguments(input, weight, bias=None):
 
 
 def phase(name: str, weight: torch.Tensor):
-    """`with phase("vision" | "prefill" | "decode", a_weight) as dtype:` computes that phase in `compute_dtype`
-    (`dtype`); where that is the weights' own, nothing is intercepted (the plain path)."""
+    """`with phase("vision" | "prefill" | "decode", a_weight) as dtype:` that phase computes in `compute_dtype`."""
     dtype = compute_dtype(weight.dtype, name, weight.device)
     return contextlib.nullcontext(weight.dtype) if dtype == weight.dtype else computing_in(dtype)
 
@@ -262,8 +258,7 @@ def fused_linears(x: torch.Tensor, weights: list, biases: list, norm: nn.Module 
 
 
 def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for a few rows (..., in) through the compiled few-row kernel (plain F.linear where
-    there is none)."""
+    """F.linear(x, weight, bias) for a few rows (..., in), through the compiled few-row kernel where there is one."""
     chunks = _chunks(weight.shape[1])
     rows = x.reshape(-1, chunks, weight.shape[1] // chunks)  # (R, chunks, in / chunks)
     saves = ROWS_SAVES_PER_BYTE * compiling.bytes_of([weight])
@@ -313,10 +308,9 @@ def decode_route(x: torch.Tensor, weight: torch.Tensor, packing: bool = False) -
             3.5-6.7 / 3.4-6.9; 4096 x 11008 4.8-6.1 / 4.2 / 3.6-5.7; 4096 x 4096 1.7-2.3 / 1.3-1.4 / 1.3-1.9; 32000 x
             4096 12.4-18.4 / 9.9-14.7 / 13.2-13.7: as fast as a packed copy without one, the same sums as F.linear's
             (bit for bit in 5 of 6 shapes). Full-size vicuna-7b, a greedy token, three rounds in one process: F.linear
-            906 / 655 / 1421 ms, torch.mv 498 / 539 / 541 (98-121 % of the floor beside each), the same tokens.
-            Without native bf16 both are one kernel (AVX2 emulated: 11008 x 4096 7.7-8.0 ms either way); an fp32 row
-            stays on F.linear (MKL's, which torch.mv calls too). Where beams made a packed copy, one row reads it (as
-            fast), so that the plain weight's pages are no longer read (memory.room_to_pack counts on it).
+            906 / 655 / 1421 ms, torch.mv 498 / 539 / 541 (98-121 % of the floor beside each), the same tokens. One
+            kernel without native bf16 (AVX2 emulated: 11008 x 4096 7.7-8.0 ms either way); fp32 stays on F.linear.
+            Where beams made a packed copy, one row reads it (as fast), and the plain weight's pages no longer are.
     packed  several rows of a large CPU matrix in a layer allowed to pack (`packing`): beams, a batch's decode
             steps, and prompts once the copy exists, through the weight packed once for oneDNN (packing.py).
     native  2-6 rows of a large bf16 matrix where native.py's kernel takes them (beams before packing, on AMD with

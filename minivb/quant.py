@@ -114,9 +114,7 @@ class Int8Linear(nn.Module):
 
 def quantize_language_model(model: nn.Module) -> None:
     """Swap every linear layer of the language model for an Int8Linear (call it on the meta device, before loading).
-
-    T5's lm_head is left as it is: checkpoints written tied (transformers 5) share it with the input embeddings.
-    """
+    T5's lm_head is left as it is: checkpoints written tied (transformers 5) share it with the input embeddings."""
     lm = model.language_model
     swaps = [(name, module) for name, module in lm.named_modules() if isinstance(module, nn.Linear)
              and not (model.config.is_encoder_decoder and name == "lm_head")]
