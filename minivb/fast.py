@@ -22,11 +22,11 @@ on the native-bf16 machine, AMD EPYC with avx512_bf16, 2 cores; the AVX2 numbers
    F.linear 6.0 ms). `compute_dtype` is that rule.
 
 2. Few-row products (decode steps), one route each (`decode_route`, its table). One row (greedy): on AMD, bf16
-   F.linear streams a matrix at about half the memory rate, a compiled multiply-and-sum near it, native.py's kernels
-   (AVX-512 BF16, VNNI) at it; elsewhere the library's kernels are as fast or faster (`compiled_rows_pay`): torch.mv
-   for bf16, F.linear for fp32. Several rows (beams, a batch): a weight packed once for oneDNN (packing.py); before
-   it, up to 6 rows through native.py's kernels on AMD, `weight @ x.T` with AMX, a compiled kernel (`rows_linear`)
-   without native bf16.
+   F.linear streams a matrix at about half the memory rate (fp32, MKL's: 0.6x), a compiled multiply-and-sum near it,
+   native.py's kernels (AVX-512: BF16, VNNI, fp32) at it; elsewhere the library's kernels are as fast or faster
+   (`compiled_rows_pay`): torch.mv for bf16, F.linear for fp32. Several rows (beams, a batch): up to 6 through
+   native.py's kernels on AMD, a weight packed once for oneDNN (packing.py), `weight @ x.T` with AMX, a compiled
+   kernel (`rows_linear`) without native bf16.
    `linears` does a layer's q, k and v (gate and up) in one call with their pre-norm, `gated` a gated unit's
    activation and product too; int8 weights take kernels of their own (quant.int8_linear).
 
@@ -313,8 +313,8 @@ def decode_route(x: torch.Tensor, weight: torch.Tensor, packing: bool = False) -
             Where beams made a packed copy, one row reads it (as fast), and the plain weight's pages no longer are.
     packed  several rows of a large CPU matrix in a layer allowed to pack (`packing`): beams, a batch's decode
             steps, and prompts once the copy exists, through the weight packed once for oneDNN (packing.py).
-    native  2-6 rows of a large bf16 matrix where native.py's kernel takes them (beams before packing, on AMD with
-            AVX-512 BF16: 1.4-1.8x F.linear's oneDNN, which repacks the weight at every call; native.py's table).
+    native  2-6 rows of a large bf16 or fp32 matrix where native.py's kernels take them (beams before packing, on AMD
+            with AVX-512: bf16 1.4-1.8x F.linear's oneDNN, which repacks the weight at every call; native.py's tables).
     rows    2-8 rows (FEW_ROWS) of a large bf16 matrix on a CPU without native bf16 (beams there), through the
             compiled few-row kernel (`_rows_times_matrix`): F.linear's cost grows with each row there.
     matrix  `weight @ x.T`, where nothing is packed (yet): 2-8 rows of a large fp32 matrix with MKL on AMD, where
@@ -384,8 +384,8 @@ class Linear(nn.Linear):
             if copy is not None:
                 self.split = None  # the packed copy took the weight's place: one row reads it, not a split copy
                 return packing.linear(x, copy, self.bias)
-        if route == "native" or (route == "fused" and native.takes(x, self.weight)):  # vdpbf16ps (native.py)
-            out = native.bf16_rows(x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], -1)
+        if route == "native" or (route == "fused" and native.takes(x, self.weight)):  # kernels.c (native.py)
+            out = native.float_rows(x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], -1)
             return out if self.bias is None else out + self.bias
         if route == "fused" and self.split is not None and compiling.compiles():  # a wide weight (packing.py)
             return packing.split_linear(x, self.split.get(self.weight, _chunks(self.weight.shape[1])), self.bias)

@@ -1,7 +1,8 @@
 /* minivb's hand-written kernels (why: native.py): a few rows (1 to MAX_ROWS: greedy decoding's one, a beam search's
-   few) times an int8 matrix with AVX-512 VNNI (int8_rows), and times a bf16 matrix with AVX-512 BF16 (bf16_rows, at
-   the end). Both read the matrix once for all the rows, a tile of its rows at a time against every row of x, with the
-   next tile prefetched into the second-level cache meanwhile (more streams of memory in flight than one row's).
+   few) times an int8 matrix with AVX-512 VNNI (int8_rows), and times a bf16 or fp32 matrix (bf16_rows with AVX-512
+   BF16, f32_rows; at the end). All read the matrix once for all the rows, a tile of its rows at a time against every
+   row of x, with the next tile prefetched into the second-level cache meanwhile (more streams of memory in flight
+   than one row's).
 
    int8_rows computes exactly what quant.integer_linear computes, in one pass over the weight:
      1. each row x (in,) goes on a grid of 2 x GRID + 1 steps of its largest magnitude, q = round(x / step), and each
@@ -108,34 +109,38 @@ int int8_rows(const float *x, const int8_t *w, const float *scales, float *y, in
     return 0;
 }
 
-/* A few bf16 rows times a bf16 matrix: one row (greedy decoding) or a beam search's few, for the same reason
-   (native.py): x (rows, in) bf16, w (out, in) bf16 -> y (rows, out) fp32; rows 1 to MAX_ROWS, in a multiple of 32.
-   vdpbf16ps multiplies 32 pairs of bf16 (exactly, in fp32) and adds each 2 products into 16 fp32 sums, where
-   converting both to fp32 first takes 3 more instructions. BF16_TILE weight rows at a time, each against every row
-   of x: each weight load serves `rows` sums and each load of x BF16_TILE sums, and the next BF16_TILE weight rows
-   are prefetched while these are summed, so that a thread keeps 2 x BF16_TILE streams of memory in flight (5 rows x
-   11008 x 4096, AMD EPYC, 2 threads, the 1 GB sum at ~31 GB/s: 1 weight row at a time 5.4 ms, 4 at a time 3.4, and
-   3.1 with the next 4 prefetched; 8 at a time, whose 40 sums cannot stay in registers, 3.1-3.2; F.linear 4.7,
-   oneDNN's packed copy 2.8). Its sums are made in another order than a compiled kernel's or oneDNN's: fp32 rounding
-   apart. */
-#define BF16_TILE 4 /* weight rows a tile: 4 x 6 sums */
+/* A few float rows times a float matrix, bf16 (bf16_rows) or fp32 (f32_rows): one row (greedy decoding) or a beam
+   search's few, for the same reason (native.py): x (rows, in), w (out, in) of one dtype -> y (rows, out) fp32; rows 1
+   to MAX_ROWS, in a multiple of a vector's values (32 bf16, 16 fp32). bf16: vdpbf16ps multiplies 32 pairs of bf16
+   (exactly, in fp32) and adds each 2 products into 16 fp32 sums, where converting both to fp32 first takes 3 more
+   instructions; fp32: vfmadd, 16 products into 16 sums (F.linear's MKL takes a slow generic path for a few fp32 rows
+   on AMD: native.py's table). FLOAT_TILE weight rows at a time, each against every row of x: each weight load serves
+   `rows` sums and each load of x FLOAT_TILE sums, and the next FLOAT_TILE weight rows are prefetched while these are
+   summed, so that a thread keeps 2 x FLOAT_TILE streams of memory in flight (bf16, 5 rows x 11008 x 4096, AMD EPYC, 2
+   threads, the 1 GB sum at ~31 GB/s: 1 weight row at a time 5.4 ms, 4 at a time 3.4, and 3.1 with the next 4
+   prefetched; 8 at a time, whose 40 sums cannot stay in registers, 3.1-3.2; F.linear 4.7, oneDNN's packed copy 2.8).
+   Its sums are made in another order than a compiled kernel's, oneDNN's or MKL's: fp32 rounding apart. */
+#define FLOAT_TILE 4 /* weight rows a tile: 4 x 6 sums */
 
-static inline __attribute__((always_inline)) void bf16_tile(const uint16_t *x, const uint16_t *w, float *y,
-                                                            int64_t out, int64_t in, const int rows, const int tile,
-                                                            int64_t o) {
-    __m512 sums[BF16_TILE][MAX_ROWS];
+static inline __attribute__((always_inline)) void float_tile(const char *x, const char *w, float *y, int64_t out,
+                                                             int64_t in, const int rows, const int tile, int64_t o,
+                                                             const int bf16) {
+    const int64_t size = bf16 ? 2 : 4, step = 64 / size; /* bytes a value, values a 64-byte vector */
+    __m512 sums[FLOAT_TILE][MAX_ROWS];
     for (int t = 0; t < tile; t++)
         for (int r = 0; r < rows; r++) sums[t][r] = _mm512_setzero_ps();
-    const uint16_t *next = w + (o + 2 * tile <= out ? o + tile : o) * in; /* the next tile's rows, while there is one */
-    for (int64_t k = 0; k < in; k += 32) {
-        __m512bh wk[BF16_TILE];
+    const char *next = w + (o + 2 * tile <= out ? o + tile : o) * in * size; /* the next tile's rows, while any */
+    for (int64_t k = 0; k < in; k += step) {
+        __m512 wk[FLOAT_TILE];
         for (int t = 0; t < tile; t++) {
-            _mm_prefetch((const char *)(next + t * in + k), _MM_HINT_T1); /* 32 bf16: one 64-byte line */
-            wk[t] = (__m512bh)_mm512_loadu_si512(w + (o + t) * in + k);
+            _mm_prefetch(next + (t * in + k) * size, _MM_HINT_T1); /* one 64-byte line */
+            wk[t] = _mm512_loadu_ps(w + ((o + t) * in + k) * size); /* 32 bf16 or 16 fp32, as 64 bytes */
         }
         for (int r = 0; r < rows; r++) {
-            const __m512bh xr = (__m512bh)_mm512_loadu_si512(x + r * in + k);
-            for (int t = 0; t < tile; t++) sums[t][r] = _mm512_dpbf16_ps(sums[t][r], xr, wk[t]);
+            const __m512 xr = _mm512_loadu_ps(x + (r * in + k) * size);
+            for (int t = 0; t < tile; t++)
+                sums[t][r] = bf16 ? _mm512_dpbf16_ps(sums[t][r], (__m512bh)xr, (__m512bh)wk[t])
+                                  : _mm512_fmadd_ps(xr, wk[t], sums[t][r]);
         }
     }
     for (int t = 0; t < tile; t++)
@@ -143,20 +148,29 @@ static inline __attribute__((always_inline)) void bf16_tile(const uint16_t *x, c
 }
 
 /* Returns 0, or -2 where rows is not 1 to MAX_ROWS (each count of rows its own loop, as int8_rows'). */
-int bf16_rows(const uint16_t *x, const uint16_t *w, float *y, int64_t rows, int64_t out, int64_t in, int threads) {
+static int float_rows(const char *x, const char *w, float *y, int64_t rows, int64_t out, int64_t in, int threads,
+                      const int bf16) {
     if (rows < 1 || rows > MAX_ROWS) return -2;
-    const int64_t tiled = out - out % BF16_TILE;
+    const int64_t tiled = out - out % FLOAT_TILE;
     #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t o = 0; o < tiled; o += BF16_TILE) {
+    for (int64_t o = 0; o < tiled; o += FLOAT_TILE) {
         switch (rows) {
-            case 1: bf16_tile(x, w, y, out, in, 1, BF16_TILE, o); break;
-            case 2: bf16_tile(x, w, y, out, in, 2, BF16_TILE, o); break;
-            case 3: bf16_tile(x, w, y, out, in, 3, BF16_TILE, o); break;
-            case 4: bf16_tile(x, w, y, out, in, 4, BF16_TILE, o); break;
-            case 5: bf16_tile(x, w, y, out, in, 5, BF16_TILE, o); break;
-            default: bf16_tile(x, w, y, out, in, 6, BF16_TILE, o); break;
+            case 1: float_tile(x, w, y, out, in, 1, FLOAT_TILE, o, bf16); break;
+            case 2: float_tile(x, w, y, out, in, 2, FLOAT_TILE, o, bf16); break;
+            case 3: float_tile(x, w, y, out, in, 3, FLOAT_TILE, o, bf16); break;
+            case 4: float_tile(x, w, y, out, in, 4, FLOAT_TILE, o, bf16); break;
+            case 5: float_tile(x, w, y, out, in, 5, FLOAT_TILE, o, bf16); break;
+            default: float_tile(x, w, y, out, in, 6, FLOAT_TILE, o, bf16); break;
         }
     }
-    for (int64_t o = tiled; o < out; o++) bf16_tile(x, w, y, out, in, (int)rows, 1, o); /* the last out % BF16_TILE */
+    for (int64_t o = tiled; o < out; o++) float_tile(x, w, y, out, in, (int)rows, 1, o, bf16); /* the last few */
     return 0;
+}
+
+int bf16_rows(const uint16_t *x, const uint16_t *w, float *y, int64_t rows, int64_t out, int64_t in, int threads) {
+    return float_rows((const char *)x, (const char *)w, y, rows, out, in, threads, 1);
+}
+
+int f32_rows(const float *x, const float *w, float *y, int64_t rows, int64_t out, int64_t in, int threads) {
+    return float_rows((const char *)x, (const char *)w, y, rows, out, in, threads, 0);
 }

@@ -38,14 +38,28 @@ a matrix, best of 3 alternating, the 1 GB sum at 29-40 GB/s:
 F.linear, and both within 0-25 % of the packed copy without making one: the weights pack for beams only after
 PACK_AFTER_NATIVE such products there.
 
+fp32 rows times fp32 weights (load_model's default dtype) take the bf16 loop's twin, vfmadd for vdpbf16ps: on AMD,
+F.linear hands one fp32 row to MKL, whose generic path there reads at about 0.6x the memory rate, and 5 rows to a
+product 4-6x slower than one row. ms a matrix, best of 3 alternating, the 1 GB sum at 32-33 GB/s, f32_rows / F.linear /
+oneDNN's packed copy / inductor's compiled kernel (fast._row_times_matrix):
+                  one row                               5 rows
+    11008 x 4096   5.15 /  8.36 /  6.92 /  5.81          5.52 / 28.13 /  5.50
+    4096 x 11008   5.19 /  7.84 /  6.99 /  6.29          5.64 / 21.69 /  5.59
+    32000 x 4096  14.88 / 23.95 / 19.21 / 16.05         16.03 / 94.75 / 16.15
+    2048 x 768     0.20 /  0.48 /  0.26 /  0.22          0.21 /  0.54 /  0.23
+    32002 x 768    2.98 /  7.19 /  3.89 /  3.09          3.11 / 14.06 /  3.34
+(one row of the 180 MB matrices at 35 GB/s: the memory rate). `make bench`'s medium model in fp32, a process whose
+compiled kernels are still rented (compiling.py), a greedy token 31.0 -> 14.9 ms (transformers 30), a 5-beam step
+23.8 -> 18.8 ms.
+
 Built at first use with the system's C compiler (CC, else gcc, cc or clang: the ~1 s it takes is paid once a
 machine; the library is kept in ~/.cache/minivb, or $MINIVB_CACHE, named by a hash of its source and flags), and
 called through ctypes, wrapped as PyTorch operators (`torch.library.Library`) so that a decode block compiled whole
 (decode_blocks.py) calls them as it calls any op. Their threads are OpenMP's, the same runtime (libgomp.so.1) PyTorch
 loaded, told torch.get_num_threads(). Taken for 1 to MAX_ROWS rows where one row takes minivb's compiled kernels
 (fast.compiled_rows_pay: AMD with AVX-512, where they were measured) and the CPU has the instructions (AVX-512 VNNI
-for int8, AVX-512 BF16 for bf16); MINIVB_NATIVE=0 turns them off, 1 on wherever the CPU has them. Where nothing
-builds them, said once on stderr, the compiled kernels and F.linear stay.
+for int8, AVX-512 BF16 for bf16, AVX-512F for fp32); MINIVB_NATIVE=0 turns them off, 1 on wherever the CPU has them.
+Where nothing builds them, said once on stderr, the compiled kernels and F.linear stay.
 """
 
 import ctypes
@@ -66,9 +80,10 @@ SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-mavx512bf16", "-fopenmp", "-ffp-contract=off",
          "-shared", "-fPIC"]
 NEEDS = {torch.int8: frozenset({"avx512f", "avx512bw", "avx512_vnni"}),  # /proc/cpuinfo's names of what each loop
-         torch.bfloat16: frozenset({"avx512f", "avx512bw", "avx512_bf16"})}  # of kernels.c runs
-WIDTH_STEP = {torch.int8: 64, torch.bfloat16: 32}  # the inputs each loop reads at a time
-MAX_ROWS = 6  # the rows both loops multiply at once (kernels.c)
+         torch.bfloat16: frozenset({"avx512f", "avx512bw", "avx512_bf16"}),  # of kernels.c runs
+         torch.float32: frozenset({"avx512f"})}
+WIDTH_STEP = {torch.int8: 64, torch.bfloat16: 32, torch.float32: 16}  # the inputs each loop reads at a time
+MAX_ROWS = 6  # the rows the loops multiply at once (kernels.c)
 MAX_INPUTS = 65536  # the int8 loop's int32 sums are exact up to this many inputs (kernels.c)
 ready = frozenset()  # the weight dtypes whose kernel is loaded, set by `available`: what code traced by torch.compile
 # reads (no call that builds anything)
@@ -90,11 +105,12 @@ def available(dtype: torch.dtype) -> bool:
 
 def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether x (..., in) is rows that a kernel multiplies by `weight` here: 1 to MAX_ROWS rows, outside autograd
-    (int8: a row's grid has no gradient), bf16 rows for bf16 weights; builds the library at the first call."""
+    (int8: a row's grid has no gradient), rows of the weight's dtype where it is a float one; builds the library at
+    the first call."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     few = 0 < rows <= MAX_ROWS and not (torch.is_grad_enabled() and x.requires_grad)
-    bf16_rows = weight.dtype != torch.bfloat16 or x.dtype == torch.bfloat16
-    return few and bf16_rows and available(weight.dtype) and fits(weight)
+    matching = weight.dtype == torch.int8 or x.dtype == weight.dtype
+    return few and matching and available(weight.dtype) and fits(weight)
 
 
 def fits(weight: torch.Tensor) -> bool:
@@ -111,9 +127,12 @@ def int8_rows(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) ->
     return product(rows, weight, scales.float()).to(scales.dtype)
 
 
-def bf16_rows(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """rows (R, in) of bf16 values (in bf16 or fp32), R up to MAX_ROWS, times weight (out, in) bf16 -> (R, out) bf16,
-    the sums in fp32. Only where `fits(weight)`."""
+def float_rows(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """rows (R, in), R up to MAX_ROWS, times weight (out, in) bf16 or fp32 -> (R, out) in the weight's dtype, the sums
+    in fp32; bf16 rows may come in fp32 (bf16 values). Only where `fits(weight)`."""
+    if weight.dtype == torch.float32:
+        product = torch.ops.minivb.f32_rows if torch.compiler.is_compiling() else _f32_call
+        return product(rows.float(), weight)
     product = torch.ops.minivb.bf16_rows if torch.compiler.is_compiling() else _bf16_call
     return product(rows.to(torch.bfloat16), weight).to(torch.bfloat16)
 
@@ -130,11 +149,19 @@ def _int8_call(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -
 
 def _bf16_call(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """kernels.c's bf16_rows: rows (R, in) bf16, weight (out, in) bf16 -> (R, out) fp32."""
+    return _float_call(_library().bf16_rows, rows, weight)
+
+
+def _f32_call(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """kernels.c's f32_rows: rows (R, in) fp32, weight (out, in) fp32 -> (R, out) fp32."""
+    return _float_call(_library().f32_rows, rows, weight)
+
+
+def _float_call(kernel, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     (out, width), count = weight.shape, rows.shape[0]
     rows, y = rows.contiguous(), torch.empty(count, out)
-    status = _library().bf16_rows(rows.data_ptr(), weight.data_ptr(), y.data_ptr(), count, out, width,
-                                  torch.get_num_threads())
-    _check(status, count, width)
+    _check(kernel(rows.data_ptr(), weight.data_ptr(), y.data_ptr(), count, out, width, torch.get_num_threads()),
+           count, width)
     return y
 
 
@@ -146,14 +173,16 @@ def _check(status: int, count: int, width: int) -> None:
         raise ValueError(f"minivb's kernels multiply 1 to {MAX_ROWS} rows at once, got {count}")
 
 
-# The two calls as PyTorch operators, what code traced by torch.compile calls (decode_blocks.py). Defined through
+# The three calls as PyTorch operators, what code traced by torch.compile calls (decode_blocks.py). Defined through
 # torch.library.Library, not the custom_op decorator, whose wrappers cost a call 21 us against 10 (a 64 x 64 int8
 # matrix; ctypes alone 3, _int8_call 7): a whole decoder block makes 7-9 calls a step.
 _OPERATORS = torch.library.Library("minivb", "DEF")
 _OPERATORS.define("int8_rows(Tensor rows, Tensor weight, Tensor scales) -> Tensor")
 _OPERATORS.define("bf16_rows(Tensor rows, Tensor weight) -> Tensor")
+_OPERATORS.define("f32_rows(Tensor rows, Tensor weight) -> Tensor")
 _OPERATORS.impl("int8_rows", _int8_call, "CPU")
 _OPERATORS.impl("bf16_rows", _bf16_call, "CPU")
+_OPERATORS.impl("f32_rows", _f32_call, "CPU")
 
 
 @torch.library.register_fake("minivb::int8_rows", lib=_OPERATORS)
@@ -162,6 +191,7 @@ def _(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.T
 
 
 @torch.library.register_fake("minivb::bf16_rows", lib=_OPERATORS)
+@torch.library.register_fake("minivb::f32_rows", lib=_OPERATORS)
 def _(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return rows.new_empty((rows.shape[0], weight.shape[0]), dtype=torch.float32)
 
@@ -192,8 +222,9 @@ def _library() -> ctypes.CDLL | None:
         return _without(f"{path} could not be loaded ({error})")
     library.int8_rows.restype = ctypes.c_int
     library.int8_rows.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    library.bf16_rows.restype = ctypes.c_int
-    library.bf16_rows.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    for kernel in (library.bf16_rows, library.f32_rows):
+        kernel.restype = ctypes.c_int
+        kernel.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     return library
 
 

@@ -1,6 +1,7 @@
 """minivb/native.py: one row times an int8 matrix through kernels.c's VNNI loop gives quant.integer_linear's numbers
-exactly, 1 to 6 bf16 rows times a bf16 matrix through its vdpbf16ps loop the exact sums within fp32's rounding; both
-are taken where they should be, work inside torch.compile, and fall back when they cannot be built."""
+exactly, 1 to 6 bf16 or fp32 rows times a matrix of theirs through its vdpbf16ps or vfmadd loop the exact sums within
+fp32's rounding; all are taken where they should be, work inside torch.compile, and fall back when they cannot be
+built."""
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ has_instructions = native.NEEDS[torch.int8] <= fast._cpu_flags()
 needs_kernel = pytest.mark.skipif(not has_instructions, reason="this CPU has no AVX-512 VNNI: the kernel never runs")
 has_bf16 = native.NEEDS[torch.bfloat16] <= fast._cpu_flags()
 needs_bf16_kernel = pytest.mark.skipif(not has_bf16, reason="this CPU has no AVX-512 BF16: the bf16 kernel never runs")
+has_f32 = native.NEEDS[torch.float32] <= fast._cpu_flags()
+needs_f32_kernel = pytest.mark.skipif(not has_f32, reason="this CPU has no AVX-512: the fp32 kernel never runs")
 
 
 @pytest.fixture
@@ -72,7 +75,7 @@ def test_what_it_fits(built, monkeypatch):
     assert native.fits(weight)
     assert not native.fits(weight[:, :96])  # not contiguous
     assert not native.fits(weight[:, :96].contiguous())  # 96 inputs: not a multiple of 64
-    assert not native.fits(weight.float())
+    assert native.fits(weight.float()) == has_f32 and not native.fits(weight.double())
     monkeypatch.setenv("MINIVB_NATIVE", "0")
     assert not native.available(torch.int8) and not native.fits(weight)
 
@@ -146,14 +149,54 @@ def test_bf16_rows_give_the_exact_sums_within_fp32_rounding(built, rows, out, wi
     generator = torch.Generator().manual_seed(2)
     weight = torch.randn(out, width, generator=generator).bfloat16()
     x = torch.randn(rows, width, generator=generator).bfloat16()
-    got = native.bf16_rows(x, weight)
+    got = native.float_rows(x, weight)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, out)
     exact = x.double() @ weight.double().T  # (rows, out)
     assert ((got.double() - exact).abs() <= 2**-8 * exact.abs()).all()  # bf16's rounding of each result
     sums = native._bf16_call(x, weight).double()  # before that rounding: fp32 sums in another order
     assert ((sums - exact).abs() <= 1e-6 * (x.double().abs() @ weight.double().abs().T)).all()
-    assert torch.equal(native.bf16_rows(x.float(), weight), got)  # rows of bf16 values held in fp32
-    assert torch.equal(native.bf16_rows(x[-1:], weight), got[-1:])  # each row's sums are its own
+    assert torch.equal(native.float_rows(x.float(), weight), got)  # rows of bf16 values held in fp32
+    assert torch.equal(native.float_rows(x[-1:], weight), got[-1:])  # each row's sums are its own
+
+
+@needs_f32_kernel
+@pytest.mark.parametrize("rows", [1, 2, 5, 6])
+@pytest.mark.parametrize("out, width", [(37, 16), (64, 48), (130, 1024), (5, 4112), (3, 64)])
+def test_f32_rows_give_the_exact_sums_within_fp32_rounding(built, rows, out, width):
+    """The fp32 loop, as the bf16 one above: widths of one 16-value step, an odd number of them, many; outputs that
+    fill whole tiles of 4 and ones that leave 1-3 over."""
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(out, width, generator=generator)
+    x = torch.randn(rows, width, generator=generator) * torch.logspace(0, 3, rows)[:, None]
+    got = native.float_rows(x, weight)
+    assert got.dtype == torch.float32 and got.shape == (rows, out)
+    exact = x.double() @ weight.double().T  # (rows, out)
+    assert ((got.double() - exact).abs() <= 1e-6 * (x.double().abs() @ weight.double().abs().T)).all()
+    assert torch.equal(native.float_rows(x[-1:], weight), got[-1:])  # each row's sums are its own
+
+
+@needs_f32_kernel
+def test_a_few_f32_rows_of_a_linear_layer_take_it(built, monkeypatch):
+    """fast.Linear in fp32 (on AMD, MKL's few-row products take a slow path: native.py): 1 to 6 rows take the kernel,
+    7 rows and rows in autograd do not; and inside a compiled function (a decode block), the operator."""
+    calls = []
+    call = native._f32_call
+    monkeypatch.setattr(native, "_f32_call", lambda *args: calls.append(1) or call(*args))
+    monkeypatch.setenv("MINIVB_FUSED", "1")
+    monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)
+    layer = fast.Linear(256, 48)
+    beams = torch.randn(7, 1, 256)
+    with torch.no_grad():
+        assert [fast.decode_route(beams[:n], layer.weight) for n in (1, 2, 6, 7)] == ["fused", *["native"] * 2, "plain"]
+        for count in (1, 5, 7):
+            got = layer(beams[:count])
+            want = torch.nn.functional.linear(beams[:count].double(), layer.weight.double(), layer.bias.double())
+            assert len(calls) == (count < 7) and ((got.double() - want).abs() <= 1e-5 * want.abs().max()).all()
+            calls.clear()
+    layer(beams[:5].requires_grad_())
+    assert calls == []
+    compiled = torch.compile(lambda x, w: native.float_rows(x * 2, w), dynamic=True)
+    assert torch.equal(compiled(beams[:5, 0], layer.weight), native.float_rows(beams[:5, 0] * 2, layer.weight))
 
 
 @needs_bf16_kernel
@@ -163,7 +206,7 @@ def test_more_bf16_rows_than_its_sums_hold_are_refused(built):
     assert native.takes(many[:-1], weight) and not native.takes(many, weight)
     integers, scales = weights(8, 64)
     assert native.takes(many[:-1].float(), integers) and not native.takes(many.float(), integers)
-    for product in (lambda: native.bf16_rows(many, weight), lambda: native.int8_rows(many, integers, scales)):
+    for product in (lambda: native.float_rows(many, weight), lambda: native.int8_rows(many, integers, scales)):
         with pytest.raises(ValueError, match="1 to 6 rows at once, got 7"):
             product()
 
@@ -173,8 +216,8 @@ def test_bf16_rows_inside_a_compiled_function(built):
     """The operator's shape for code torch.compile traced (several rows), with the same numbers."""
     weight = torch.randn(36, 128).bfloat16()
     x = torch.randn(5, 128).bfloat16()
-    compiled = torch.compile(lambda x, w: native.bf16_rows(x * 2, w), dynamic=True)  # (an op after it would fuse
-    assert torch.equal(compiled(x, weight), native.bf16_rows(x * 2, weight))  # with its rounding to bf16)
+    compiled = torch.compile(lambda x, w: native.float_rows(x * 2, w), dynamic=True)  # (an op after it would fuse
+    assert torch.equal(compiled(x, weight), native.float_rows(x * 2, weight))  # with its rounding to bf16)
 
 
 @needs_bf16_kernel
@@ -190,7 +233,7 @@ def test_a_few_bf16_rows_of_a_linear_layer_take_it(built, monkeypatch):
     beams = torch.randn(7, 1, 256, dtype=torch.bfloat16)  # (beams, 1, in): a beam step's rows
     with torch.no_grad():
         assert [fast.decode_route(beams[:n], layer.weight) for n in (1, 2, 6, 7)] == ["fused", *["native"] * 2, "plain"]
-        assert fast.decode_route(beams[:5].float(), layer.weight.float()) != "native"
+        assert not native.takes(beams[:5].float(), layer.weight)  # fp32 rows, bf16 weight: not through fast.Linear
         for count in (1, 5):
             got = layer(beams[:count])
             assert len(calls) == 1 and got.shape == (count, 1, 48)
