@@ -92,11 +92,13 @@ def prefill(model, inputs_embeds, attention_mask, copies, max_new_tokens, use_ca
     lm = model.language_model
     if model.config.is_encoder_decoder:
         # T5 reads the prompt once with its encoder, whose output the copies share (t5.T5Attention.attend); the
-        # decoder starts from decoder_start_token_id (the pad, 0).
+        # decoder starts from decoder_start_token_id (the pad, 0). Its cache has a slot to spare, as LLaMA's (which
+        # never holds the last token): a step's keys are never the whole buffer (always spaced alike for the compiled
+        # decode attention) and the last step writes its token as whole blocks do (decode_blocks._write).
         encoder_hidden = lm.encode(inputs_embeds, attention_mask)  # (B, L, D)
         R = attention_mask.shape[0] * copies
         start = torch.full((R, 1), model.config.text.decoder_start_token_id, device=attention_mask.device)
-        cache = lm.new_cache(R, max_new_tokens, rows_per_example=copies) if use_cache else None
+        cache = lm.new_cache(R, max_new_tokens + 1, rows_per_example=copies) if use_cache else None
         state = DecodeState(cache, encoder_hidden=encoder_hidden, encoder_mask=attention_mask, inputs=start)
         return lm.decode(start, encoder_hidden, attention_mask, cache=cache, only_last_logits=True)[:, -1], state
     B, L = attention_mask.shape

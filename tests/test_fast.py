@@ -1040,6 +1040,29 @@ def test_beams_reuse_the_decode_attention_compiled_for_one_row(monkeypatch):
     assert not compiling._compile_failed
 
 
+@torch.no_grad()
+def test_t5_beams_compile_no_decode_attention_after_greedy_decoding(tmp_path, monkeypatch):
+    """T5's decode attention, compiled in a greedy answer (its steps but the first as whole blocks, as in a process
+    that decodes for long), serves a 5-beam answer: the self-attention's keys are spaced alike at every step (a slot
+    to spare), the cross-attention's too (copied with one), its first step's one key and the beams' shared encoder
+    output are written out (decode_attention.attention). Each compile there was 0.1-0.3 s of a process's first beam
+    step."""
+    monkeypatch.setenv("MINIVB_BLOCKS", "1")
+    monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)
+    reference = tiny.build("t5", text_overrides=dict(d_model=64, d_kv=16, d_ff=128))
+    model = minivb.load_model(tiny.save(reference, tmp_path), dtype=torch.bfloat16)
+    batch = {k: v[:1] for k, v in tiny.batch(reference).items() if k != "labels"}
+    calls = []
+    compiled = decode_attention._compiled_attention_rows
+    monkeypatch.setattr(decode_attention, "_compiled_attention_rows", lambda *a: calls.append(1) or compiled(*a))
+    model.generate(**batch, max_new_tokens=4, min_new_tokens=4)  # compiles it (or found it compiled)
+    greedy_calls = len(calls)
+    monkeypatch.setattr(compiling, "_compile_failed", False)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a compile now fails: the plain path, and a notice
+        model.generate(**batch, max_new_tokens=4, min_new_tokens=4, num_beams=5)
+    assert greedy_calls > 0 and len(calls) > greedy_calls and not compiling._compile_failed
+
+
 @pytest.mark.parametrize("piece_bytes", [1, 3 * (2 * 4 * 6 * 8 * 4), 2**30])  # a layer, a few, all at once
 @pytest.mark.parametrize("index", [[2, 0, 0, 3], [1, 0, 2, 3], [0, 0, 1, 2], [3, 2, 1, 0], [0, 1, 2, 3]])
 def test_cache_reorder_in_pieces_equals_index_select(monkeypatch, piece_bytes, index):
