@@ -91,9 +91,9 @@ def attention(q, k, v, mask: torch.Tensor | None = None, enable_gqa: bool = Fals
             or not compiled_rows_pay()):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa, scale=scale)
     # Several queries a key/value head (T5's beams, attending to the encoder output they share: t5.T5Attention.attend)
-    # or one key (T5's first decode step): the matrix products are the faster, and compile nothing (a kernel compiled
-    # again for these shapes, 70-130 ms of a process's first 5-beam step). AMD EPYC, 2 threads, a layer's 5 beams on
-    # 136 keys, written out / compiled: flan-t5-xl 176 / 277 us, flan-t5-xxl 347 / 447; 400 keys 418 / 549.
+    # or one key (T5's first decode step): the matrix products are the faster, and compile nothing (dynamo compiled
+    # the kernel again for these shapes, 0.1-0.3 s each at a process's first steps). AMD EPYC, 2 threads, 5 beams on
+    # 136 keys, written out / compiled: flan-t5-xl 176 / 277 us a layer, flan-t5-xxl 347 / 447; 400 keys 418 / 549.
     one_query = q.shape[1] == k.shape[1] and k.shape[2] > 1
     return _explicit_attention(q, k, v, mask, scale, kernel=_compiled_attention_rows if one_query else None)
 

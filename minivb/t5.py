@@ -199,7 +199,7 @@ class T5Block(nn.Module):
             # Copied, each into a buffer one key longer than they are: each head's keys in one block, where heads()
             # leaves them transposed (the decode attention, which folds the batch into the heads, would copy them at
             # every step), and spaced as the self-attention's are in their cache, which has room to spare
-            # (generate.prefill): one compiled decode attention serves both (decode_attention._compiled: dynamo
+            # (generate.prefill): one compiled decode attention serves both (compiling._compiled: dynamo
             # compiles contiguous keys apart, 0.1-0.3 s at a process's first 5-beam step)
             cross = []
             for t in self.cross_attn.keys_values(encoder_hidden):  # (B, H, S, Dk) each
