@@ -38,6 +38,15 @@ def compiled_rows(monkeypatch):
 
 
 @pytest.fixture
+def attention_calls(monkeypatch) -> list:
+    """Records each call of the decode attention's compiled route (decode_attention._compiled_attention_rows)."""
+    calls = []
+    compiled = decode_attention._compiled_attention_rows
+    monkeypatch.setattr(decode_attention, "_compiled_attention_rows", lambda *a: calls.append(1) or compiled(*a))
+    return calls
+
+
+@pytest.fixture
 def fresh_kernel():
     """Forget the cached kernel (or its absence) before and after a test that changes how it is built."""
     compiling._compiled.cache_clear(), compiling._compiler_found.cache_clear()
@@ -931,7 +940,7 @@ def test_packed_int8_products_are_refused_where_onednn_saturates():
 
 @torch.no_grad()
 @pytest.mark.parametrize("num_kv_heads", [4, 2])
-def test_decode_attention_equals_sdpa(num_kv_heads, monkeypatch):
+def test_decode_attention_equals_sdpa(num_kv_heads, attention_calls):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(3, 4, 1, 16, generator=g).bfloat16()  # one query a row: the explicit fp32 softmax
     k, v = (torch.randn(3, num_kv_heads, 9, 16, generator=g).bfloat16() for _ in range(2))
@@ -939,16 +948,13 @@ def test_decode_attention_equals_sdpa(num_kv_heads, monkeypatch):
     keep[1, ..., :4] = False  # a left-padded row
     expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=keep,
                                               enable_gqa=num_kv_heads != 4)
-    calls = []
-    compiled = decode_attention._compiled_attention_rows
-    monkeypatch.setattr(decode_attention, "_compiled_attention_rows", lambda *a: calls.append(1) or compiled(*a))
     got = decode_attention.attention(q, k, v, keep, enable_gqa=num_kv_heads != 4)
-    assert len(calls) == (num_kv_heads == 4)  # compiled for one query a key/value head; for two, written out
+    assert len(attention_calls) == (num_kv_heads == 4)  # compiled for one query a key/value head; for two, written out
     assert got.dtype == torch.bfloat16
     plain = decode_attention._explicit_attention(q, k, v, keep)  # what runs where nothing compiles
     one_key = decode_attention.attention(q, k[:, :, 4:5], v[:, :, 4:5], keep[..., 4:5], enable_gqa=num_kv_heads != 4)
     assert torch.equal(one_key, v[:, :, 4:5].repeat_interleave(4 // num_kv_heads, dim=1))  # its value: written out
-    assert len(calls) == (num_kv_heads == 4)  # (not compiled again for one key)
+    assert len(attention_calls) == (num_kv_heads == 4)  # (not compiled again for one key)
     assert (got.float() - plain.float()).abs().max() <= 2**-8 * expected.abs().max()
     assert (got.float() - expected).abs().max() <= 2**-8 * expected.abs().max()  # one bf16 rounding
     fused = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=num_kv_heads != 4)
@@ -1018,7 +1024,7 @@ def test_decode_attention_with_a_position_bias_equals_sdpa():
 
 
 @torch.no_grad()
-def test_beams_reuse_the_decode_attention_compiled_for_one_row(monkeypatch):
+def test_beams_reuse_the_decode_attention_compiled_for_one_row(monkeypatch, attention_calls):
     """The attention compiled at a greedy step serves a 5-beam step too: no compile at the first beam step."""
     def step(batch, length, room, mask):
         cache = torch.zeros(batch, 8, room, 16, dtype=torch.bfloat16)  # (B, Hkv, max length, Dh), as KVCache holds
@@ -1026,12 +1032,9 @@ def test_beams_reuse_the_decode_attention_compiled_for_one_row(monkeypatch):
         keep = torch.ones(batch, 1, 1, length, dtype=torch.bool) if mask else None
         return decode_attention.attention(q, cache[:, :, :length], cache[:, :, :length], keep)
 
-    calls = []
-    compiled = decode_attention._compiled_attention_rows
-    monkeypatch.setattr(decode_attention, "_compiled_attention_rows", lambda *a: calls.append(1) or compiled(*a))
     for mask in (True, False):
         step(1, 40, 70, mask)  # greedy: compiled here (or earlier in this process)
-    assert len(calls) == 2
+    assert len(attention_calls) == 2
     monkeypatch.setattr(compiling, "_compile_failed", False)
     with torch._dynamo.config.patch(error_on_recompile=True):  # a compile now fails: the plain path, and a notice
         steps = ((1, 41, 70, True), (5, 30, 90, True), (5, 31, 90, False), (3, 64, 64, True))  # beams, a batch
@@ -1041,7 +1044,7 @@ def test_beams_reuse_the_decode_attention_compiled_for_one_row(monkeypatch):
 
 
 @torch.no_grad()
-def test_t5_beams_compile_no_decode_attention_after_greedy_decoding(tmp_path, monkeypatch):
+def test_t5_beams_compile_no_decode_attention_after_greedy_decoding(tmp_path, monkeypatch, attention_calls):
     """T5's decode attention, compiled in a greedy answer (its steps but the first as whole blocks, as in a process
     that decodes for long), serves a 5-beam answer: the self-attention's keys are spaced alike at every step (a slot
     to spare), the cross-attention's too (copied with one), its first step's one key and the beams' shared encoder
@@ -1052,15 +1055,12 @@ def test_t5_beams_compile_no_decode_attention_after_greedy_decoding(tmp_path, mo
     reference = tiny.build("t5", text_overrides=dict(d_model=64, d_kv=16, d_ff=128))
     model = minivb.load_model(tiny.save(reference, tmp_path), dtype=torch.bfloat16)
     batch = {k: v[:1] for k, v in tiny.batch(reference).items() if k != "labels"}
-    calls = []
-    compiled = decode_attention._compiled_attention_rows
-    monkeypatch.setattr(decode_attention, "_compiled_attention_rows", lambda *a: calls.append(1) or compiled(*a))
     model.generate(**batch, max_new_tokens=4, min_new_tokens=4)  # compiles it (or found it compiled)
-    greedy_calls = len(calls)
+    greedy_calls = len(attention_calls)
     monkeypatch.setattr(compiling, "_compile_failed", False)
     with torch._dynamo.config.patch(error_on_recompile=True):  # a compile now fails: the plain path, and a notice
         model.generate(**batch, max_new_tokens=4, min_new_tokens=4, num_beams=5)
-    assert greedy_calls > 0 and len(calls) > greedy_calls and not compiling._compile_failed
+    assert greedy_calls > 0 and len(attention_calls) > greedy_calls and not compiling._compile_failed
 
 
 @pytest.mark.parametrize("piece_bytes", [1, 3 * (2 * 4 * 6 * 8 * 4), 2**30])  # a layer, a few, all at once
