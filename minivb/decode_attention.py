@@ -94,8 +94,8 @@ def attention(q, k, v, mask: torch.Tensor | None = None, enable_gqa: bool = Fals
     # or one key (T5's first decode step): the matrix products are the faster, and compile nothing (dynamo compiled
     # the kernel again for these shapes, 0.1-0.3 s each at a process's first steps). AMD EPYC, 2 threads, 5 beams on
     # 136 keys, written out / compiled: flan-t5-xl 176 / 277 us a layer, flan-t5-xxl 347 / 447; 400 keys 418 / 549.
-    one_query = q.shape[1] == k.shape[1] and k.shape[2] > 1
-    return _explicit_attention(q, k, v, mask, scale, kernel=_compiled_attention_rows if one_query else None)
+    compiled = q.shape[1] == k.shape[1] and k.shape[2] > 1  # one query a key/value head, more than one key
+    return _explicit_attention(q, k, v, mask, scale, kernel=_compiled_attention_rows if compiled else None)
 
 
 def _attention_and_logsumexp(q, k, v, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

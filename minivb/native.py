@@ -8,9 +8,10 @@ whose fp32 row leaves the first-level cache (5120 inputs and more); `torch._weig
 at ~22-28; oneDNN's integer products (packing.pack_int8), one row cut in two halves, ~22. x86 has instructions that
 multiply and add without converting: VNNI's vpdpbusd, 64 int8 weights by 64 bytes of the row into 16 exact int32
 sums, and AVX-512 BF16's vdpbf16ps, 32 bf16 weights by 32 bf16 values of the row into 16 fp32 sums. kernels.c's
-loops use them (and fp32's, below, vfmadd), and read the weights at the rate memory delivers them. AMD EPYC (Zen 4), 2 threads, one row, GB/s
-read, best of 3 rounds alternating in one process (the 1 GB sum beside each shape, which drifts 29-47 GB/s; "one
-row": this file's loops until they took a tile of weight rows for beams, below, one weight row at a time):
+loops use them (and fp32's, below, vfmadd), and read the weights at the rate memory delivers them. AMD EPYC (Zen 4),
+2 threads, one row, GB/s read, best of 3 rounds alternating in one process (the 1 GB sum beside each shape, which
+drifts 29-47 GB/s; "one row": this file's loops until they took a tile of weight rows for beams, below, one weight
+row at a time):
                   int8:  int8_rows  one row   inductor's  int8pack_mm   bf16: bf16_rows  one row  inductor's
     11008 x 4096          29.9       32.7       23.9        21.1               33.7       32.2      29.9
     4096 x 11008          38.9       22.0        -          26.4               37.8       31.7      25.6
