@@ -314,7 +314,9 @@ def decode_route(x: torch.Tensor, weight: torch.Tensor, packing: bool = False) -
     packed  several rows of a large CPU matrix in a layer allowed to pack (`packing`): beams, a batch's decode
             steps, and prompts once the copy exists, through the weight packed once for oneDNN (packing.py).
     native  2-6 rows of a large bf16 or fp32 matrix where native.py's kernels take them (beams before packing, on AMD
-            with AVX-512: bf16 1.4-1.8x F.linear's oneDNN, which repacks the weight at every call; native.py's tables).
+            with AVX-512: bf16 1.4-1.8x F.linear's oneDNN, which repacks the weight at every call; native.py's tables),
+            and one row too where the kernels are built for AVX2 (emulated on the AMD EPYC, native.py's table: one
+            bf16 row 0.6-1.0x torch.mv's time, 5 rows 0.26-0.33x the `rows` kernel's; fp32 0.3-0.7x F.linear's).
     rows    2-8 rows (FEW_ROWS) of a large bf16 matrix on a CPU without native bf16 (beams there), through the
             compiled few-row kernel (`_rows_times_matrix`): F.linear's cost grows with each row there.
     matrix  `weight @ x.T`, where nothing is packed (yet): 2-8 rows of a large fp32 matrix with MKL on AMD, where
@@ -340,6 +342,8 @@ def decode_route(x: torch.Tensor, weight: torch.Tensor, packing: bool = False) -
         return "plain"
     if rows == 1 and compiled_rows_pay():
         return "fused"
+    if rows == 1 and native.takes(x, weight):  # AVX2 (native.py)
+        return "native"
     if rows == 1 and weight.dtype == torch.bfloat16:
         return "vector"
     if packing and can_pack(weight.dtype) and rows > 1:

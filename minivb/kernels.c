@@ -2,7 +2,8 @@
    few) times an int8 matrix with AVX-512 VNNI (int8_rows), and times a bf16 or fp32 matrix (bf16_rows with AVX-512
    BF16, f32_rows; at the end). All read the matrix once for all the rows, a tile of its rows at a time against every
    row of x, with the next tile prefetched into the second-level cache meanwhile (more streams of memory in flight
-   than one row's).
+   than one row's). Built twice, by the vector width PyTorch's own kernels use (native.py): with AVX-512, all three;
+   with AVX2 and FMA only (laptops, AMD before Zen 4), bf16_rows and f32_rows, 256 bits wide (the end of the file).
 
    int8_rows computes exactly what quant.integer_linear computes, in one pass over the weight:
      1. each row x (in,) goes on a grid of 2 x GRID + 1 steps of its largest magnitude, q = round(x / step), and each
@@ -18,10 +19,16 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#define MAX_ROWS 6 /* a tile's sums stay in the 32 vector registers up to this many rows */
+#define MAX_ROWS 6 /* a tile's sums stay in the vector registers up to this many rows */
+
 #define HALF 128
 #define GRID (HALF * HALF - 1)
+
+#if defined(__AVX512F__) /* ------------------------------------------------ the AVX-512 build: int8, bf16, fp32 */
 #define INT8_TILE 2 /* weight rows a tile: 2 x 6 x 2 sums of the halves, 2 of the weights */
+#define INT8_TILE_FOR(rows) INT8_TILE
+#define CHUNK 64 /* inputs a chunk */
+#define ROW_CHUNK 128 /* bytes of one row's halves for a chunk of 64 inputs: 64 of high + 128, 64 of low */
 
 /* One row's halves (step 1 above) and its grid's step, 16 values at a time, with the same roundings as
    quant._int8_halves (division and rounding are exact operations, vector or not). The halves of all the rows are
@@ -81,34 +88,6 @@ static inline __attribute__((always_inline)) void int8_tile(const int8_t *w, con
     }
 }
 
-/* x (rows, in) fp32, w (out, in) int8, scales (out,) fp32 -> y (rows, out) fp32; in a multiple of 64. Returns 0, -1
-   where the halves' buffer could not be allocated, -2 where rows is not 1 to MAX_ROWS. Each count of rows is its own
-   loop (the switch), so that the compiler keeps the sums in registers. 5 rows x 11008 x 4096, AMD EPYC, 2 threads:
-   1 weight row a tile 3.8 ms, 2 (with the next 2 prefetched) 2.6, 3 (whose 30 sums and 9 more do not fit) 3.5. */
-int int8_rows(const float *x, const int8_t *w, const float *scales, float *y, int64_t rows, int64_t out, int64_t in,
-              int threads) {
-    if (rows < 1 || rows > MAX_ROWS) return -2;
-    uint8_t *chunks = (uint8_t *)aligned_alloc(64, 2 * rows * in);
-    if (chunks == NULL) return -1;
-    float step[MAX_ROWS];
-    for (int64_t r = 0; r < rows; r++) step[r] = halves(x + r * in, in, chunks + 128 * r, 128 * rows);
-    const int64_t tiled = out - out % INT8_TILE;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t o = 0; o < tiled; o += INT8_TILE) {
-        switch (rows) {
-            case 1: int8_tile(w, chunks, step, scales, y, out, in, 1, INT8_TILE, o); break;
-            case 2: int8_tile(w, chunks, step, scales, y, out, in, 2, INT8_TILE, o); break;
-            case 3: int8_tile(w, chunks, step, scales, y, out, in, 3, INT8_TILE, o); break;
-            case 4: int8_tile(w, chunks, step, scales, y, out, in, 4, INT8_TILE, o); break;
-            case 5: int8_tile(w, chunks, step, scales, y, out, in, 5, INT8_TILE, o); break;
-            default: int8_tile(w, chunks, step, scales, y, out, in, 6, INT8_TILE, o); break;
-        }
-    }
-    for (int64_t o = tiled; o < out; o++) int8_tile(w, chunks, step, scales, y, out, in, (int)rows, 1, o); /* odd out */
-    free(chunks);
-    return 0;
-}
-
 /* A few float rows times a float matrix, bf16 (bf16_rows) or fp32 (f32_rows): one row (greedy decoding) or a beam
    search's few, for the same reason (native.py): x (rows, in), w (out, in) of one dtype -> y (rows, out) fp32; rows 1
    to MAX_ROWS, in a multiple of a vector's values (32 bf16, 16 fp32). bf16: vdpbf16ps multiplies 32 pairs of bf16
@@ -147,6 +126,147 @@ static inline __attribute__((always_inline)) void float_tile(const char *x, cons
         for (int r = 0; r < rows; r++) y[r * out + o + t] = _mm512_reduce_add_ps(sums[t][r]);
 }
 
+#else /* ------------------------------------------------------- the AVX2 build: int8, bf16 and fp32, 256 bits */
+/* int8_rows without VNNI: vpmaddwd multiplies 16 pairs of int16 and adds each 2 products into 8 int32 sums, so each
+   int8 weight is widened to int16 (exact) and the halves are int16 too, high signed as it is (no + 128, no sum of the
+   weights), 16 inputs a chunk: |high x w| <= 2^14, the sums exact as with AVX-512. The same numbers as
+   quant.integer_linear, bit for bit: the same halves, the same int32 sums, the same step 3. A tile of 2 weight rows
+   for up to 3 rows (2 x 3 x 2 sums), of 1 for more (6 x 2 sums: the 16 registers); 11008 x 4096, AMD EPYC (this
+   build), 2 threads: one row 2.4 ms a tile of 1, 1.7 of 2; 5 rows 6.5 / 8.0. */
+#define INT8_TILE 2 /* weight rows a tile, at most */
+#define INT8_TILE_FOR(rows) ((rows) <= 3 ? 2 : 1)
+#define CHUNK 16 /* inputs a chunk */
+#define ROW_CHUNK 64 /* bytes of one row's halves for a chunk: 16 int16 of high, 16 of low */
+
+static float halves(const float *x, int64_t in, uint8_t *chunks, int64_t stride) {
+    __m256 largest = _mm256_setzero_ps();
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t k = 0; k < in; k += 8)
+        largest = _mm256_max_ps(largest, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k))); /* |x|: the sign bit off */
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(largest), _mm256_extractf128_ps(largest, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    const float step = fmaxf(_mm_cvtss_f32(m), 1e-30f) / GRID; /* an all-zero row stays zero */
+    const __m256 steps = _mm256_set1_ps(step), half = _mm256_set1_ps(HALF);
+    for (int64_t k = 0; k < in; k += 8) {
+        __m256 q = _mm256_div_ps(_mm256_loadu_ps(x + k), steps);
+        q = _mm256_round_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); /* half to even: torch.round */
+        const __m256 h = _mm256_round_ps(_mm256_div_ps(q, half), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+        const __m256i high = _mm256_cvtps_epi32(h), low = _mm256_cvtps_epi32(_mm256_sub_ps(q, _mm256_mul_ps(half, h)));
+        uint8_t *at = chunks + (k / CHUNK) * stride + (k % CHUNK) * 2; /* 8 int16 each (packs: exact, all in range) */
+        _mm_store_si128((__m128i *)at,
+                        _mm_packs_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1)));
+        _mm_store_si128((__m128i *)(at + 32),
+                        _mm_packs_epi32(_mm256_castsi256_si128(low), _mm256_extracti128_si256(low, 1)));
+    }
+    return step;
+}
+
+static inline int32_t sum8(__m256i v) { /* the 8 int32 lanes' total */
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
+static inline __attribute__((always_inline)) void int8_tile(const int8_t *w, const uint8_t *chunks, const float *step,
+                                                            const float *scales, float *y, int64_t out, int64_t in,
+                                                            const int rows, const int tile, int64_t o) {
+    __m256i high[INT8_TILE][MAX_ROWS], low[INT8_TILE][MAX_ROWS];
+    for (int t = 0; t < tile; t++)
+        for (int r = 0; r < rows; r++) high[t][r] = low[t][r] = _mm256_setzero_si256();
+    const int8_t *next = w + (o + 2 * tile <= out ? o + tile : o) * in; /* the next tile's rows, while there is one */
+    for (int64_t k = 0; k < in; k += CHUNK) {
+        __m256i wk[INT8_TILE];
+        for (int t = 0; t < tile; t++) {
+            if (k % 64 == 0) _mm_prefetch((const char *)(next + t * in + k), _MM_HINT_T1); /* a 64-byte line */
+            wk[t] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + (o + t) * in + k))); /* 16 int16 */
+        }
+        const uint8_t *chunk = chunks + (k / CHUNK) * rows * ROW_CHUNK;
+        for (int r = 0; r < rows; r++) {
+            const __m256i h = _mm256_load_si256((const __m256i *)(chunk + r * ROW_CHUNK));
+            const __m256i l = _mm256_load_si256((const __m256i *)(chunk + r * ROW_CHUNK + 32));
+            for (int t = 0; t < tile; t++) {
+                high[t][r] = _mm256_add_epi32(high[t][r], _mm256_madd_epi16(h, wk[t]));
+                low[t][r] = _mm256_add_epi32(low[t][r], _mm256_madd_epi16(l, wk[t]));
+            }
+        }
+    }
+    for (int t = 0; t < tile; t++)
+        for (int r = 0; r < rows; r++) /* step 3 */
+            y[r * out + o + t] = (HALF * (float)sum8(high[t][r]) + (float)sum8(low[t][r])) * step[r] * scales[o + t];
+}
+
+/* The float loops without AVX-512: 8 fp32 a vector, 16 vector registers. AVX2 has no bf16 arithmetic, so each bf16
+   weight is widened to the fp32 of the same value (a bf16 is the upper half of that fp32's bits: zero-extend, shift
+   left by 16; exact), then vfmadd as for fp32 weights; x comes in fp32 (bf16_rows widens bf16 rows once: 5 rows x
+   11008 x 4096, 3.35 ms against 3.86 widening them at every tile). Tiles of 2 weight rows, whose 2 x 6 sums and the
+   values they multiply fit the 16 registers. One row reads at the memory rate, 5 bf16 rows at ~22-31 GB/s, bound by
+   the vfmadds (5 for 8 weights; native.py's table). */
+#define FLOAT_TILE 2 /* weight rows a tile: 2 x 6 sums */
+
+static inline __m256 widened(const uint16_t *bf16) { /* 8 bf16 -> 8 fp32 */
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)bf16)), 16));
+}
+
+static inline __attribute__((always_inline)) void float_tile(const char *x, const char *w, float *y, int64_t out,
+                                                             int64_t in, const int rows, const int tile, int64_t o,
+                                                             const int bf16) {
+    const int64_t size = bf16 ? 2 : 4; /* bytes a weight; x is fp32 */
+    const float *xf = (const float *)x;
+    __m256 sums[FLOAT_TILE][MAX_ROWS];
+    for (int t = 0; t < tile; t++)
+        for (int r = 0; r < rows; r++) sums[t][r] = _mm256_setzero_ps();
+    const char *next = w + (o + 2 * tile <= out ? o + tile : o) * in * size; /* the next tile's rows, while any */
+    for (int64_t k = 0; k < in; k += 8) {
+        __m256 wk[FLOAT_TILE];
+        for (int t = 0; t < tile; t++) {
+            const char *weights = w + ((o + t) * in + k) * size;
+            if ((k * size) % 64 == 0) _mm_prefetch(next + (t * in + k) * size, _MM_HINT_T1); /* a 64-byte line */
+            wk[t] = bf16 ? widened((const uint16_t *)weights) : _mm256_loadu_ps((const float *)weights);
+        }
+        for (int r = 0; r < rows; r++) {
+            const __m256 xr = _mm256_loadu_ps(xf + r * in + k);
+            for (int t = 0; t < tile; t++) sums[t][r] = _mm256_fmadd_ps(xr, wk[t], sums[t][r]);
+        }
+    }
+    for (int t = 0; t < tile; t++)
+        for (int r = 0; r < rows; r++) { /* the 8 sums' total: halves, then quarters, then the last two */
+            __m128 s = _mm_add_ps(_mm256_castps256_ps128(sums[t][r]), _mm256_extractf128_ps(sums[t][r], 1));
+            s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            y[r * out + o + t] = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+        }
+}
+#endif
+
+/* x (rows, in) fp32, w (out, in) int8, scales (out,) fp32 -> y (rows, out) fp32; in a multiple of a chunk's inputs
+   (AVX-512 64, AVX2 16). Returns 0, -1 where the halves' buffer could not be allocated, -2 where rows is not 1 to
+   MAX_ROWS. Each count of rows is its own loop (the switch), so that the compiler keeps the sums in registers. 5 rows
+   x 11008 x 4096, AMD EPYC, 2 threads, AVX-512: 1 weight row a tile 3.8 ms, 2 (with the next 2 prefetched) 2.6, 3
+   (whose 30 sums and 9 more do not fit) 3.5. */
+int int8_rows(const float *x, const int8_t *w, const float *scales, float *y, int64_t rows, int64_t out, int64_t in,
+              int threads) {
+    if (rows < 1 || rows > MAX_ROWS) return -2;
+    uint8_t *chunks = (uint8_t *)aligned_alloc(64, ROW_CHUNK / CHUNK * rows * in);
+    if (chunks == NULL) return -1;
+    float step[MAX_ROWS];
+    for (int64_t r = 0; r < rows; r++) step[r] = halves(x + r * in, in, chunks + ROW_CHUNK * r, ROW_CHUNK * rows);
+    const int64_t tile = INT8_TILE_FOR(rows), tiled = out - out % tile;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t o = 0; o < tiled; o += tile) {
+        switch (rows) {
+            case 1: int8_tile(w, chunks, step, scales, y, out, in, 1, INT8_TILE_FOR(1), o); break;
+            case 2: int8_tile(w, chunks, step, scales, y, out, in, 2, INT8_TILE_FOR(2), o); break;
+            case 3: int8_tile(w, chunks, step, scales, y, out, in, 3, INT8_TILE_FOR(3), o); break;
+            case 4: int8_tile(w, chunks, step, scales, y, out, in, 4, INT8_TILE_FOR(4), o); break;
+            case 5: int8_tile(w, chunks, step, scales, y, out, in, 5, INT8_TILE_FOR(5), o); break;
+            default: int8_tile(w, chunks, step, scales, y, out, in, 6, INT8_TILE_FOR(6), o); break;
+        }
+    }
+    for (int64_t o = tiled; o < out; o++) int8_tile(w, chunks, step, scales, y, out, in, (int)rows, 1, o); /* odd out */
+    free(chunks);
+    return 0;
+}
+
 /* Returns 0, or -2 where rows is not 1 to MAX_ROWS (each count of rows its own loop, as int8_rows'). */
 static int float_rows(const char *x, const char *w, float *y, int64_t rows, int64_t out, int64_t in, int threads,
                       const int bf16) {
@@ -167,8 +287,19 @@ static int float_rows(const char *x, const char *w, float *y, int64_t rows, int6
     return 0;
 }
 
+/* Returns 0, -1 where the AVX2 build could not allocate the rows widened to fp32, -2 as float_rows. */
 int bf16_rows(const uint16_t *x, const uint16_t *w, float *y, int64_t rows, int64_t out, int64_t in, int threads) {
+#if defined(__AVX512F__)
     return float_rows((const char *)x, (const char *)w, y, rows, out, in, threads, 1);
+#else /* the AVX2 loop reads x in fp32: each bf16 the upper half of its fp32 */
+    if (rows < 1 || rows > MAX_ROWS) return -2;
+    uint32_t *wide = (uint32_t *)malloc(sizeof(uint32_t) * rows * in);
+    if (wide == NULL) return -1;
+    for (int64_t i = 0; i < rows * in; i++) wide[i] = (uint32_t)x[i] << 16;
+    const int status = float_rows((const char *)wide, (const char *)w, y, rows, out, in, threads, 1);
+    free(wide);
+    return status;
+#endif
 }
 
 int f32_rows(const float *x, const float *w, float *y, int64_t rows, int64_t out, int64_t in, int threads) {

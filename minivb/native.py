@@ -53,14 +53,32 @@ oneDNN's packed copy / inductor's compiled kernel (fast._row_times_matrix):
 compiled kernels are still rented (compiling.py), a greedy token 31.0 -> 14.9 ms (transformers 30), a 5-beam step
 23.8 -> 18.8 ms.
 
+Machines without AVX-512 (most laptops; AMD before Zen 4) take a second build of the same file, 256 bits wide: the
+bf16 and fp32 loops with vfmadd, each bf16 weight widened to fp32 first (AVX2 has no bf16 arithmetic), and the int8
+loop with vpmaddwd (int16 pairs), its numbers still quant.integer_linear's exactly. There PyTorch's own kernels are
+slower still: its bf16 row read ~15 GB/s on issue 12's AVX2 machine and on an Intel Xeon emulating one, a few bf16
+rows cost F.linear about one pass each, MKL's fp32 on AMD takes its generic path, int8pack_mm read 11-16 GB/s.
+Emulated on the AMD EPYC (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2,
+MINIVB_NATIVE_BF16=0), 2 threads, ms a matrix, best of 3 rounds alternating, the 1 GB sum 21-46 GB/s beside: what
+minivb took there before (bf16 one row torch.mv, a few fast.rows_linear; fp32 F.linear, a few `weight @ x.T`; int8
+int8pack_mm) / this build:
+                  bf16: one row     5 rows          fp32: one row     5 rows          int8: one row     5 rows
+    11008 x 4096        2.31 / 2.12   13.03 / 4.25        8.96 / 4.52   15.55 / 6.22        2.55 / 1.73   7.09 / 5.66
+    4096 x 11008        4.18 / 3.15   11.30 / 3.24        9.08 / 6.17   17.26 / 6.42        2.33 / 1.72   5.80 / 5.41
+    32000 x 4096        8.28 / 8.19   32.72 / 8.35       25.13 / 17.15  49.21 / 14.72       7.01 / 4.24  19.05 / 13.53
+    2048 x 5120         0.98 / 0.60    3.18 / 0.97        1.85 / 1.18    3.61 / 1.35        0.73 / 0.38   1.31 / 1.09
+One row reads at about the memory rate in each dtype. A few int8 rows are bound by instructions (per 16 weights and
+row, 2 vpmaddwd and 2 additions: 8-10 G weights/s), which makes 5 int8 rows slower than 5 bf16 ones here.
+
 Built at first use with the system's C compiler (CC, else gcc, cc or clang: the ~1 s it takes is paid once a
-machine; the library is kept in ~/.cache/minivb, or $MINIVB_CACHE, named by a hash of its source and flags), and
-called through ctypes, wrapped as PyTorch operators (`torch.library.Library`) so that a decode block compiled whole
-(decode_blocks.py) calls them as it calls any op. Their threads are OpenMP's, the same runtime (libgomp.so.1) PyTorch
-loaded, told torch.get_num_threads(). Taken for 1 to MAX_ROWS rows where one row takes minivb's compiled kernels
-(fast.compiled_rows_pay: AMD with AVX-512, where they were measured) and the CPU has the instructions (AVX-512 VNNI
-for int8, AVX-512 BF16 for bf16, AVX-512F for fp32); MINIVB_NATIVE=0 turns them off, 1 on wherever the CPU has them.
-Where nothing builds them, said once on stderr, the compiled kernels and F.linear stay.
+machine; the library is kept in ~/.cache/minivb, or $MINIVB_CACHE, named by a hash of its source and flags), for the
+vector width PyTorch's kernels use (`ISA`), and called through ctypes, wrapped as PyTorch operators
+(`torch.library.Library`) so that a decode block compiled whole (decode_blocks.py) calls them as it calls any op. Their
+threads are OpenMP's, the same runtime (libgomp.so.1) PyTorch loaded, told torch.get_num_threads(). Taken for 1 to
+MAX_ROWS rows where the CPU has the instructions (AVX-512 VNNI for int8, AVX-512 BF16 for bf16, AVX-512F for fp32;
+AVX2 and FMA for the other build) and they were measured to pay (`_pays`: with AVX-512, on AMD, where one row takes
+minivb's compiled kernels too; with AVX2, bf16 anywhere and fp32 with MKL on AMD); MINIVB_NATIVE=0 turns them off, 1
+on wherever the CPU has them. Where nothing builds them, said once on stderr, the compiled kernels and F.linear stay.
 """
 
 import ctypes
@@ -78,30 +96,53 @@ import torch
 from . import compiling, fast  # (fast imports this file: its names are read at calls only)
 
 SOURCE = Path(__file__).with_name("kernels.c")
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-mavx512bf16", "-fopenmp", "-ffp-contract=off",
-         "-shared", "-fPIC"]
-NEEDS = {torch.int8: frozenset({"avx512f", "avx512bw", "avx512_vnni"}),  # /proc/cpuinfo's names of what each loop
-         torch.bfloat16: frozenset({"avx512f", "avx512bw", "avx512_bf16"}),  # of kernels.c runs
-         torch.float32: frozenset({"avx512f"})}
-WIDTH_STEP = {torch.int8: 64, torch.bfloat16: 32, torch.float32: 16}  # the inputs each loop reads at a time
+# kernels.c is built for the vector width PyTorch's own kernels use here: the widest the CPU has, or
+# ATEN_CPU_CAPABILITY's where it is set (README: "A machine without native bf16, emulated"). For each width, its
+# compiler flags, and for each loop, /proc/cpuinfo's names of the instructions it runs and the inputs it reads at a
+# time.
+ISA = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT" (no build), ...
+BUILDS = {
+    "AVX512": (["-mavx512f", "-mavx512bw", "-mavx512vnni", "-mavx512bf16"],
+               {torch.int8: frozenset({"avx512f", "avx512bw", "avx512_vnni"}),
+                torch.bfloat16: frozenset({"avx512f", "avx512bw", "avx512_bf16"}),
+                torch.float32: frozenset({"avx512f"})},
+               {torch.int8: 64, torch.bfloat16: 32, torch.float32: 16}),
+    "AVX2": (["-mavx2", "-mfma"],
+             {torch.int8: frozenset({"avx2", "fma"}), torch.bfloat16: frozenset({"avx2", "fma"}),
+              torch.float32: frozenset({"avx2", "fma"})},
+             {torch.int8: 16, torch.bfloat16: 8, torch.float32: 8}),
+}
+_WIDTH_FLAGS, NEEDS, WIDTH_STEP = BUILDS.get(ISA, ([], {}, {}))
+FLAGS = ["-O3", *_WIDTH_FLAGS, "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
 MAX_ROWS = 6  # the rows the loops multiply at once (kernels.c)
 MAX_INPUTS = 65536  # the int8 loop's int32 sums are exact up to this many inputs (kernels.c)
 ready = frozenset()  # the weight dtypes whose kernel is loaded, set by `available`: what code traced by torch.compile
 # reads (no call that builds anything)
+_decided = None  # the switches `ready` was set for
 
 
 def available(dtype: torch.dtype) -> bool:
     """Whether one row of a matrix of `dtype` takes its kernel here (the module docstring); builds the library at the
     first call."""
-    global ready
-    forced = compiling.override("MINIVB_NATIVE")
-    if forced is False or not (forced or fast.compiled_rows_pay()):
-        ready = frozenset()
-    elif not ready:
-        flags = fast._cpu_flags()
-        dtypes = frozenset(kind for kind, needs in NEEDS.items() if needs <= flags)
-        ready = dtypes if dtypes and _library() is not None else frozenset()
+    global ready, _decided
+    forced, flags = compiling.override("MINIVB_NATIVE"), fast._cpu_flags()
+    switches = (forced, fast.compiled_rows_pay(), flags)  # what can change between calls (tests, a user's setenv)
+    if switches != _decided:  # (decided once per setting: `takes` asks at every product)
+        wanted = frozenset(kind for kind, needs in NEEDS.items()
+                           if needs <= flags and forced is not False and (forced or _pays(kind)))
+        ready = wanted if wanted and _library() is not None else frozenset()
+        _decided = switches
     return dtype in ready
+
+
+def _pays(dtype: torch.dtype) -> bool:
+    """Where a loop of kernels.c was measured faster than what PyTorch gives: with AVX-512, on AMD (where one row
+    takes the compiled kernels: fast.compiled_rows_pay); with AVX2, bf16 and int8 anywhere (PyTorch's own bf16 row
+    reads ~15 GB/s: issue 12's AVX2 machine, an Intel Xeon emulating one; int8pack_mm 11-16 there) and fp32 with MKL
+    on AMD (its generic path)."""
+    if ISA != "AVX2":
+        return fast.compiled_rows_pay()
+    return dtype != torch.float32 or fast._mkl_on_amd()
 
 
 def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -167,9 +208,10 @@ def _float_call(kernel, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tenso
 
 
 def _check(status: int, count: int, width: int) -> None:
-    """kernels.c's status: 0 done, -1 no memory for the int8 rows' halves, -2 a count of rows it does not take."""
+    """kernels.c's status: 0 done, -1 no memory for a copy of the rows, -2 a count of rows it does not take."""
     if status == -1:
-        raise MemoryError(f"minivb's int8 kernel could not allocate 2 x {count} x {width} bytes for the rows' halves")
+        raise MemoryError(f"minivb's kernels could not allocate a copy of {count} rows of {width} inputs (int8: their"
+                          f" halves; bf16 with AVX2: in fp32)")
     if status == -2:
         raise ValueError(f"minivb's kernels multiply 1 to {MAX_ROWS} rows at once, got {count}")
 

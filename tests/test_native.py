@@ -1,27 +1,37 @@
 """minivb/native.py: one row times an int8 matrix through kernels.c's VNNI loop gives quant.integer_linear's numbers
 exactly, 1 to 6 bf16 or fp32 rows times a matrix of theirs through its vdpbf16ps or vfmadd loop the exact sums within
-fp32's rounding; all are taken where they should be, work inside torch.compile, and fall back when they cannot be
-built."""
+fp32's rounding (the AVX-512 build, or the AVX2 one where PyTorch's kernels are 256 bits wide, and that one in a
+process of its own everywhere); all are taken where they should be, work inside torch.compile, and fall back when
+they cannot be built."""
+
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from minivb import fast, native, packing, quant
 
-has_instructions = native.NEEDS[torch.int8] <= fast._cpu_flags()
-needs_kernel = pytest.mark.skipif(not has_instructions, reason="this CPU has no AVX-512 VNNI: the kernel never runs")
-has_bf16 = native.NEEDS[torch.bfloat16] <= fast._cpu_flags()
-needs_bf16_kernel = pytest.mark.skipif(not has_bf16, reason="this CPU has no AVX-512 BF16: the bf16 kernel never runs")
-has_f32 = native.NEEDS[torch.float32] <= fast._cpu_flags()
-needs_f32_kernel = pytest.mark.skipif(not has_f32, reason="this CPU has no AVX-512: the fp32 kernel never runs")
+
+def has(dtype: torch.dtype) -> bool:
+    """Whether this process's build of kernels.c (native.ISA) has a loop for `dtype` and the CPU its instructions."""
+    return dtype in native.NEEDS and native.NEEDS[dtype] <= fast._cpu_flags()
+
+
+has_instructions, has_bf16, has_f32 = has(torch.int8), has(torch.bfloat16), has(torch.float32)
+needs_kernel = pytest.mark.skipif(not has_instructions, reason="no int8 loop here (AVX-512 VNNI): it never runs")
+needs_bf16_kernel = pytest.mark.skipif(not has_bf16, reason="no bf16 loop here (AVX-512 BF16 or AVX2): it never runs")
+needs_f32_kernel = pytest.mark.skipif(not has_f32, reason="no fp32 loop here (AVX-512 or AVX2): it never runs")
 
 
 @pytest.fixture
 def built(monkeypatch):
-    """The kernel switched on (MINIVB_NATIVE=1: whatever the processor's vendor) and built; skipped where it cannot
-    be (no C compiler)."""
+    """The kernels switched on (MINIVB_NATIVE=1: whatever the processor's vendor) and built; skipped where they cannot
+    be (no C compiler, no build for this vector width)."""
     monkeypatch.setenv("MINIVB_NATIVE", "1")
-    if not native.available(torch.int8):
+    if not any(native.available(dtype) for dtype in native.NEEDS):
         pytest.skip("kernels.c could not be built here")
 
 
@@ -74,7 +84,7 @@ def test_what_it_fits(built, monkeypatch):
     weight, _ = weights(16, 128)
     assert native.fits(weight)
     assert not native.fits(weight[:, :96])  # not contiguous
-    assert not native.fits(weight[:, :96].contiguous())  # 96 inputs: not a multiple of 64
+    assert not native.fits(weight[:, :72].contiguous())  # 72 inputs: not a multiple of a step (AVX-512 64, AVX2 16)
     assert native.fits(weight.float()) == has_f32 and not native.fits(weight.double())
     monkeypatch.setenv("MINIVB_NATIVE", "0")
     assert not native.available(torch.int8) and not native.fits(weight)
@@ -111,6 +121,8 @@ def test_a_few_rows_of_an_int8_layer_take_it(built, monkeypatch):
         five = layer(beams[:5])  # the 3rd few-row product (2 to 6 rows: one row does not count), the kernel's
         assert layer.packed.copy is None and len(calls) == 1
         calls.clear()
+        if not packing.int8_products_exact():  # (oneDNN's int8 products with AVX2 saturate: int8_packing_pays)
+            return
         assert torch.equal(layer(beams[:5]), five)  # the 4th: packed, the same exact sums from the copy
         assert layer.packed.copy is not None and calls == []
         layer.weight = layer.weight.clone()  # a new weight: counted anew
@@ -131,6 +143,7 @@ def test_inside_a_compiled_function(built):
     assert torch.equal(compiled(beams, weight, scales), native.int8_rows(beams * 2, weight, scales) + 1)
 
 
+@pytest.mark.skipif(not native.NEEDS, reason="no build of kernels.c for this vector width")
 def test_a_compiler_that_fails_is_said_and_left(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("CC", "false")  # a command that exists and fails
     monkeypatch.setenv("MINIVB_CACHE", str(tmp_path))
@@ -142,10 +155,12 @@ def test_a_compiler_that_fails_is_said_and_left(monkeypatch, tmp_path, capsys):
 
 @needs_bf16_kernel
 @pytest.mark.parametrize("rows", [1, 2, 5, 6])
-@pytest.mark.parametrize("out, width", [(37, 32), (64, 96), (130, 1024), (5, 4128), (3, 64)])
-def test_bf16_rows_give_the_exact_sums_within_fp32_rounding(built, rows, out, width):
-    """Widths of one 32-value step, of an odd number of them, of many; outputs that fill whole tiles of 4 and ones
-    that leave 1-3 over (fewer than a tile: only those); then rounded to bf16 as a compiled kernel's."""
+@pytest.mark.parametrize("out, steps", [(37, 1), (64, 3), (130, 32), (5, 129), (3, 2)])
+def test_bf16_rows_give_the_exact_sums_within_fp32_rounding(built, rows, out, steps):
+    """Widths of one step of the loop (AVX-512: 32 values, AVX2: 8), of an odd number of them, of many; outputs that
+    fill whole tiles (of 4; 2) and ones that leave some over (fewer than a tile: only those); then rounded to bf16 as
+    a compiled kernel's."""
+    width = steps * native.WIDTH_STEP[torch.bfloat16]
     generator = torch.Generator().manual_seed(2)
     weight = torch.randn(out, width, generator=generator).bfloat16()
     x = torch.randn(rows, width, generator=generator).bfloat16()
@@ -161,10 +176,11 @@ def test_bf16_rows_give_the_exact_sums_within_fp32_rounding(built, rows, out, wi
 
 @needs_f32_kernel
 @pytest.mark.parametrize("rows", [1, 2, 5, 6])
-@pytest.mark.parametrize("out, width", [(37, 16), (64, 48), (130, 1024), (5, 4112), (3, 64)])
-def test_f32_rows_give_the_exact_sums_within_fp32_rounding(built, rows, out, width):
-    """The fp32 loop, as the bf16 one above: widths of one 16-value step, an odd number of them, many; outputs that
-    fill whole tiles of 4 and ones that leave 1-3 over."""
+@pytest.mark.parametrize("out, steps", [(37, 1), (64, 3), (130, 64), (5, 257), (3, 4)])
+def test_f32_rows_give_the_exact_sums_within_fp32_rounding(built, rows, out, steps):
+    """The fp32 loop, as the bf16 one above: widths of one step (AVX-512: 16 values, AVX2: 8), an odd number of them,
+    many; outputs that fill whole tiles and ones that leave some over."""
+    width = steps * native.WIDTH_STEP[torch.float32]
     generator = torch.Generator().manual_seed(3)
     weight = torch.randn(out, width, generator=generator)
     x = torch.randn(rows, width, generator=generator) * torch.logspace(0, 3, rows)[:, None]
@@ -204,9 +220,12 @@ def test_more_bf16_rows_than_its_sums_hold_are_refused(built):
     weight = torch.randn(8, 64).bfloat16()
     many = torch.randn(native.MAX_ROWS + 1, 64).bfloat16()
     assert native.takes(many[:-1], weight) and not native.takes(many, weight)
-    integers, scales = weights(8, 64)
-    assert native.takes(many[:-1].float(), integers) and not native.takes(many.float(), integers)
-    for product in (lambda: native.float_rows(many, weight), lambda: native.int8_rows(many, integers, scales)):
+    products = [lambda: native.float_rows(many, weight)]
+    if has_instructions:
+        integers, scales = weights(8, 64)
+        assert native.takes(many[:-1].float(), integers) and not native.takes(many.float(), integers)
+        products.append(lambda: native.int8_rows(many, integers, scales))
+    for product in products:
         with pytest.raises(ValueError, match="1 to 6 rows at once, got 7"):
             product()
 
@@ -232,7 +251,8 @@ def test_a_few_bf16_rows_of_a_linear_layer_take_it(built, monkeypatch):
     layer = fast.Linear(256, 48, dtype=torch.bfloat16)
     beams = torch.randn(7, 1, 256, dtype=torch.bfloat16)  # (beams, 1, in): a beam step's rows
     with torch.no_grad():
-        assert [fast.decode_route(beams[:n], layer.weight) for n in (1, 2, 6, 7)] == ["fused", *["native"] * 2, "plain"]
+        routes = [fast.decode_route(beams[:n], layer.weight) for n in (1, 2, 6, 7)]
+        assert routes[:3] == ["fused", "native", "native"] and routes[3] != "native"  # 7 rows: F.linear or `rows`
         assert not native.takes(beams[:5].float(), layer.weight)  # fp32 rows, bf16 weight: not through fast.Linear
         for count in (1, 5):
             got = layer(beams[:count])
@@ -256,6 +276,8 @@ def test_beams_take_it_until_the_weight_packs_later(built, monkeypatch):
     products, not PACK_AFTER (the copy saves less there: packing.py), then reads its packed copy."""
     monkeypatch.setenv("MINIVB_FUSED", "1")
     monkeypatch.setenv("MINIVB_NATIVE_BF16", "1")
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("oneDNN multiplies no bf16 here (AVX2): nothing to pack")
     monkeypatch.setattr(fast, "FUSED_MIN_WEIGHTS", 0)
     monkeypatch.setattr(packing, "PACK_AFTER", 2)
     monkeypatch.setattr(packing, "PACK_AFTER_NATIVE", 4)
@@ -275,3 +297,67 @@ def test_beams_take_it_until_the_weight_packs_later(built, monkeypatch):
         for step in range(1, 3):
             layer(torch.randn(7, 1, 256, dtype=torch.bfloat16))
             assert (layer.packed.copy is not None) == (step >= 2) and len(calls) == 3
+
+
+# The AVX2 build in a process of its own (ATEN_CPU_CAPABILITY=avx2: PyTorch's kernels, and so native.ISA, 256 bits
+# wide), so that a machine with AVX-512 tests the loops AVX2 machines take too.
+AVX2_PROCESS = """
+import json, torch
+from minivb import fast, native, quant
+worst, exact = 0.0, True
+for rows in (1, 2, 5, 6):  # int8: quant.integer_linear's numbers, bit for bit (halves_product, above)
+    for out, steps in ((37, 1), (130, 3), (5, 257)):
+        generator = torch.Generator().manual_seed(rows)
+        weight = torch.randint(-128, 128, (out, steps * 16), dtype=torch.int8, generator=generator)
+        x = torch.randn(rows, steps * 16, generator=generator) * torch.logspace(0, 3, rows)[:, None]
+        x[0, 0] = -x.abs().max()  # the grid's largest step down: high = -128
+        scales = torch.rand(out, generator=generator) + 1e-3
+        halves, step = quant._int8_halves(x)  # quant.integer_linear, its sums in int64 (oneDNN's AVX2 ones saturate)
+        sums = (halves.long() @ weight.long().T).to(torch.int32)
+        exact &= torch.equal(native.int8_rows(x, weight, scales), quant._sum_halves(sums, step, scales))
+for dtype, call in ((torch.bfloat16, native._bf16_call), (torch.float32, native._f32_call)):
+    for rows in (1, 2, 5, 6):
+        for out, steps in ((37, 1), (130, 3), (5, 513)):
+            generator = torch.Generator().manual_seed(rows)
+            width = steps * native.WIDTH_STEP[dtype]
+            weight = torch.randn(out, width, generator=generator).to(dtype)
+            x = (torch.randn(rows, width, generator=generator) * torch.logspace(0, 3, rows)[:, None]).to(dtype)
+            error = (call(x, weight).double() - x.double() @ weight.double().T).abs()
+            worst = max(worst, (error / (x.double().abs() @ weight.double().abs().T)).max().item())
+layer = fast.Linear(512, 1024, dtype=torch.bfloat16)
+with torch.no_grad():
+    routes = [fast.decode_route(torch.randn(1, n, 512, dtype=torch.bfloat16), layer.weight) for n in (1, 5)]
+    row = torch.randn(1, 1, 512, dtype=torch.bfloat16)
+    matches = torch.equal(layer(row), native.float_rows(row[0], layer.weight)[None] + layer.bias)
+print(json.dumps({"isa": native.ISA, "ready": sorted(map(str, native.ready)), "exact": exact, "worst": worst,
+                  "routes": routes, "matches": matches}))
+"""
+
+
+@pytest.mark.skipif(not {"avx2", "fma"} <= fast._cpu_flags(), reason="this CPU has no AVX2 and FMA")
+def test_the_avx2_build_gives_the_exact_sums_and_takes_one_row(tmp_path):
+    """The AVX2 build: int8 rows give quant.integer_linear's numbers exactly (the grid's ends too), bf16 and fp32 ones
+    the exact sums within fp32's rounding (1 to 6 rows, widths of 1, 3 and 257 or 513 steps); one bf16 row of a
+    fast.Linear takes it there (no compiled kernels: MINIVB_FUSED=0)."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "MINIVB_NATIVE": "1", "MINIVB_FUSED": "0",
+           "MINIVB_NATIVE_BF16": "0", "MINIVB_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", AVX2_PROCESS], env=env, capture_output=True, text=True, timeout=300)
+    if "could not build kernels.c" in done.stderr or "no C compiler" in done.stderr:
+        pytest.skip("kernels.c could not be built here")
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["isa"] == "AVX2" and got["ready"] == ["torch.bfloat16", "torch.float32", "torch.int8"]
+    assert got["exact"] and got["worst"] <= 1e-6 and got["routes"] == ["native", "native"] and got["matches"]
+
+
+def test_where_each_build_pays(monkeypatch):
+    """AVX-512: where the compiled kernels pay (AMD); AVX2: bf16 and int8 everywhere, fp32 only with MKL on AMD."""
+    for mkl_on_amd in (False, True):
+        monkeypatch.setattr(fast, "_mkl_on_amd", lambda: mkl_on_amd)
+        monkeypatch.setattr(native, "ISA", "AVX2")
+        assert native._pays(torch.bfloat16) and native._pays(torch.int8)
+        assert native._pays(torch.float32) == mkl_on_amd
+        monkeypatch.setattr(native, "ISA", "AVX512")
+        for pays in ("0", "1"):
+            monkeypatch.setenv("MINIVB_FUSED", pays)
+            assert native._pays(torch.int8) == native._pays(torch.bfloat16) == native._pays(torch.float32) == (pays == "1")
