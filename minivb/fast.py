@@ -23,10 +23,10 @@ on the native-bf16 machine, AMD EPYC with avx512_bf16, 2 cores; the AVX2 numbers
 
 2. Few-row products (decode steps), one route each (`decode_route`, its table). One row (greedy): on AMD, bf16
    F.linear streams a matrix at about half the memory rate (fp32, MKL's: 0.6x), a compiled multiply-and-sum near it,
-   native.py's kernels (AVX-512: BF16, VNNI, fp32) at it; elsewhere the library's kernels are as fast or faster
-   (`compiled_rows_pay`): torch.mv for bf16, F.linear for fp32. Several rows (beams, a batch): up to 6 through
-   native.py's kernels on AMD, a weight packed once for oneDNN (packing.py), `weight @ x.T` with AMX, a compiled
-   kernel (`rows_linear`) without native bf16.
+   native.py's kernels (AVX-512: BF16, VNNI, fp32; AVX2 ones without AVX-512) at it; on other AVX-512 processors
+   the library's are as fast (`compiled_rows_pay`): torch.mv for bf16, F.linear for fp32. Several rows (beams, a
+   batch): up to 6 through native.py's kernels, a weight packed once for oneDNN (packing.py), `weight @ x.T` with
+   AMX, a compiled kernel (`rows_linear`) without native bf16 where native.py's are not taken.
    `linears` does a layer's q, k and v (gate and up) in one call with their pre-norm, `gated` a gated unit's
    activation and product too; int8 weights take kernels of their own (quant.int8_linear).
 
@@ -177,11 +177,9 @@ def _row_times_matrix(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (weight[None].float() * row[:, None].float()).sum(-1).sum(-1).to(row.dtype)
 
 
-# A few rows of bf16 on a CPU without native bf16 (beams): F.linear's cost grows with every row there, where one pass
-# that converts each weight to fp32 once and multiplies it by all the rows does not, as much. 11008 x 4096, ms a
-# matrix, emulated AVX2 on the Intel Xeon (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2, MINIVB_NATIVE_BF16=0),
-# best of 7-9 alternating, rows 1 / 2 / 3 / 5 / 8: F.linear 7.7 / 11.3 / 14.4 / 21.5 / 34.5, this 8.1 / 9.2 / 10.6 /
-# 12.7 / 22.8 (with native bf16 the other routes are faster; as one broadcast product, a weight converted a row: 24.2).
+# A few bf16 rows without native bf16 (beams), where native.py's AVX2 build is not taken: F.linear's cost grows with
+# each row, a pass converting each weight once for all rows less. 11008 x 4096, ms, AVX2 emulated on the Intel Xeon,
+# rows 1 / 2 / 3 / 5 / 8: F.linear 7.7 / 11.3 / 14.4 / 21.5 / 34.5, this 8.1 / 9.2 / 10.6 / 12.7 / 22.8.
 FEW_ROWS = 8
 ROWS_SAVES_PER_BYTE = 98e-12  # s a byte of weights, 5 rows (the table: 2 rows 23 us a MB, 8 rows 130)
 
@@ -308,17 +306,15 @@ def decode_route(x: torch.Tensor, weight: torch.Tensor, packing: bool = False) -
             3.5-6.7 / 3.4-6.9; 4096 x 11008 4.8-6.1 / 4.2 / 3.6-5.7; 4096 x 4096 1.7-2.3 / 1.3-1.4 / 1.3-1.9; 32000 x
             4096 12.4-18.4 / 9.9-14.7 / 13.2-13.7: as fast as a packed copy without one, the same sums as F.linear's
             (bit for bit in 5 of 6 shapes). Full-size vicuna-7b, a greedy token, three rounds in one process: F.linear
-            906 / 655 / 1421 ms, torch.mv 498 / 539 / 541 (98-121 % of the floor beside each), the same tokens. One
-            kernel without native bf16 (AVX2 emulated: 11008 x 4096 7.7-8.0 ms either way); fp32 stays on F.linear.
-            Where beams made a packed copy, one row reads it (as fast), and the plain weight's pages no longer are.
+            906 / 655 / 1421 ms, torch.mv 498 / 539 / 541 (98-121 % of the floor beside each), the same tokens;
+            fp32 on F.linear. Where beams made a packed copy, one row reads it (as fast), the plain weight's pages not.
     packed  several rows of a large CPU matrix in a layer allowed to pack (`packing`): beams, a batch's decode
             steps, and prompts once the copy exists, through the weight packed once for oneDNN (packing.py).
     native  2-6 rows of a large bf16 or fp32 matrix where native.py's kernels take them (beams before packing, on AMD
             with AVX-512: bf16 1.4-1.8x F.linear's oneDNN, which repacks the weight at every call; native.py's tables),
-            and one row too where the kernels are built for AVX2 (emulated on the AMD EPYC, native.py's table: one
-            bf16 row 0.6-1.0x torch.mv's time, 5 rows 0.26-0.33x the `rows` kernel's; fp32 0.3-0.7x F.linear's).
-    rows    2-8 rows (FEW_ROWS) of a large bf16 matrix on a CPU without native bf16 (beams there), through the
-            compiled few-row kernel (`_rows_times_matrix`): F.linear's cost grows with each row there.
+            and one row too where they are built for AVX2 (faster than `vector` and `rows` there: native.py's table).
+    rows    2-8 rows (FEW_ROWS) of a large bf16 matrix without native bf16 (beams there), through the compiled
+            few-row kernel (`_rows_times_matrix`), where native.py's are not taken: F.linear's grows with each row.
     matrix  `weight @ x.T`, where nothing is packed (yet): 2-8 rows of a large fp32 matrix with MKL on AMD, where
             F.linear takes MKL's slow path and this its matrix-matrix kernel (MATRIX_MIN_WEIGHTS; in bf16 there,
             F.linear is the faster: 5 rows x 11008 x 4096, 4.8 ms against 7.9); and 2-32 rows of a large bf16 matrix
