@@ -2,8 +2,9 @@
    few) times an int8 matrix with AVX-512 VNNI (int8_rows), and times a bf16 or fp32 matrix (bf16_rows with AVX-512
    BF16, f32_rows; at the end). All read the matrix once for all the rows, a tile of its rows at a time against every
    row of x, with the next tile prefetched into the second-level cache meanwhile (more streams of memory in flight
-   than one row's). Built twice, by the vector width PyTorch's own kernels use (native.py): with AVX-512, all three;
-   with AVX2 and FMA only (laptops, AMD before Zen 4), bf16_rows and f32_rows, 256 bits wide (the end of the file).
+   than one row's). Built twice, by the vector width PyTorch's own kernels use (native.py): with AVX-512, and with AVX2
+   and FMA only (laptops, AMD before Zen 4: the three loops 256 bits wide, after the AVX-512 ones; int8 with vpmaddwd,
+   the same numbers).
 
    int8_rows computes exactly what quant.integer_linear computes, in one pass over the weight:
      1. each row x (in,) goes on a grid of 2 x GRID + 1 steps of its largest magnitude, q = round(x / step), and each

@@ -79,8 +79,9 @@ vector width PyTorch's kernels use (`ISA`), and called through ctypes, wrapped a
 threads are OpenMP's, the same runtime (libgomp.so.1) PyTorch loaded, told torch.get_num_threads(). Taken for 1 to
 MAX_ROWS rows where the CPU has the instructions (AVX-512 VNNI for int8, AVX-512 BF16 for bf16, AVX-512F for fp32;
 AVX2 and FMA for the other build) and they were measured to pay (`_pays`: with AVX-512, on AMD, where one row takes
-minivb's compiled kernels too; with AVX2, bf16 anywhere and fp32 with MKL on AMD); MINIVB_NATIVE=0 turns them off, 1
-on wherever the CPU has them. Where nothing builds them, said once on stderr, the compiled kernels and F.linear stay.
+minivb's compiled kernels too; with AVX2, bf16 and int8 anywhere, fp32 with MKL on AMD); MINIVB_NATIVE=0 turns them
+off, 1 on wherever the CPU has them. Where nothing builds them, said once on stderr, the compiled kernels and F.linear
+stay.
 """
 
 import ctypes
