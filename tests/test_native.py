@@ -4,6 +4,7 @@ fp32's rounding (the AVX-512 build, or the AVX2 one where PyTorch's kernels are 
 process of its own everywhere); all are taken where they should be, work inside torch.compile, and fall back when
 they cannot be built."""
 
+import inspect
 import json
 import os
 import subprocess
@@ -304,17 +305,16 @@ def test_beams_take_it_until_the_weight_packs_later(built, monkeypatch):
 AVX2_PROCESS = """
 import json, torch
 from minivb import fast, native, quant
+""" + inspect.getsource(halves_product) + """
 worst, exact = 0.0, True
-for rows in (1, 2, 5, 6):  # int8: quant.integer_linear's numbers, bit for bit (halves_product, above)
+for rows in (1, 2, 5, 6):  # int8: quant.integer_linear's numbers, bit for bit (halves_product: in int64)
     for out, steps in ((37, 1), (130, 3), (5, 257)):
         generator = torch.Generator().manual_seed(rows)
         weight = torch.randint(-128, 128, (out, steps * 16), dtype=torch.int8, generator=generator)
         x = torch.randn(rows, steps * 16, generator=generator) * torch.logspace(0, 3, rows)[:, None]
         x[0, 0] = -x.abs().max()  # the grid's largest step down: high = -128
         scales = torch.rand(out, generator=generator) + 1e-3
-        halves, step = quant._int8_halves(x)  # quant.integer_linear, its sums in int64 (oneDNN's AVX2 ones saturate)
-        sums = (halves.long() @ weight.long().T).to(torch.int32)
-        exact &= torch.equal(native.int8_rows(x, weight, scales), quant._sum_halves(sums, step, scales))
+        exact &= torch.equal(native.int8_rows(x, weight, scales), halves_product(x, weight, scales))
 for dtype, call in ((torch.bfloat16, native._bf16_call), (torch.float32, native._f32_call)):
     for rows in (1, 2, 5, 6):
         for out, steps in ((37, 1), (130, 3), (5, 513)):
