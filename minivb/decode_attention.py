@@ -1,12 +1,22 @@
 """The attention of a decode step, one of fast.py's speed paths (LLaMA's and T5's): F.scaled_dot_product_attention,
-with a compiled path for one bf16 query a row on processors where compiled kernels pay (fast.compiled_rows_pay);
-and LLaMA's beams, which attend to the prompt they share once for all of them (attention_after_shared_prompt)."""
+with a compiled path for one bf16 query a row on AMD processors (`compiled_attention_pays`); and LLaMA's beams,
+which attend to the prompt they share once for all of them (attention_after_shared_prompt)."""
 
 import torch
 import torch.nn.functional as F
 
+from . import compiling, fast
 from .compiling import bytes_of, compiled_or_plain
-from .fast import compiled_rows_pay
+
+
+def compiled_attention_pays() -> bool:
+    """Whether one bf16 query a row takes the compiled kernel (`attention`): on AMD processors, whose vector width
+    inductor builds for (AVX-512, or AVX2 on Zen 2 and 3; measured at both, `attention`); not on the Intel Xeon
+    measured, where PyTorch's own kernel was the faster. MINIVB_FUSED=0 or 1 overrides it, as fast.compiled_rows_pay."""
+    forced = compiling.override("MINIVB_FUSED")
+    if forced is not None:
+        return forced
+    return "AuthenticAMD" in fast._cpu_flags() and compiling._vector_width() >= 256
 
 
 def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -80,15 +90,17 @@ def attention(q, k, v, mask: torch.Tensor | None = None, enable_gqa: bool = Fals
     128, a layer: one row SDPA 1.14 ms, op by op 1.30, compiled 0.17; 5 beams 6.9, 6.6 and 2.2 ms: ~35 ms of every
     7B token, ~140 ms of every 5-beam step; flan-t5-xl int8: 25 of a greedy step's ~97 ms). The error against fp32 is
     one bf16 rounding (~1e-3). That is on AMD; on the Intel Xeon measured PyTorch's kernel is the faster (2 threads,
-    same shapes: one row SDPA 0.05 ms, compiled 0.20; 5 beams 0.33 and 0.69; 600 keys 0.23 and 0.57), so like the
-    one-row products, this kernel is taken where `compiled_rows_pay`. Measured again on AMD at 2 threads, with the
-    batch folded into the heads as below, ms a layer, SDPA / written out op by op / compiled: 160 keys 0.61 / 0.23 /
-    0.22, 600 keys 2.28 / 0.74 / 0.58, 5 beams' own 20 tokens 0.39 / 0.18 / 0.16: writing the softmax out gains the
-    most there, compiling it a little more (which compiling.py rents until it pays). The prompt (L > 1), fp32 and
+    same shapes: one row SDPA 0.05 ms, compiled 0.20; 5 beams 0.33 and 0.69; 600 keys 0.23 and 0.57), so this kernel
+    is taken on AMD (`compiled_attention_pays`). Measured again on AMD at 2 threads, with the batch folded into the
+    heads as below, ms a layer, SDPA / written out op by op / compiled: 160 keys 0.61 / 0.23 / 0.22, 600 keys 2.28 /
+    0.74 / 0.58, 5 beams' own 20 tokens 0.39 / 0.18 / 0.16: writing the softmax out gains the most there, compiling it
+    a little more (which compiling.py rents until it pays). Without AVX-512 (emulated on the AMD EPYC: 256-bit
+    kernels; 32 layers' caches cycled, one row): 160 keys 0.62 / 0.26 / 0.28, 600 keys 2.49 / 1.02 / 0.75; make
+    bench's 12 heads of 64, 160 keys, 0.18 / 0.20 / 0.13. The prompt (L > 1), fp32 and
     GPUs keep the fused kernel."""
     L = q.shape[2]
     if (L != 1 or q.dtype == torch.float32 or q.device.type != "cpu" or torch.is_grad_enabled()
-            or not compiled_rows_pay()):
+            or not compiled_attention_pays()):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa, scale=scale)
     # Several queries a key/value head (T5's beams, attending to the encoder output they share: t5.T5Attention.attend)
     # or one key (T5's first decode step): the matrix products are the faster, and compile nothing (dynamo compiled

@@ -16,9 +16,13 @@ part at a tie: two candidates of equal bf16 logits at the third token (before it
 
 It computes what the block's forward computes for that row, with the same kernels (fast._row_times_matrix,
 native.int8_rows or quant._int8_row_times_matrix, decode_attention._attention_rows_summed) and the same norms and
-activations, so the plain forward stays the reference (tests/test_decode_blocks.py compares them). Taken only where
-one row takes the compiled kernels anyway (fast.compiled_rows_pay: AMD with AVX-512), and rented like them, for
-longer: compiling a block costs 5-15 s cold (compiling.BLOCK_COMPILE_SECONDS).
+activations, so the plain forward stays the reference (tests/test_decode_blocks.py compares them). Taken where the
+decode attention compiles (decode_attention.compiled_attention_pays: AMD) and one row's products take compiled or
+native.py's kernels: AVX-512, and AVX2 (Zen 2 and 3), where the blocks call the AVX2 build's kernels (make bench's
+medium model, emulated on the AMD EPYC, bf16 greedy steps alternated in one process, median of 10 rounds' medians:
+blocks one by one with PyTorch's attention 11.2 ms, whole 9.0; make bench 1.28-1.34x transformers, was 0.91-0.98x).
+Rented like the kernels, for longer: compiling a block costs 5-15 s cold
+(compiling.BLOCK_COMPILE_SECONDS).
 
 Three things the code below does because the generated code or dynamo's guards showed them:
   - each block's keys and values come in as tensors of their own and the new token's slot as an argument (`end`):
@@ -32,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from . import compiling, fast, native, packing, quant
-from .decode_attention import _attention_rows_summed
+from .decode_attention import _attention_rows_summed, compiled_attention_pays
 
 
 def _product(x: torch.Tensor, layer) -> torch.Tensor:
@@ -122,14 +126,14 @@ BLOCK_SAVES = 0.4e-3  # s a block a step
 
 
 def takes(blocks, h: torch.Tensor, cache) -> bool:
-    """Whether this step's blocks run compiled whole: one row of one new token (greedy decoding) on a CPU where one
-    row takes the compiled kernels (fast.compiled_rows_pay), outside autograd, every product one that a whole block
-    computes (`_fits`), T5's cross-attention in the cache (from the second step on), and a cache slot to spare beyond
-    the new token's (`_write`). MINIVB_BLOCKS=0: never; 1: compiled at first use (by default, rented until it pays:
-    compiling.BLOCKS)."""
+    """Whether this step's blocks run compiled whole: one row of one new token (greedy decoding) on a CPU where the
+    decode attention compiles (decode_attention.compiled_attention_pays), outside autograd, every product one that a
+    whole block computes (`_fits`: a row's compiled or native kernel), T5's cross-attention in the cache (from the
+    second step on), and a cache slot to spare beyond the new token's (`_write`). MINIVB_BLOCKS=0: never; 1: compiled
+    at first use (by default, rented until it pays: compiling.BLOCKS)."""
     if compiling.override("MINIVB_BLOCKS") is False or cache is None or h.shape[:2] != (1, 1):
         return False
-    if torch.is_grad_enabled() or h.device.type != "cpu" or not fast.compiled_rows_pay():
+    if torch.is_grad_enabled() or h.device.type != "cpu" or not compiled_attention_pays():
         return False
     if cache.length + 1 >= cache.max_length or cache.prompt_keys is not None:
         return False
@@ -156,15 +160,15 @@ def _products(block) -> list:
 
 
 def _fits(layer, h: torch.Tensor) -> bool:
-    """Whether one row h times `layer` is a product `_product` computes: fast.Linear on the compiled route, or
-    quant.Int8Linear with bf16 rows and a width its kernels take; no bias (none in the official checkpoints)."""
+    """Whether one row h times `layer` is a product `_product` computes: fast.Linear on the compiled or native route,
+    or quant.Int8Linear with bf16 rows and a width its kernels take; no bias (none in the official checkpoints)."""
     if not isinstance(layer, (fast.Linear, quant.Int8Linear)) or layer.bias is not None:
         return False
     if isinstance(layer, quant.Int8Linear):
         weight = layer.weight
         return (h.dtype == torch.bfloat16 and weight.shape[1] % quant.INT8PACK_WIDTHS == 0
                 and weight.numel() >= fast.FUSED_MIN_WEIGHTS)
-    return fast.decode_route(h, layer.weight) == "fused"
+    return fast.decode_route(h, layer.weight) in ("fused", "native")
 
 
 def _run(function, block, *args, grouped: bool, plain):

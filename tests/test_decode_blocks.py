@@ -4,6 +4,12 @@ As in test_fast.py, MINIVB_FUSED=1 takes the compiled one-row kernels on any pro
 lets the tiny models take them; MINIVB_BLOCKS=1 compiles the blocks at first use (the rent is tested on its own).
 """
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -153,3 +159,56 @@ def test_whole_blocks_are_rented_until_they_pay(model, monkeypatch):
     assert compiling.BLOCKS.bought and torch.equal(long, reference)
     if compiling._compiler_found():  # steps 2-5
         assert calls == [f"{text}_block"] * (4 * LAYERS[text])
+
+
+AVX2_PROCESS = """
+import json, os, sys, torch
+import minivb
+from minivb import compiling, decode_attention, decode_blocks, fast, native
+from tests import tiny
+fast.FUSED_MIN_WEIGHTS = 0  # the tiny model's products take the kernels a real one's do
+reference = tiny.build("llama", text_overrides=dict(hidden_size=64, intermediate_size=128))
+model = minivb.load_model(tiny.save(reference, sys.argv[1]), dtype=torch.bfloat16)
+batch = {k: v[:1] for k, v in tiny.batch(reference).items() if k != "labels"}
+calls, compiled = [], compiling._compiled
+def counting(function, *options):
+    kernel = compiled(function, *options)
+    if kernel is None or function is not decode_blocks.llama_block:
+        return kernel
+    return lambda *args: calls.append(function.__name__) or kernel(*args)
+compiling._compiled = counting
+greedy = dict(max_new_tokens=6, min_new_tokens=6, no_repeat_ngram_size=1, return_trace=True)
+with torch.no_grad():
+    os.environ["MINIVB_BLOCKS"] = "0"
+    plain, plain_trace = model.generate(**batch, **greedy)
+    os.environ["MINIVB_BLOCKS"] = "1"
+    whole, whole_trace = model.generate(**batch, **greedy)
+    route = fast.decode_route(torch.zeros(1, 64, dtype=torch.bfloat16), model.language_model.layers[0].attn.q_proj.weight)
+worst = 0.0
+for got, want in zip(whole_trace.scores, plain_trace.scores):
+    finite = want.isfinite() & got.isfinite()
+    worst = max(worst, ((got[finite] - want[finite]).abs().max() / want[finite].abs().max()).item())
+print(json.dumps({"width": compiling._vector_width(), "isa": native.ISA, "route": route, "blocks": len(calls),
+                  "attention": decode_attention.compiled_attention_pays(), "same": torch.equal(plain, whole),
+                  "worst": worst}))
+"""
+
+
+@pytest.mark.skipif(not {"avx2", "fma"} <= fast._cpu_flags(), reason="this CPU has no AVX2 and FMA")
+def test_without_avx512_whole_blocks_call_the_avx2_kernels(tmp_path):
+    """A CPU without AVX-512 (ATEN_CPU_CAPABILITY=avx2, in a process of its own: inductor's kernels 256 bits wide, and
+    native.py's AVX2 build): one row takes native.py's kernels, and on AMD (Zen 2 and 3) the greedy steps take whole
+    blocks that call them, the same tokens and scores within bf16's rounding as the blocks one by one."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MINIVB_")}
+    env.update(ATEN_CPU_CAPABILITY="avx2", MINIVB_NATIVE_BF16="0", MINIVB_COMPILE="1", MINIVB_CACHE=str(tmp_path),
+               TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    done = subprocess.run([sys.executable, "-c", AVX2_PROCESS, str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=Path(__file__).parents[1])
+    if "could not build kernels.c" in done.stderr or "no C compiler" in done.stderr:
+        pytest.skip("kernels.c could not be built here")
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["width"] == 256 and got["isa"] == "AVX2" and got["route"] == "native"
+    assert got["attention"] == ("AuthenticAMD" in fast._cpu_flags())
+    assert got["blocks"] == (5 * LAYERS["llama"] if got["attention"] and compiling._compiler_found() else 0)
+    assert got["same"] and got["worst"] <= 0.05

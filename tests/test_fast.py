@@ -206,12 +206,14 @@ def test_amx_matrix_route_equals_linear(monkeypatch, bias):
 
 def test_one_row_kernels_by_processor(monkeypatch):
     monkeypatch.delenv("MINIVB_FUSED")
-    machines = ((({"AuthenticAMD", "avx512f"}, 512), True), (({"AuthenticAMD", "avx2"}, 256), False),  # Zen 4, Zen 3
-                (({"GenuineIntel", "amx_bf16"}, 512), False), ((set(), 0), False))
-    for (words, width), pays in machines:
+    # (flags, vector width), whether one row takes the compiled kernels, whether the decode attention compiles
+    machines = ((({"AuthenticAMD", "avx512f"}, 512), True, True), (({"AuthenticAMD", "avx2"}, 256), False, True),
+                (({"GenuineIntel", "amx_bf16"}, 512), False, False), ((set(), 0), False, False))  # Zen 4, Zen 3
+    for (words, width), pays, attention in machines:
         monkeypatch.setattr(fast, "_cpu_flags", lambda: frozenset(words))
         monkeypatch.setattr(compiling, "_vector_width", lambda: width)
         assert fast.compiled_rows_pay() == pays
+        assert decode_attention.compiled_attention_pays() == attention
     monkeypatch.setenv("MINIVB_FUSED", "0")  # the decode attention too: PyTorch's own kernel, as it is
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 4, 1, 16, generator=g).bfloat16(), torch.randn(1, 4, 9, 16, generator=g).bfloat16()
