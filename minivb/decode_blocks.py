@@ -21,8 +21,7 @@ decode attention compiles (decode_attention.compiled_attention_pays: AMD) and on
 native.py's kernels: AVX-512, and AVX2 (Zen 2 and 3), where the blocks call the AVX2 build's kernels (make bench's
 medium model, emulated on the AMD EPYC, bf16 greedy steps alternated in one process, median of 10 rounds' medians:
 blocks one by one with PyTorch's attention 11.2 ms, whole 9.0; make bench 1.28-1.34x transformers, was 0.91-0.98x).
-Rented like the kernels, for longer: compiling a block costs 5-15 s cold
-(compiling.BLOCK_COMPILE_SECONDS).
+Rented like the kernels, for longer: compiling a block costs 5-15 s cold (compiling.BLOCK_COMPILE_SECONDS).
 
 Three things the code below does because the generated code or dynamo's guards showed them:
   - each block's keys and values come in as tensors of their own and the new token's slot as an argument (`end`):
