@@ -40,9 +40,9 @@ on the native-bf16 machine, AMD EPYC with avx512_bf16, 2 cores; the AVX2 numbers
 The kernels this file and the others compile are built, rented on their plain routes until compiling pays, and fall
 back to plain PyTorch, in compiling.py. Switches (0 or 1) that override a choice, to test or where the flags mislead:
 MINIVB_NATIVE_BF16 (`has_native_bf16`), MINIVB_PACK (load_model's packing: memory.room_to_pack), MINIVB_SPLIT
-(memory.room_to_split), MINIVB_FUSED (`compiled_rows_pay`), MINIVB_COMPILE (compiling.py: kernels compiled at first
-use, or never, where by default they are rented until they pay), MINIVB_BLOCKS (decode_blocks.takes: the same for
-whole blocks), MINIVB_NATIVE (native.available: 1 to 6 rows through kernels.c).
+(memory.room_to_split), MINIVB_FUSED (`compiled_rows_pay`, decode_attention.compiled_attention_pays), MINIVB_COMPILE
+(compiling.py: kernels compiled at first use, or never, where by default they are rented until they pay),
+MINIVB_BLOCKS (decode_blocks.takes: the same for whole blocks), MINIVB_NATIVE (native.available: 1 to 6 rows).
 """
 
 import contextlib
