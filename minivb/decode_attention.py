@@ -96,8 +96,7 @@ def attention(q, k, v, mask: torch.Tensor | None = None, enable_gqa: bool = Fals
     0.74 / 0.58, 5 beams' own 20 tokens 0.39 / 0.18 / 0.16: writing the softmax out gains the most there, compiling it
     a little more (which compiling.py rents until it pays). Without AVX-512 (emulated on the AMD EPYC: 256-bit
     kernels; 32 layers' caches cycled, one row): 160 keys 0.62 / 0.26 / 0.28, 600 keys 2.49 / 1.02 / 0.75; make
-    bench's 12 heads of 64, 160 keys, 0.18 / 0.20 / 0.13. The prompt (L > 1), fp32 and
-    GPUs keep the fused kernel."""
+    bench's 12 heads of 64, 160 keys, 0.18 / 0.20 / 0.13. The prompt (L > 1), fp32 and GPUs keep the fused kernel."""
     L = q.shape[2]
     if (L != 1 or q.dtype == torch.float32 or q.device.type != "cpu" or torch.is_grad_enabled()
             or not compiled_attention_pays()):
