@@ -162,28 +162,23 @@ def test_whole_blocks_are_rented_until_they_pay(model, monkeypatch):
 
 
 AVX2_PROCESS = """
-import json, os, sys, torch
+import json, os, sys, pytest, torch
 import minivb
-from minivb import compiling, decode_attention, decode_blocks, fast, native
+from minivb import compiling, decode_attention, fast, native
 from tests import tiny
+from tests.test_decode_blocks import GREEDY, OVERRIDES, compiled_blocks
 fast.FUSED_MIN_WEIGHTS = 0  # the tiny model's products take the kernels a real one's do
-reference = tiny.build("llama", text_overrides=dict(hidden_size=64, intermediate_size=128))
+reference = tiny.build("llama", text_overrides=OVERRIDES["llama"])
 model = minivb.load_model(tiny.save(reference, sys.argv[1]), dtype=torch.bfloat16)
 batch = {k: v[:1] for k, v in tiny.batch(reference).items() if k != "labels"}
-calls, compiled = [], compiling._compiled
-def counting(function, *options):
-    kernel = compiled(function, *options)
-    if kernel is None or function is not decode_blocks.llama_block:
-        return kernel
-    return lambda *args: calls.append(function.__name__) or kernel(*args)
-compiling._compiled = counting
-greedy = dict(max_new_tokens=6, min_new_tokens=6, no_repeat_ngram_size=1, return_trace=True)
 with torch.no_grad():
     os.environ["MINIVB_BLOCKS"] = "0"
-    plain, plain_trace = model.generate(**batch, **greedy)
+    plain, plain_trace = model.generate(**batch, **GREEDY, return_trace=True)
     os.environ["MINIVB_BLOCKS"] = "1"
-    whole, whole_trace = model.generate(**batch, **greedy)
-    route = fast.decode_route(torch.zeros(1, 64, dtype=torch.bfloat16), model.language_model.layers[0].attn.q_proj.weight)
+    calls = compiled_blocks(pytest.MonkeyPatch())
+    whole, whole_trace = model.generate(**batch, **GREEDY, return_trace=True)
+    q_proj = model.language_model.layers[0].attn.q_proj
+    route = fast.decode_route(torch.zeros(1, q_proj.in_features, dtype=torch.bfloat16), q_proj.weight)
 worst = 0.0
 for got, want in zip(whole_trace.scores, plain_trace.scores):
     finite = want.isfinite() & got.isfinite()
@@ -210,5 +205,6 @@ def test_without_avx512_whole_blocks_call_the_avx2_kernels(tmp_path):
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["width"] == 256 and got["isa"] == "AVX2" and got["route"] == "native"
     assert got["attention"] == ("AuthenticAMD" in fast._cpu_flags())
-    assert got["blocks"] == (5 * LAYERS["llama"] if got["attention"] and compiling._compiler_found() else 0)
+    steps = NEW_TOKENS - 1  # the first token comes from the prompt
+    assert got["blocks"] == (steps * LAYERS["llama"] if got["attention"] and compiling._compiler_found() else 0)
     assert got["same"] and got["worst"] <= 0.05
