@@ -69,7 +69,8 @@ int8pack_mm) / this build:
     2048 x 5120         0.98 / 0.60    3.18 / 0.97        1.85 / 1.18    3.61 / 1.35        0.73 / 0.38   1.31 / 1.09
 Again after the float loop's prefetch moved a tile further (kernels.c), every shape faster, e.g. 11008 x 4096 bf16
 1.95 / 1.72 and 11.04 / 3.70, fp32 8.48 / 4.03 and 14.70 / 4.45 (the 1 GB sum 31-52 GB/s). One row reads at about
-the memory rate in each dtype. A few int8 rows are bound by instructions (per 16 weights and row, 2 vpmaddwd and 2
+the memory rate in each dtype; the int8 row, once its loop was unrolled a 64-byte line at a time (kernels.c), also
+where memory is faster than ~30 GB/s: from the caches 40-53 G weights/s, 28-46 before. A few int8 rows are bound by instructions (per 16 weights and row, 2 vpmaddwd and 2
 additions: 8-10 G weights/s), which makes 5 int8 rows slower than 5 bf16 ones here.
 
 Built at first use with the system's C compiler (CC, else gcc, cc or clang: the ~1 s it takes is paid once a
