@@ -85,6 +85,22 @@ def test_override_and_phase(monkeypatch):
         fast.has_native_bf16()
 
 
+def test_a_decode_step_reads_each_switch_once(monkeypatch):
+    """Inside compiling.settings (a decode step) a switch is read from the environment once, nested or not, and
+    forgotten when the outermost ends: a switch set between steps counts from the next step on."""
+    monkeypatch.setenv("MINIVB_FUSED", "0")
+    with compiling.settings():
+        assert not fast.compiled_rows_pay()
+        monkeypatch.setenv("MINIVB_FUSED", "1")
+        with compiling.settings():
+            assert not fast.compiled_rows_pay()  # the step's first reading
+        assert not fast.compiled_rows_pay() and compiling._switches == {"MINIVB_FUSED": False}
+    assert compiling._switches == {} and fast.compiled_rows_pay()
+    monkeypatch.setenv("MINIVB_FUSED", "2")
+    with compiling.settings(), pytest.raises(ValueError, match="MINIVB_FUSED"):
+        fast.compiled_rows_pay()
+
+
 @pytest.fixture(scope="module")
 def bf16_model(tmp_path_factory):
     path = tiny.save(tiny.build(), tmp_path_factory.mktemp("tiny"))
