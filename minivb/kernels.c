@@ -3,8 +3,8 @@
    BF16, f32_rows; at the end). All read the matrix once for all the rows, a tile of its rows at a time against every
    row of x, with the next tile prefetched into the second-level cache meanwhile (more streams of memory in flight
    than one row's). Built twice, by the vector width PyTorch's own kernels use (native.py): with AVX-512, and with AVX2
-   and FMA only (laptops, AMD before Zen 4: the three loops 256 bits wide, after the AVX-512 ones; int8 with vpmaddwd,
-   the same numbers).
+   and FMA only (laptops, AMD before Zen 4: the three loops 256 bits wide, after the AVX-512 ones; int8 with vpmaddwd
+   on q whole, the same numbers).
 
    int8_rows computes exactly what quant.integer_linear computes, in one pass over the weight:
      1. each row x (in,) goes on a grid of 2 x GRID + 1 steps of its largest magnitude, q = round(x / step), and each
@@ -12,8 +12,9 @@
      2. vpdpbusd multiplies 64 unsigned bytes by 64 signed bytes and adds each 4 products into 16 int32 sums, so the
         halves go in unsigned (high + 128, low) against the signed weights, and a third sum, of the weights alone
         (ones against them), takes the 128 back out: sum(high * w) = sum((high + 128) * w) - 128 * sum(w);
-     3. y[r, o] = (HALF * sum(high * w) + sum(low * w)) * step[r] * scales[o], in the order quant._sum_halves computes
-        it (built with -ffp-contract=off: no fused multiply-add where that code makes two roundings).
+     3. y[r, o] = sum(q * w) * step[r] * scales[o], where the integer sum(q * w) = HALF * sum(high * w) + sum(low * w)
+        (int64) is rounded once to fp32, in the order quant._sum_halves computes it (built with -ffp-contract=off: no
+        fused multiply-add where that code makes two roundings).
    The sums are exact in int32 for rows of up to 65536 inputs (255 x 127 x 65536 < 2^31); native.py checks it. */
 #include <immintrin.h>
 #include <math.h>
@@ -35,7 +36,7 @@
    quant._int8_halves (division and rounding are exact operations, vector or not). The halves of all the rows are
    interleaved by 64 inputs, in the order the sums read them: for the inputs 64c to 64c + 63, row r's high + 128 at
    chunks + c * stride + 128 r and its low 64 bytes after (stride = 128 x rows). */
-static float halves(const float *x, int64_t in, uint8_t *chunks, int64_t stride) {
+static float grid_row(const float *x, int64_t in, uint8_t *chunks, int64_t stride) {
     __m512 largest = _mm512_setzero_ps();
     for (int64_t k = 0; k < in; k += 16) largest = _mm512_max_ps(largest, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
     const float step = fmaxf(_mm512_reduce_max_ps(largest), 1e-30f) / GRID; /* an all-zero row stays zero */
@@ -84,7 +85,7 @@ static inline __attribute__((always_inline)) void int8_tile(const int8_t *w, con
         for (int r = 0; r < rows; r++) {
             const int32_t high_sum = _mm512_reduce_add_epi32(high[t][r]) - offset;
             const int32_t low_sum = _mm512_reduce_add_epi32(low[t][r]);
-            y[r * out + o + t] = (HALF * (float)high_sum + (float)low_sum) * step[r] * scales[o + t]; /* step 3 */
+            y[r * out + o + t] = (float)((int64_t)HALF * high_sum + low_sum) * step[r] * scales[o + t]; /* step 3 */
         }
     }
 }
@@ -128,21 +129,26 @@ static inline __attribute__((always_inline)) void float_tile(const char *x, cons
 }
 
 #else /* ------------------------------------------------------- the AVX2 build: int8, bf16 and fp32, 256 bits */
-/* int8_rows without VNNI: vpmaddwd multiplies 16 pairs of int16 and adds each 2 products into 8 int32 sums, so each
-   int8 weight is widened to int16 (exact) and the halves are int16 too, high signed as it is (no + 128, no sum of the
-   weights), 16 inputs a chunk: |high x w| <= 2^14, the sums exact as with AVX-512. The same numbers as
-   quant.integer_linear, bit for bit: the same halves, the same int32 sums, the same step 3. A tile of 2 weight rows
-   for up to 3 rows (2 x 3 x 2 sums), of 1 for more (6 x 2 sums: the 16 registers); 11008 x 4096, AMD EPYC (this
-   build), 2 threads: one row 2.4 ms a tile of 1, 1.7 of 2; 5 rows 6.5 / 8.0. The 4 chunks of a 64-byte line of the
+/* int8_rows without VNNI: vpmaddwd multiplies 16 pairs of int16 and adds each 2 products into 8 int32 sums. The row's
+   q itself is int16 (|q| <= GRID < 2^14: no halves), and so is each int8 weight once widened (exact): one vpmaddwd a
+   row for 16 weights, where the two halves took two (and as many additions). |q x w| <= 2^21, so a lane's int32 sum
+   stays exact over BLOCK inputs; each block's total goes into int64: the integer sum(q * w) that step 3 rounds once
+   to fp32, the same numbers as the AVX-512 build's and quant.integer_linear's, bit for bit. A tile of 2 weight rows
+   (2 x 6 sums, 2 widened weights and a row's q: 15 of the 16 registers). The 4 chunks of a 64-byte line of the
    weight rows are unrolled after its prefetch, with no branch between (a branch a chunk made the loop as many scalar
-   instructions as vector ones): one row, weights in the caches, G weights/s, 1024 x 4096 28.6 -> 40.2, 512 x 11008
-   45.6 -> 53.1, 768 x 2048 42.5 -> 48.4; 2 rows 16.4 -> 17.7; 5 rows ~9 as before (their vpmaddwd bind them). */
-#define INT8_TILE 2 /* weight rows a tile, at most */
-#define INT8_TILE_FOR(rows) ((rows) <= 3 ? 2 : 1)
+   instructions as vector ones). AMD EPYC (this build), 2 threads, G weights/s, weights in the caches (1024 x 4096,
+   512 x 11008, 2048 x 768, 768 x 2048), the halves with a branch a chunk / the halves unrolled / q whole: one row
+   35-43 / 44-51 / 64-81, 2 rows 17 / 20-23 / 38-45, 5 rows 8.4-9.2 / 8.6-9.5 / 17-19 (bf16's 5 rows: ~10). */
+#define INT8_TILE 2 /* weight rows a tile */
+#define INT8_TILE_FOR(rows) INT8_TILE
 #define CHUNK 16 /* inputs a chunk */
-#define ROW_CHUNK 64 /* bytes of one row's halves for a chunk: 16 int16 of high, 16 of low */
+#define ROW_CHUNK 32 /* bytes of one row's q for a chunk: 16 int16 */
+#define BLOCK 8192 /* inputs a lane's int32 sum stays exact over: 8192 / 16 chunks x 2 products x 16383 x 128 < 2^31 */
 
-static float halves(const float *x, int64_t in, uint8_t *chunks, int64_t stride) {
+/* One row on its grid (step 1) as int16 q, and the grid's step, 8 values at a time (the roundings of
+   quant._int8_halves). The rows' q are interleaved by 16 inputs, in the order the sums read them: for the inputs 16c
+   to 16c + 15, row r's at chunks + c * stride + 32 r (stride = 32 x rows). */
+static float grid_row(const float *x, int64_t in, uint8_t *chunks, int64_t stride) {
     __m256 largest = _mm256_setzero_ps();
     const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int64_t k = 0; k < in; k += 8)
@@ -151,62 +157,59 @@ static float halves(const float *x, int64_t in, uint8_t *chunks, int64_t stride)
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
     m = _mm_max_ss(m, _mm_movehdup_ps(m));
     const float step = fmaxf(_mm_cvtss_f32(m), 1e-30f) / GRID; /* an all-zero row stays zero */
-    const __m256 steps = _mm256_set1_ps(step), half = _mm256_set1_ps(HALF);
+    const __m256 steps = _mm256_set1_ps(step);
     for (int64_t k = 0; k < in; k += 8) {
         __m256 q = _mm256_div_ps(_mm256_loadu_ps(x + k), steps);
         q = _mm256_round_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); /* half to even: torch.round */
-        const __m256 h = _mm256_round_ps(_mm256_div_ps(q, half), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-        const __m256i high = _mm256_cvtps_epi32(h), low = _mm256_cvtps_epi32(_mm256_sub_ps(q, _mm256_mul_ps(half, h)));
-        uint8_t *at = chunks + (k / CHUNK) * stride + (k % CHUNK) * 2; /* 8 int16 each (packs: exact, all in range) */
-        _mm_store_si128((__m128i *)at,
-                        _mm_packs_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1)));
-        _mm_store_si128((__m128i *)(at + 32),
-                        _mm_packs_epi32(_mm256_castsi256_si128(low), _mm256_extracti128_si256(low, 1)));
+        const __m256i whole = _mm256_cvtps_epi32(q);
+        uint8_t *at = chunks + (k / CHUNK) * stride + (k % CHUNK) * 2; /* 8 int16 (packs: exact, all in range) */
+        _mm_store_si128((__m128i *)at, _mm_packs_epi32(_mm256_castsi256_si128(whole), _mm256_extracti128_si256(whole, 1)));
     }
     return step;
 }
 
-static inline int32_t sum8(__m256i v) { /* the 8 int32 lanes' total */
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+static inline int64_t sum8(__m256i v) { /* the 8 int32 lanes' total, in int64 (each lane may be near 2^31) */
+    const __m256i wide = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)),
+                                          _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1)));
+    const __m128i s = _mm_add_epi64(_mm256_castsi256_si128(wide), _mm256_extracti128_si256(wide, 1));
+    return _mm_cvtsi128_si64(s) + _mm_extract_epi64(s, 1);
 }
 
-/* One chunk of 16 inputs (at k) of `tile` weight rows from o against every row's halves: the sums of step 2. */
+/* One chunk of 16 inputs (at k) of `tile` weight rows from o against every row's q: the sums of step 2. */
 static inline __attribute__((always_inline)) void int8_chunk(const int8_t *w, const uint8_t *chunk, int64_t in,
                                                              const int rows, const int tile, int64_t o, int64_t k,
-                                                             __m256i high[][MAX_ROWS], __m256i low[][MAX_ROWS]) {
+                                                             __m256i sums[][MAX_ROWS]) {
     __m256i wk[INT8_TILE];
     for (int t = 0; t < tile; t++)
         wk[t] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + (o + t) * in + k))); /* 16 int16 */
     for (int r = 0; r < rows; r++) {
-        const __m256i h = _mm256_load_si256((const __m256i *)(chunk + r * ROW_CHUNK));
-        const __m256i l = _mm256_load_si256((const __m256i *)(chunk + r * ROW_CHUNK + 32));
-        for (int t = 0; t < tile; t++) {
-            high[t][r] = _mm256_add_epi32(high[t][r], _mm256_madd_epi16(h, wk[t]));
-            low[t][r] = _mm256_add_epi32(low[t][r], _mm256_madd_epi16(l, wk[t]));
-        }
+        const __m256i q = _mm256_load_si256((const __m256i *)(chunk + r * ROW_CHUNK));
+        for (int t = 0; t < tile; t++) sums[t][r] = _mm256_add_epi32(sums[t][r], _mm256_madd_epi16(q, wk[t]));
     }
 }
 
 static inline __attribute__((always_inline)) void int8_tile(const int8_t *w, const uint8_t *chunks, const float *step,
                                                             const float *scales, float *y, int64_t out, int64_t in,
                                                             const int rows, const int tile, int64_t o) {
-    __m256i high[INT8_TILE][MAX_ROWS], low[INT8_TILE][MAX_ROWS];
-    for (int t = 0; t < tile; t++)
-        for (int r = 0; r < rows; r++) high[t][r] = low[t][r] = _mm256_setzero_si256();
+    int64_t totals[INT8_TILE][MAX_ROWS] = {{0}};
     const int8_t *next = w + (o + 2 * tile <= out ? o + tile : o) * in; /* the next tile's rows, while there is one */
-    int64_t k = 0;
-    for (; k + 64 <= in; k += 64) { /* 4 chunks a 64-byte line of each weight row, unrolled: no branch between */
-        for (int t = 0; t < tile; t++) _mm_prefetch((const char *)(next + t * in + k), _MM_HINT_T1);
-        const uint8_t *chunk = chunks + (k / CHUNK) * rows * ROW_CHUNK;
-        for (int c = 0; c < 4; c++)
-            int8_chunk(w, chunk + c * rows * ROW_CHUNK, in, rows, tile, o, k + c * CHUNK, high, low);
+    for (int64_t start = 0; start < in; start += BLOCK) {
+        const int64_t end = start + BLOCK < in ? start + BLOCK : in;
+        __m256i sums[INT8_TILE][MAX_ROWS];
+        for (int t = 0; t < tile; t++)
+            for (int r = 0; r < rows; r++) sums[t][r] = _mm256_setzero_si256();
+        int64_t k = start;
+        for (; k + 64 <= end; k += 64) { /* 4 chunks a 64-byte line of each weight row, unrolled: no branch between */
+            for (int t = 0; t < tile; t++) _mm_prefetch((const char *)(next + t * in + k), _MM_HINT_T1);
+            const uint8_t *chunk = chunks + (k / CHUNK) * rows * ROW_CHUNK;
+            for (int c = 0; c < 4; c++) int8_chunk(w, chunk + c * rows * ROW_CHUNK, in, rows, tile, o, k + c * CHUNK, sums);
+        }
+        for (; k < end; k += CHUNK) int8_chunk(w, chunks + (k / CHUNK) * rows * ROW_CHUNK, in, rows, tile, o, k, sums);
+        for (int t = 0; t < tile; t++)
+            for (int r = 0; r < rows; r++) totals[t][r] += sum8(sums[t][r]);
     }
-    for (; k < in; k += CHUNK) int8_chunk(w, chunks + (k / CHUNK) * rows * ROW_CHUNK, in, rows, tile, o, k, high, low);
     for (int t = 0; t < tile; t++)
-        for (int r = 0; r < rows; r++) /* step 3 */
-            y[r * out + o + t] = (HALF * (float)sum8(high[t][r]) + (float)sum8(low[t][r])) * step[r] * scales[o + t];
+        for (int r = 0; r < rows; r++) y[r * out + o + t] = (float)totals[t][r] * step[r] * scales[o + t]; /* step 3 */
 }
 
 /* The float loops without AVX-512: 8 fp32 a vector, 16 vector registers. AVX2 has no bf16 arithmetic, so each bf16
@@ -263,7 +266,7 @@ int int8_rows(const float *x, const int8_t *w, const float *scales, float *y, in
     uint8_t *chunks = (uint8_t *)aligned_alloc(64, ROW_CHUNK / CHUNK * rows * in);
     if (chunks == NULL) return -1;
     float step[MAX_ROWS];
-    for (int64_t r = 0; r < rows; r++) step[r] = halves(x + r * in, in, chunks + ROW_CHUNK * r, ROW_CHUNK * rows);
+    for (int64_t r = 0; r < rows; r++) step[r] = grid_row(x + r * in, in, chunks + ROW_CHUNK * r, ROW_CHUNK * rows);
     const int64_t tile = INT8_TILE_FOR(rows), tiled = out - out % tile;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t o = 0; o < tiled; o += tile) {

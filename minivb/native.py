@@ -69,9 +69,12 @@ int8pack_mm) / this build:
     2048 x 5120         0.98 / 0.60    3.18 / 0.97        1.85 / 1.18    3.61 / 1.35        0.73 / 0.38   1.31 / 1.09
 Again after the float loop's prefetch moved a tile further (kernels.c), every shape faster, e.g. 11008 x 4096 bf16
 1.95 / 1.72 and 11.04 / 3.70, fp32 8.48 / 4.03 and 14.70 / 4.45 (the 1 GB sum 31-52 GB/s). One row reads at about
-the memory rate in each dtype; the int8 row, once its loop was unrolled a 64-byte line at a time (kernels.c), also
-where memory is faster than ~30 GB/s: from the caches 40-53 G weights/s, 28-46 before. A few int8 rows are bound by instructions (per 16 weights and row, 2 vpmaddwd and 2
-additions: 8-10 G weights/s), which makes 5 int8 rows slower than 5 bf16 ones here.
+the memory rate in each dtype. The int8 loop was bound by instructions (2 vpmaddwd and 2 additions a row for 16
+weights, on the two halves of q: 5 rows 8-10 G weights/s, slower than 5 bf16 rows); it now takes q whole, 16 bits
+(kernels.c: one vpmaddwd a row, exact int32 sums a block of inputs at a time, then int64), with the 4 chunks of a
+64-byte line unrolled. Weights in the caches, G weights/s, before / now: one row 35-43 / 64-81, 5 rows 8.4-9.2 / 17-19
+(bf16's ~10). vicuna-7b cut to 4 + 4 layers, steps alternated in one process (medians of 6 and 4 rounds, the 1 GB sum
+26-43 GB/s): greedy int8 42.7 / 35.8 ms (bf16 63.5), 5 beams 136 / 74 ms (bf16 133).
 
 Built at first use with the system's C compiler (CC, else gcc, cc or clang: the ~1 s it takes is paid once a
 machine; the library is kept in ~/.cache/minivb, or $MINIVB_CACHE, named by a hash of its source and flags), for the
@@ -215,7 +218,7 @@ def _check(status: int, count: int, width: int) -> None:
     """kernels.c's status: 0 done, -1 no memory for a copy of the rows, -2 a count of rows it does not take."""
     if status == -1:
         raise MemoryError(f"minivb's kernels could not allocate a copy of {count} rows of {width} inputs (int8: their"
-                          f" halves; bf16 with AVX2: in fp32)")
+                          f" grid; bf16 with AVX2: in fp32)")
     if status == -2:
         raise ValueError(f"minivb's kernels multiply 1 to {MAX_ROWS} rows at once, got {count}")
 

@@ -280,9 +280,11 @@ def _int8_halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _sum_halves(products: torch.Tensor, step: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The int32 products of `_int8_halves`' rows (2R, out) -> x @ (weight * scales).T (R, out) in scales' dtype."""
-    high, low = products.float().chunk(2)  # (R, out) each: |sums| <= 128 x 127 x in, exact in int32 up to in ~132k
-    return ((HALF * high + low) * step * scales.float()).to(scales.dtype)
+    """The int32 products of `_int8_halves`' rows (2R, out) -> x @ (weight * scales).T (R, out) in scales' dtype.
+    The halves' sums join into the integer sum(q * w) exactly (int64), rounded once to fp32: what kernels.c computes
+    with q whole where it has no byte products (AVX2), and with the halves where it has (VNNI)."""
+    high, low = products.long().chunk(2)  # (R, out) each: |sums| <= 128 x 127 x in, exact in int32 up to in ~132k
+    return ((HALF * high + low).float() * step * scales.float()).to(scales.dtype)
 
 
 def integer_linear(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

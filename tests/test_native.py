@@ -316,6 +316,10 @@ for rows in (1, 2, 5, 6):  # int8: quant.integer_linear's numbers, bit for bit (
         x[0, 0] = -x.abs().max()  # the grid's largest step down: high = -128
         scales = torch.rand(out, generator=generator) + 1e-3
         exact &= torch.equal(native.int8_rows(x, weight, scales), halves_product(x, weight, scales))
+# The largest products, q = -16383 by -128, over two blocks of kernels.c's int32 sums and a part of a third: each
+# lane's sum reaches 2^31 - 131071 at a block's end (a longer block would wrap around)
+weight, x = torch.full((3, 16400), -128, dtype=torch.int8), torch.full((2, 16400), -1.0)
+exact &= torch.equal(native.int8_rows(x, weight, torch.ones(3)), halves_product(x, weight, torch.ones(3)))
 for dtype, call in ((torch.bfloat16, native._bf16_call), (torch.float32, native._f32_call)):
     for rows in (1, 2, 5, 6):
         for out, steps in ((37, 1), (130, 3), (5, 513)):
