@@ -163,7 +163,8 @@ static float grid_row(const float *x, int64_t in, uint8_t *chunks, int64_t strid
         q = _mm256_round_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); /* half to even: torch.round */
         const __m256i whole = _mm256_cvtps_epi32(q);
         uint8_t *at = chunks + (k / CHUNK) * stride + (k % CHUNK) * 2; /* 8 int16 (packs: exact, all in range) */
-        _mm_store_si128((__m128i *)at, _mm_packs_epi32(_mm256_castsi256_si128(whole), _mm256_extracti128_si256(whole, 1)));
+        _mm_store_si128((__m128i *)at,
+                        _mm_packs_epi32(_mm256_castsi256_si128(whole), _mm256_extracti128_si256(whole, 1)));
     }
     return step;
 }
@@ -202,7 +203,8 @@ static inline __attribute__((always_inline)) void int8_tile(const int8_t *w, con
         for (; k + 64 <= end; k += 64) { /* 4 chunks a 64-byte line of each weight row, unrolled: no branch between */
             for (int t = 0; t < tile; t++) _mm_prefetch((const char *)(next + t * in + k), _MM_HINT_T1);
             const uint8_t *chunk = chunks + (k / CHUNK) * rows * ROW_CHUNK;
-            for (int c = 0; c < 4; c++) int8_chunk(w, chunk + c * rows * ROW_CHUNK, in, rows, tile, o, k + c * CHUNK, sums);
+            for (int c = 0; c < 4; c++)
+                int8_chunk(w, chunk + c * rows * ROW_CHUNK, in, rows, tile, o, k + c * CHUNK, sums);
         }
         for (; k < end; k += CHUNK) int8_chunk(w, chunks + (k / CHUNK) * rows * ROW_CHUNK, in, rows, tile, o, k, sums);
         for (int t = 0; t < tile; t++)
@@ -256,14 +258,15 @@ static inline __attribute__((always_inline)) void float_tile(const char *x, cons
 #endif
 
 /* x (rows, in) fp32, w (out, in) int8, scales (out,) fp32 -> y (rows, out) fp32; in a multiple of a chunk's inputs
-   (AVX-512 64, AVX2 16). Returns 0, -1 where the halves' buffer could not be allocated, -2 where rows is not 1 to
-   MAX_ROWS. Each count of rows is its own loop (the switch), so that the compiler keeps the sums in registers. 5 rows
-   x 11008 x 4096, AMD EPYC, 2 threads, AVX-512: 1 weight row a tile 3.8 ms, 2 (with the next 2 prefetched) 2.6, 3
-   (whose 30 sums and 9 more do not fit) 3.5. */
+   (AVX-512 64, AVX2 16). Returns 0, -1 where the rows' grid (halves, or q) could not be allocated, -2 where rows is
+   not 1 to MAX_ROWS. Each count of rows is its own loop (the switch), so that the compiler keeps the sums in registers.
+   5 rows x 11008 x 4096, AMD EPYC, 2 threads, AVX-512: 1 weight row a tile 3.8 ms, 2 (with the next 2 prefetched)
+   2.6, 3 (whose 30 sums and 9 more do not fit) 3.5. */
 int int8_rows(const float *x, const int8_t *w, const float *scales, float *y, int64_t rows, int64_t out, int64_t in,
               int threads) {
     if (rows < 1 || rows > MAX_ROWS) return -2;
-    uint8_t *chunks = (uint8_t *)aligned_alloc(64, ROW_CHUNK / CHUNK * rows * in);
+    const int64_t bytes = ROW_CHUNK / CHUNK * rows * in; /* AVX2, one row of 16 inputs: 32 bytes, where */
+    uint8_t *chunks = (uint8_t *)aligned_alloc(64, (bytes + 63) / 64 * 64); /* aligned_alloc asks a multiple of 64 */
     if (chunks == NULL) return -1;
     float step[MAX_ROWS];
     for (int64_t r = 0; r < rows; r++) step[r] = grid_row(x + r * in, in, chunks + ROW_CHUNK * r, ROW_CHUNK * rows);
