@@ -373,7 +373,7 @@ def _decode_by_seeking(av, container, probe, info: VideoInfo, path: str) -> list
             current = current if ended else following
         if current.pts < target - step / 2:
             missing.append(index)
-        pictures[index] = current.to_image()  # YUV -> RGB only for the frames kept
+        pictures[index] = _rgb(current)  # YUV -> RGB only for the frames kept
     if missing:
         _warn_short(path, missing, info)
     return [pictures[index] for index in info.indices]
@@ -400,7 +400,7 @@ def _decode_sequentially(av, path: str, info: VideoInfo) -> list[Image.Image]:
         for position, frame in enumerate(container.decode(video=0)):
             last = frame
             if position in indices:
-                pictures[position] = frame.to_image()
+                pictures[position] = _rgb(frame)
             if position >= max(indices):
                 break
     if last is None:
@@ -408,8 +408,17 @@ def _decode_sequentially(av, path: str, info: VideoInfo) -> list[Image.Image]:
     missing = [index for index in indices if index not in pictures]
     if missing:
         _warn_short(path, missing, info)
-        pictures.update(dict.fromkeys(missing, last.to_image()))
+        pictures.update(dict.fromkeys(missing, _rgb(last)))
     return [pictures[index] for index in indices]
+
+
+def _rgb(frame) -> Image.Image:
+    """A decoded frame (YUV) as an RGB picture, converted on this thread (threads=1). Since PyAV 17 swscale makes a
+    pool of threads for each frame it converts, and one such conversion hung forever in a DataLoader worker (forked)
+    of a process that had decoded videos before: the worker waiting in avpriv_slicethread_execute for pool threads
+    that did not exist (notebook 10's evaluation, once in a CI run; PyAV 18.1). The frames kept are few (4 to 16 a
+    video) and small beside their decoding, whose own threads stay."""
+    return frame.to_image(threads=1)
 
 
 def _warn_short(path: str, missing: list[int], info: VideoInfo) -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image, ImageSequence
 
+from minivb import video
 from minivb.video import read_image, read_video, sample_indices
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -104,6 +105,24 @@ def test_containers_through_pyav(tmp_path, name, codec, pix_fmt):
     write_video(path, codec, pix_fmt)
     values = frame_values(read_video(path, 4))  # indices 0, 2, 5, 7 of 10
     assert values == pytest.approx([0, 40, 100, 140], abs=3)  # lossy codecs are a few levels off
+
+
+def test_frames_convert_to_rgb_on_the_decoding_thread(tmp_path):
+    """YUV -> RGB with threads=1 (video._rgb: swscale's pool of threads for each frame hung a forked DataLoader
+    worker), the same pixels as PyAV's default, threaded conversion."""
+    calls = []
+
+    class Frame:
+        def to_image(self, **options):
+            calls.append(options)
+            return "picture"
+
+    assert video._rgb(Frame()) == "picture" and calls == [{"threads": 1}]
+    path = str(tmp_path / "clip.mp4")
+    write_video(path, "mpeg4", "yuv420p")
+    with av.open(path) as container:
+        frame = next(container.decode(video=0))
+        assert np.array_equal(np.asarray(video._rgb(frame)), np.asarray(frame.to_image()))
 
 
 @pytest.mark.parametrize("name, options", [("clip.webp", {"lossless": True}), ("clip.png", {})])
