@@ -28,7 +28,6 @@
 
 #if defined(__AVX512F__) /* ------------------------------------------------ the AVX-512 build: int8, bf16, fp32 */
 #define INT8_TILE 2 /* weight rows a tile: 2 x 6 x 2 sums of the halves, 2 of the weights */
-#define INT8_TILE_FOR(rows) INT8_TILE
 #define CHUNK 64 /* inputs a chunk */
 #define ROW_CHUNK 128 /* bytes of one row's halves for a chunk of 64 inputs: 64 of high + 128, 64 of low */
 
@@ -140,7 +139,6 @@ static inline __attribute__((always_inline)) void float_tile(const char *x, cons
    512 x 11008, 2048 x 768, 768 x 2048), the halves with a branch a chunk / the halves unrolled / q whole: one row
    35-43 / 44-51 / 64-81, 2 rows 17 / 20-23 / 38-45, 5 rows 8.4-9.2 / 8.6-9.5 / 17-19 (bf16's 5 rows: ~10). */
 #define INT8_TILE 2 /* weight rows a tile */
-#define INT8_TILE_FOR(rows) INT8_TILE
 #define CHUNK 16 /* inputs a chunk */
 #define ROW_CHUNK 32 /* bytes of one row's q for a chunk: 16 int16 */
 #define BLOCK 8192 /* inputs a lane's int32 sum stays exact over: 8192 / 16 chunks x 2 products x 16383 x 128 < 2^31 */
@@ -270,16 +268,16 @@ int int8_rows(const float *x, const int8_t *w, const float *scales, float *y, in
     if (chunks == NULL) return -1;
     float step[MAX_ROWS];
     for (int64_t r = 0; r < rows; r++) step[r] = grid_row(x + r * in, in, chunks + ROW_CHUNK * r, ROW_CHUNK * rows);
-    const int64_t tile = INT8_TILE_FOR(rows), tiled = out - out % tile;
+    const int64_t tiled = out - out % INT8_TILE;
     #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t o = 0; o < tiled; o += tile) {
+    for (int64_t o = 0; o < tiled; o += INT8_TILE) {
         switch (rows) {
-            case 1: int8_tile(w, chunks, step, scales, y, out, in, 1, INT8_TILE_FOR(1), o); break;
-            case 2: int8_tile(w, chunks, step, scales, y, out, in, 2, INT8_TILE_FOR(2), o); break;
-            case 3: int8_tile(w, chunks, step, scales, y, out, in, 3, INT8_TILE_FOR(3), o); break;
-            case 4: int8_tile(w, chunks, step, scales, y, out, in, 4, INT8_TILE_FOR(4), o); break;
-            case 5: int8_tile(w, chunks, step, scales, y, out, in, 5, INT8_TILE_FOR(5), o); break;
-            default: int8_tile(w, chunks, step, scales, y, out, in, 6, INT8_TILE_FOR(6), o); break;
+            case 1: int8_tile(w, chunks, step, scales, y, out, in, 1, INT8_TILE, o); break;
+            case 2: int8_tile(w, chunks, step, scales, y, out, in, 2, INT8_TILE, o); break;
+            case 3: int8_tile(w, chunks, step, scales, y, out, in, 3, INT8_TILE, o); break;
+            case 4: int8_tile(w, chunks, step, scales, y, out, in, 4, INT8_TILE, o); break;
+            case 5: int8_tile(w, chunks, step, scales, y, out, in, 5, INT8_TILE, o); break;
+            default: int8_tile(w, chunks, step, scales, y, out, in, 6, INT8_TILE, o); break;
         }
     }
     for (int64_t o = tiled; o < out; o++) int8_tile(w, chunks, step, scales, y, out, in, (int)rows, 1, o); /* odd out */
