@@ -177,8 +177,7 @@ def _int8_row_times_matrices(row: torch.Tensor, *weights_and_scales: torch.Tenso
 
 
 def _int8pack_rows(row: torch.Tensor, *weights_and_scales: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The same products where nothing compiles: int8pack_mm, given the row back in the scales' dtype (bf16 -> fp32
-    -> bf16 is exact)."""
+    """The same products through int8pack_mm where nothing compiles, the row back in the scales' dtype (exact)."""
     pairs = zip(weights_and_scales[0::2], weights_and_scales[1::2])
     return tuple(torch._weight_int8pack_mm(row.to(scales.dtype), weight, scales) for weight, scales in pairs)
 
@@ -280,13 +279,10 @@ def _int8_halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _sum_halves(products: torch.Tensor, step: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The int32 products of `_int8_halves`' rows (2R, out) -> x @ (weight * scales).T (R, out) in scales' dtype.
-    The halves' sums join into the integer sum(q * w) exactly (in fp64: below 2^53), rounded once to fp32: what
-    kernels.c computes with q whole where it has no byte products (AVX2), and with the halves where it has (VNNI).
-    (In int64 it was slower: 128 x 11008 outputs, 2.7 against 2.5 ms; the fp32 join's three roundings took 1.4.)"""
-    high, low = products.chunk(2)  # (R, out) each: |sums| <= 128 x 127 x in, exact in int32 up to in ~132k
-    joined = torch.add(low.double(), high.double(), alpha=HALF)  # HALF x high + low
-    return (joined.float() * step * scales.float()).to(scales.dtype)
+    """The int32 products of `_int8_halves`' rows (2R, out) -> x @ (weight * scales).T (R, out) in scales' dtype: the
+    integer sum(q * w) = HALF x high + low made exactly (fp64), rounded once, as kernels.c does (q whole or not)."""
+    high, low = products.double().chunk(2)  # (R, out) each: |sums| <= 128 x 127 x in, exact in int32 up to in ~132k
+    return (torch.add(low, high, alpha=HALF).float() * step * scales.float()).to(scales.dtype)
 
 
 def integer_linear(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
