@@ -73,8 +73,8 @@ the memory rate in each dtype. The int8 loop was bound by instructions (2 vpmadd
 weights, on the two halves of q: 5 rows 8-10 G weights/s, slower than 5 bf16 rows); it now takes q whole, 16 bits
 (kernels.c: one vpmaddwd a row, exact int32 sums a block of inputs at a time, then int64), with the 4 chunks of a
 64-byte line unrolled. Weights in the caches, G weights/s, before / now: one row 35-43 / 64-81, 5 rows 8.4-9.2 / 17-19
-(bf16's ~10). vicuna-7b cut to 4 + 4 layers, steps alternated in one process (medians of 6 and 4 rounds, the 1 GB sum
-26-43 GB/s): greedy int8 42.7 / 35.8 ms (bf16 63.5), 5 beams 136 / 74 ms (bf16 133).
+(bf16's ~10). vicuna-7b cut to 4 + 4 layers, steps alternated in one process (medians of 10 and 4 rounds, the 1 GB
+sum 26-46 GB/s): greedy int8 34.5 / 33.6 ms (bf16 63.3: bound by memory either way), 5 beams 136 / 74 ms (bf16 133).
 
 Built at first use with the system's C compiler (CC, else gcc, cc or clang: the ~1 s it takes is paid once a
 machine; the library is kept in ~/.cache/minivb, or $MINIVB_CACHE, named by a hash of its source and flags), for the
