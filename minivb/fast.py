@@ -12,7 +12,7 @@ on the native-bf16 machine, AMD EPYC with avx512_bf16, 2 cores; the AVX2 numbers
    native bf16 instructions (x86 `avx512_bf16` or `amx_bf16`, Arm `bf16`) multiply bf16 matrices fast. Prefill-sized
    products (150 x 4096 x 11008), 2 cores, PyTorch 2.13:
        native-bf16 machine (AMD EPYC, AVX-512 + avx512_bf16)   bf16 ~408 GFLOP/s   fp32 ~129 GFLOP/s
-       AVX2 machine without native bf16 (from issue 12)         bf16  ~16 GFLOP/s   fp32  ~69 GFLOP/s
+       AVX2, no native bf16 (issue 12's machine; a Zen 3 EPYC) bf16 16-20 GFLOP/s  fp32 69-77 GFLOP/s
    So without native bf16 the matrix-heavy phases (vision, Q-Former, prefill) compute in fp32 while the weights stay
    bf16 in memory: `computing_in(torch.float32)` upcasts each weight at the call that uses it (one layer at a time,
    never the whole model; a large one a block of rows at a time, into a buffer kept between calls:
