@@ -137,7 +137,12 @@ static inline __attribute__((always_inline)) void float_tile(const char *x, cons
    weight rows are unrolled after its prefetch, with no branch between (a branch a chunk made the loop as many scalar
    instructions as vector ones). AMD EPYC (this build), 2 threads, G weights/s, weights in the caches (1024 x 4096,
    512 x 11008, 2048 x 768, 768 x 2048), the halves with a branch a chunk / the halves unrolled / q whole: one row
-   35-43 / 44-51 / 64-81, 2 rows 17 / 20-23 / 38-45, 5 rows 8.4-9.2 / 8.6-9.5 / 17-19 (bf16's 5 rows: ~10). */
+   35-43 / 44-51 / 64-81, 2 rows 17 / 20-23 / 38-45, 5 rows 8.4-9.2 / 8.6-9.5 / 17-19 (bf16's 5 rows: ~10).
+   Integer additions may be reordered, and gcc 12 did: it summed the 4 unrolled chunks' products among themselves
+   before adding them to the sums, which needs twice the registers there are, so 5 rows spilled ~60 vectors to the
+   stack a line; an empty asm statement after each addition keeps the sum in a register at that point, in order (the
+   same integers). AMD EPYC Zen 3, 2 threads, 7B matrices read from memory, G weights/s, alternated in one process:
+   5 rows 16.3-16.7 -> 24.1-24.7 (bf16's 10-13), 2 rows (weights in the caches) 42 -> 47, one row unchanged. */
 #define INT8_TILE 2 /* weight rows a tile */
 #define CHUNK 16 /* inputs a chunk */
 #define ROW_CHUNK 32 /* bytes of one row's q for a chunk: 16 int16 */
@@ -183,7 +188,10 @@ static inline __attribute__((always_inline)) void int8_chunk(const int8_t *w, co
         wk[t] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + (o + t) * in + k))); /* 16 int16 */
     for (int r = 0; r < rows; r++) {
         const __m256i q = _mm256_load_si256((const __m256i *)(chunk + r * ROW_CHUNK));
-        for (int t = 0; t < tile; t++) sums[t][r] = _mm256_add_epi32(sums[t][r], _mm256_madd_epi16(q, wk[t]));
+        for (int t = 0; t < tile; t++) {
+            sums[t][r] = _mm256_add_epi32(sums[t][r], _mm256_madd_epi16(q, wk[t]));
+            __asm__("" : "+x"(sums[t][r])); /* each sum added to in this order: see above */
+        }
     }
 }
 
