@@ -141,8 +141,9 @@ static inline __attribute__((always_inline)) void float_tile(const char *x, cons
    Integer additions may be reordered, and gcc 12 did: it summed the 4 unrolled chunks' products among themselves
    before adding them to the sums, which needs twice the registers there are, so 5 rows spilled ~60 vectors to the
    stack a line; an empty asm statement after each addition keeps the sum in a register at that point, in order (the
-   same integers). AMD EPYC Zen 3, 2 threads, 7B matrices read from memory, G weights/s, alternated in one process:
-   5 rows 16.3-16.7 -> 24.1-24.7 (bf16's 10-13), 2 rows (weights in the caches) 42 -> 47, one row unchanged. */
+   same integers). AMD EPYC Zen 3, 2 threads, G weights/s, a 7B checkpoint's own mapped matrices (11008 x 4096, 4096 x
+   11008, 4096 x 4096) read from memory, the two builds alternating in one process, best of 4 rounds, two runs: 5 rows
+   11.3-14.7 -> 16.1-22.2 (bf16's 7.9-9.5), one row unchanged (25-36; bf16's 14-18). */
 #define INT8_TILE 2 /* weight rows a tile */
 #define CHUNK 16 /* inputs a chunk */
 #define ROW_CHUNK 32 /* bytes of one row's q for a chunk: 16 int16 */
