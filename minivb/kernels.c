@@ -91,10 +91,10 @@ static inline __attribute__((always_inline)) void int8_tile(const int8_t *w, con
 
 /* A few float rows times a float matrix, bf16 (bf16_rows) or fp32 (f32_rows): one row (greedy decoding) or a beam
    search's few, for the same reason (native.py): x (rows, in), w (out, in) of one dtype -> y (rows, out) fp32; rows 1
-   to MAX_ROWS, in a multiple of a vector's values (32 bf16, 16 fp32). bf16: vdpbf16ps multiplies 32 pairs of bf16
-   (exactly, in fp32) and adds each 2 products into 16 fp32 sums, where converting both to fp32 first takes 3 more
-   instructions; fp32: vfmadd, 16 products into 16 sums (F.linear's MKL takes a slow generic path for a few fp32 rows
-   on AMD: native.py's table). FLOAT_TILE weight rows at a time, each against every row of x: each weight load serves
+   to MAX_ROWS, in a multiple of a vector's values (32 bf16, 16 fp32; AVX2 16 and 8). bf16: vdpbf16ps multiplies 32
+   pairs of bf16 (exactly, in fp32) and adds each 2 products into 16 fp32 sums, where converting both to fp32 first
+   takes 3 more instructions; fp32: vfmadd, 16 products into 16 sums (F.linear's MKL takes a slow generic path for a
+   few fp32 rows on AMD: native.py's table). FLOAT_TILE weight rows at a time, each against every row of x: each weight load serves
    `rows` sums and each load of x FLOAT_TILE sums, and the next FLOAT_TILE weight rows are prefetched while these are
    summed, so that a thread keeps 2 x FLOAT_TILE streams of memory in flight (bf16, 5 rows x 11008 x 4096, AMD EPYC, 2
    threads, the 1 GB sum at ~31 GB/s: 1 weight row at a time 5.4 ms, 4 at a time 3.4, and 3.1 with the next 4
@@ -221,46 +221,78 @@ static inline __attribute__((always_inline)) void int8_tile(const int8_t *w, con
         for (int r = 0; r < rows; r++) y[r * out + o + t] = (float)totals[t][r] * step[r] * scales[o + t]; /* step 3 */
 }
 
-/* The float loops without AVX-512: 8 fp32 a vector, 16 vector registers. AVX2 has no bf16 arithmetic, so each bf16
-   weight is widened to the fp32 of the same value (a bf16 is the upper half of that fp32's bits: zero-extend, shift
-   left by 16; exact), then vfmadd as for fp32 weights; x comes in fp32 (bf16_rows widens bf16 rows once: 5 rows x
-   11008 x 4096, 3.35 ms against 3.86 widening them at every tile). Tiles of 2 weight rows, whose 2 x 6 sums and the
-   values they multiply fit the 16 registers. One row reads at the memory rate, 5 bf16 rows at ~22-31 GB/s, bound by
-   the vfmadds (5 for 8 weights; native.py's table). */
+/* The float loops without AVX-512: 8 fp32 a vector, 16 vector registers, vfmadd. AVX2 has no bf16 arithmetic, but a
+   bf16 is the upper half of the bits of the fp32 of the same value, so 16 bf16 loaded at once (x's and the weights'
+   alike) are 8 fp32 twice over, exactly: the even ones shifted left by 16, the odd ones with their lower half masked
+   off; each half of x then multiplies the same half of the weights. Tiles of 2 weight rows, whose 2 x 6 sums and the
+   values they multiply fit the 16 registers. AMD EPYC Zen 3, 2 threads, G weights/s from memory (12 random matrices
+   a shape, 11008 x 4096, 4096 x 11008 and 4096 x 4096, the two builds alternating, best of 4, five runs), 5 bf16
+   rows, where x was first widened into an fp32 copy and each weight by a zero-extending load and a shift, 8 at a
+   time (x's bytes read twice over, one more instruction a weight vector): 5.7-12.2 -> 6.5-14.1, faster in 14 of the
+   15 pairs by 1.1-1.6x (one 5.4 against 7.3); one row the same (12-18: the memory's rate). 5 rows are bound by the
+   vfmadds (10 for 16 weights: at most ~15.7 G weights/s at 2.45 GHz). */
 #define FLOAT_TILE 2 /* weight rows a tile: 2 x 6 sums */
 
-static inline __m256 widened(const uint16_t *bf16) { /* 8 bf16 -> 8 fp32 */
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)bf16)), 16));
+/* The tile's sums (t, r) as y's values: the 8 lanes' total, halves, then quarters, then the last two. */
+static inline __attribute__((always_inline)) void store_sums(__m256 sums[][MAX_ROWS], float *y, int64_t out,
+                                                             const int rows, const int tile, int64_t o) {
+    for (int t = 0; t < tile; t++)
+        for (int r = 0; r < rows; r++) {
+            __m128 s = _mm_add_ps(_mm256_castps256_ps128(sums[t][r]), _mm256_extractf128_ps(sums[t][r], 1));
+            s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            y[r * out + o + t] = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+        }
+}
+
+static inline __attribute__((always_inline)) void bf16_tile(const uint16_t *x, const uint16_t *w, float *y,
+                                                            int64_t out, int64_t in, const int rows, const int tile,
+                                                            int64_t o) {
+    const __m256i upper = _mm256_set1_epi32((int)0xffff0000u); /* the odd bf16 of a pair: the upper half */
+    __m256 sums[FLOAT_TILE][MAX_ROWS];
+    for (int t = 0; t < tile; t++)
+        for (int r = 0; r < rows; r++) sums[t][r] = _mm256_setzero_ps();
+    /* the tile after next's rows, while any (short rows need the lead: 32000 x 768, one bf16 row, 1.78 -> 1.50 ms) */
+    const uint16_t *next = w + (o + 3 * tile <= out ? o + 2 * tile : o) * in;
+    for (int64_t k = 0; k < in; k += 16) {
+        __m256 even[FLOAT_TILE], odd[FLOAT_TILE]; /* 16 weights of row o + t as 8 fp32 twice */
+        for (int t = 0; t < tile; t++) {
+            if (k % 32 == 0) _mm_prefetch((const char *)(next + t * in + k), _MM_HINT_T1); /* a 64-byte line */
+            const __m256i wk = _mm256_loadu_si256((const __m256i *)(w + (o + t) * in + k));
+            even[t] = _mm256_castsi256_ps(_mm256_slli_epi32(wk, 16));
+            odd[t] = _mm256_castsi256_ps(_mm256_and_si256(wk, upper));
+        }
+        for (int r = 0; r < rows; r++) {
+            const __m256i xk = _mm256_loadu_si256((const __m256i *)(x + r * in + k));
+            const __m256 xe = _mm256_castsi256_ps(_mm256_slli_epi32(xk, 16));
+            for (int t = 0; t < tile; t++) sums[t][r] = _mm256_fmadd_ps(xe, even[t], sums[t][r]);
+            const __m256 xo = _mm256_castsi256_ps(_mm256_and_si256(xk, upper));
+            for (int t = 0; t < tile; t++) sums[t][r] = _mm256_fmadd_ps(xo, odd[t], sums[t][r]);
+        }
+    }
+    store_sums(sums, y, out, rows, tile, o);
 }
 
 static inline __attribute__((always_inline)) void float_tile(const char *x, const char *w, float *y, int64_t out,
                                                              int64_t in, const int rows, const int tile, int64_t o,
                                                              const int bf16) {
-    const int64_t size = bf16 ? 2 : 4; /* bytes a weight; x is fp32 */
-    const float *xf = (const float *)x;
+    if (bf16) return bf16_tile((const uint16_t *)x, (const uint16_t *)w, y, out, in, rows, tile, o);
+    const float *xf = (const float *)x, *wf = (const float *)w;
     __m256 sums[FLOAT_TILE][MAX_ROWS];
     for (int t = 0; t < tile; t++)
         for (int r = 0; r < rows; r++) sums[t][r] = _mm256_setzero_ps();
-    /* the tile after next's rows, while any (short rows need the lead: 32000 x 768, one bf16 row, 1.78 -> 1.50 ms) */
-    const char *next = w + (o + 3 * tile <= out ? o + 2 * tile : o) * in * size;
+    const float *next = wf + (o + 3 * tile <= out ? o + 2 * tile : o) * in; /* as bf16_tile's */
     for (int64_t k = 0; k < in; k += 8) {
         __m256 wk[FLOAT_TILE];
         for (int t = 0; t < tile; t++) {
-            const char *weights = w + ((o + t) * in + k) * size;
-            if ((k * size) % 64 == 0) _mm_prefetch(next + (t * in + k) * size, _MM_HINT_T1); /* a 64-byte line */
-            wk[t] = bf16 ? widened((const uint16_t *)weights) : _mm256_loadu_ps((const float *)weights);
+            if (k % 16 == 0) _mm_prefetch((const char *)(next + t * in + k), _MM_HINT_T1); /* a 64-byte line */
+            wk[t] = _mm256_loadu_ps(wf + (o + t) * in + k);
         }
         for (int r = 0; r < rows; r++) {
             const __m256 xr = _mm256_loadu_ps(xf + r * in + k);
             for (int t = 0; t < tile; t++) sums[t][r] = _mm256_fmadd_ps(xr, wk[t], sums[t][r]);
         }
     }
-    for (int t = 0; t < tile; t++)
-        for (int r = 0; r < rows; r++) { /* the 8 sums' total: halves, then quarters, then the last two */
-            __m128 s = _mm_add_ps(_mm256_castps256_ps128(sums[t][r]), _mm256_extractf128_ps(sums[t][r], 1));
-            s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            y[r * out + o + t] = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-        }
+    store_sums(sums, y, out, rows, tile, o);
 }
 #endif
 
@@ -314,19 +346,9 @@ static int float_rows(const char *x, const char *w, float *y, int64_t rows, int6
     return 0;
 }
 
-/* Returns 0, -1 where the AVX2 build could not allocate the rows widened to fp32, -2 as float_rows. */
+/* Returns 0, or -2 as float_rows. */
 int bf16_rows(const uint16_t *x, const uint16_t *w, float *y, int64_t rows, int64_t out, int64_t in, int threads) {
-#if defined(__AVX512F__)
     return float_rows((const char *)x, (const char *)w, y, rows, out, in, threads, 1);
-#else /* the AVX2 loop reads x in fp32: each bf16 the upper half of its fp32 */
-    if (rows < 1 || rows > MAX_ROWS) return -2;
-    uint32_t *wide = (uint32_t *)malloc(sizeof(uint32_t) * rows * in);
-    if (wide == NULL) return -1;
-    for (int64_t i = 0; i < rows * in; i++) wide[i] = (uint32_t)x[i] << 16;
-    const int status = float_rows((const char *)wide, (const char *)w, y, rows, out, in, threads, 1);
-    free(wide);
-    return status;
-#endif
 }
 
 int f32_rows(const float *x, const float *w, float *y, int64_t rows, int64_t out, int64_t in, int threads) {

@@ -54,7 +54,7 @@ compiled kernels are still rented (compiling.py), a greedy token 31.0 -> 14.9 ms
 23.8 -> 18.8 ms.
 
 Machines without AVX-512 (most laptops; AMD before Zen 4) take a second build of the same file, 256 bits wide: the
-bf16 and fp32 loops with vfmadd, each bf16 weight widened to fp32 first (AVX2 has no bf16 arithmetic), and the int8
+bf16 and fp32 loops with vfmadd, 16 bf16 at a time read as 8 fp32 twice (AVX2 has no bf16 arithmetic), and the int8
 loop with vpmaddwd (int16 pairs), its numbers still quant.integer_linear's exactly. There PyTorch's own kernels are
 slower still: its bf16 row read ~15 GB/s on issue 12's AVX2 machine and on an Intel Xeon emulating one, a few bf16
 rows cost F.linear about one pass each, MKL's fp32 on AMD takes its generic path, int8pack_mm read 11-16 GB/s.
@@ -117,7 +117,7 @@ BUILDS = {
     "AVX2": (["-mavx2", "-mfma"],
              {torch.int8: frozenset({"avx2", "fma"}), torch.bfloat16: frozenset({"avx2", "fma"}),
               torch.float32: frozenset({"avx2", "fma"})},
-             {torch.int8: 16, torch.bfloat16: 8, torch.float32: 8}),
+             {torch.int8: 16, torch.bfloat16: 16, torch.float32: 8}),
 }
 _WIDTH_FLAGS, NEEDS, WIDTH_STEP = BUILDS.get(ISA, ([], {}, {}))
 FLAGS = ["-O3", *_WIDTH_FLAGS, "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
@@ -215,10 +215,9 @@ def _float_call(kernel, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tenso
 
 
 def _check(status: int, count: int, width: int) -> None:
-    """kernels.c's status: 0 done, -1 no memory for a copy of the rows, -2 a count of rows it does not take."""
+    """kernels.c's status: 0 done, -1 no memory for the int8 rows' grid, -2 a count of rows it does not take."""
     if status == -1:
-        raise MemoryError(f"minivb's kernels could not allocate a copy of {count} rows of {width} inputs (int8: their"
-                          f" grid; bf16 with AVX2: in fp32)")
+        raise MemoryError(f"minivb's kernels could not allocate the grid of {count} int8 rows of {width} inputs")
     if status == -2:
         raise ValueError(f"minivb's kernels multiply 1 to {MAX_ROWS} rows at once, got {count}")
 
