@@ -93,11 +93,11 @@ static inline __attribute__((always_inline)) void int8_tile(const int8_t *w, con
    search's few, for the same reason (native.py): x (rows, in), w (out, in) of one dtype -> y (rows, out) fp32; rows 1
    to MAX_ROWS, in a multiple of a vector's values (32 bf16, 16 fp32; AVX2 16 and 8). bf16: vdpbf16ps multiplies 32
    pairs of bf16 (exactly, in fp32) and adds each 2 products into 16 fp32 sums, where converting both to fp32 first
-   takes 3 more instructions; fp32: vfmadd, 16 products into 16 sums (F.linear's MKL takes a slow generic path for a
-   few fp32 rows on AMD: native.py's table). FLOAT_TILE weight rows at a time, each against every row of x: each weight load serves
-   `rows` sums and each load of x FLOAT_TILE sums, and the next FLOAT_TILE weight rows are prefetched while these are
-   summed, so that a thread keeps 2 x FLOAT_TILE streams of memory in flight (bf16, 5 rows x 11008 x 4096, AMD EPYC, 2
-   threads, the 1 GB sum at ~31 GB/s: 1 weight row at a time 5.4 ms, 4 at a time 3.4, and 3.1 with the next 4
+   takes 3 more instructions; fp32: vfmadd, 16 products into 16 sums (F.linear's MKL takes a slow generic path for a few
+   fp32 rows on AMD: native.py's table). FLOAT_TILE weight rows at a time, each against every row of x: each weight load
+   serves `rows` sums and each load of x FLOAT_TILE sums, and the next FLOAT_TILE weight rows are prefetched while these
+   are summed, so that a thread keeps 2 x FLOAT_TILE streams of memory in flight (bf16, 5 rows x 11008 x 4096, AMD EPYC,
+   2 threads, the 1 GB sum at ~31 GB/s: 1 weight row at a time 5.4 ms, 4 at a time 3.4, and 3.1 with the next 4
    prefetched; 8 at a time, whose 40 sums cannot stay in registers, 3.1-3.2; F.linear 4.7, oneDNN's packed copy 2.8).
    Its sums are made in another order than a compiled kernel's, oneDNN's or MKL's: fp32 rounding apart. */
 #define FLOAT_TILE 4 /* weight rows a tile: 4 x 6 sums */
