@@ -1,4 +1,4 @@
-"""minivb/native.py: one row times an int8 matrix through kernels.c's VNNI loop gives quant.integer_linear's numbers
+"""minivb/native.py: 1 to 6 rows times an int8 matrix through kernels.c's int8 loop give quant.integer_linear's numbers
 exactly, 1 to 6 bf16 or fp32 rows times a matrix of theirs through its vdpbf16ps or vfmadd loop the exact sums within
 fp32's rounding (the AVX-512 build, or the AVX2 one where PyTorch's kernels are 256 bits wide, and that one in a
 process of its own everywhere); all are taken where they should be, work inside torch.compile, and fall back when
@@ -51,12 +51,13 @@ def weights(out: int, width: int, seed: int = 0) -> tuple[torch.Tensor, torch.Te
 
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 2, 5, 6])
-@pytest.mark.parametrize("out, width", [(37, 128), (64, 320), (130, 1024), (5, 4096), (1, 64)])
+@pytest.mark.parametrize("out, width", [(37, 128), (64, 320), (130, 1024), (5, 4096), (1, 64), (6, 96), (3, 8224)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_equals_the_integer_products_exactly(built, rows, out, width, dtype):
-    """Outputs that do not fill the last thread's share or the last tile of 2 (one output: only that), widths of one
-    and of many 64-byte steps; rows of their own scale each, one with a large value (the grid's step is set by it)
-    and values that fall halfway between two steps (rounded to even)."""
+    """Outputs that do not fill the last thread's share or the last tile (AVX-512 4 weight rows, AVX2 2; 1 and 3
+    outputs: only that), widths of one and of many 64-byte lines, with a chunk after the last line (96, 8224) and more
+    than one block of kernels.c's int32 sums (8224); rows of their own scale each, one with a large value (the
+    grid's step is set by it) and values that fall halfway between two steps (rounded to even)."""
     weight, scales = weights(out, width)
     x = torch.randn(rows, width, generator=torch.Generator().manual_seed(1)) * 3
     x = x * torch.logspace(0, 2, rows)[:, None]  # each row on a grid of its own
@@ -81,11 +82,21 @@ def test_an_all_zero_row_gives_zeros(built):
 
 
 @needs_kernel
+def test_the_largest_products_stay_exact(built):
+    """q = -16383 (the grid's end) by -128 over two blocks of kernels.c's int32 sums and a chunk of a third: a lane's
+    sum comes to its largest at a block's end."""
+    weight, x = torch.full((5, 16416), -128, dtype=torch.int8), torch.full((2, 16416), -1.0)
+    got = native.int8_rows(x, weight, torch.ones(5))
+    assert torch.equal(got, halves_product(x, weight, torch.ones(5)))
+    assert got[0, 0].item() == 16383 * 128 * 16416 * (1 / quant.GRID)  # (the integer sum, exact, times the step)
+
+
+@needs_kernel
 def test_what_it_fits(built, monkeypatch):
     weight, _ = weights(16, 128)
     assert native.fits(weight)
     assert not native.fits(weight[:, :96])  # not contiguous
-    assert not native.fits(weight[:, :72].contiguous())  # 72 inputs: not a multiple of a step (AVX-512 64, AVX2 16)
+    assert not native.fits(weight[:, :72].contiguous())  # 72 inputs: not a multiple of a chunk (AVX-512 32, AVX2 16)
     assert native.fits(weight.float()) == has_f32 and not native.fits(weight.double())
     monkeypatch.setenv("MINIVB_NATIVE", "0")
     assert not native.available(torch.int8) and not native.fits(weight)
