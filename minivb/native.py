@@ -6,13 +6,13 @@ on 2 cores: inductor's compiled multiply-and-sum (quant._int8_row_times_matrix, 
 weight to fp32 before multiplying it, 3 instructions for 16 weights, ~30 G weights/s at best and ~15-24 at widths
 whose fp32 row leaves the first-level cache (5120 inputs and more); `torch._weight_int8pack_mm` does the same work
 at ~22-28; oneDNN's integer products (packing.pack_int8), one row cut in two halves, ~22. x86 has instructions that
-multiply and add without converting to fp32: VNNI's vpdpwssd, 32 pairs of int16 (int8 weights widened, exactly,
-against the row's values on an int16 grid) into 16 exact int32 sums, and AVX-512 BF16's vdpbf16ps, 32 bf16 weights by
-32 bf16 values of the row into 16 fp32 sums. kernels.c's loops use them (and fp32's, below, vfmadd), and read the
+multiply and add without converting to fp32: VNNI's vpdpbusd, 64 int8 weights by 64 bytes of the row (one of its
+two int8 halves on the integer grid) into 16 exact int32 sums, and vpdpwssd, 32 pairs of int16 (int8 weights widened
+against the grid's values whole: a beam step's few rows), and AVX-512 BF16's vdpbf16ps, 32 bf16 weights by 32 bf16
+values of the row into 16 fp32 sums. kernels.c's loops use them (and fp32's, below, vfmadd), and read the
 weights at the rate memory delivers them. AMD EPYC (Zen 4), 2 threads, one row, GB/s read, best of 3 rounds
 alternating in one process (the 1 GB sum beside each shape, which drifts 29-47 GB/s; "one row": this file's loops
-until they took a tile of weight rows for beams, below, one weight row at a time; int8: the loop of then, on the row's
-two int8 halves with VNNI's vpdpbusd, 64 bytes by 64 bytes):
+until they took a tile of weight rows for beams, below, one weight row at a time):
                   int8:  int8_rows  one row   inductor's  int8pack_mm   bf16: bf16_rows  one row  inductor's
     11008 x 4096          29.9       32.7       23.9        21.1               33.7       32.2      29.9
     4096 x 11008          38.9       22.0        -          26.4               37.8       31.7      25.6
@@ -42,10 +42,11 @@ PACK_AFTER_NATIVE such products there. The int8 loop then took the row's two int
 weights and a third for the weights' own sum, in tiles of 2 weight rows; it now takes q whole with vpdpwssd (as many
 instructions a row, none for the weights' sum) in tiles of 4 (kernels.c says why), the same integers. 5 rows, G
 weights/s read from memory, 2 threads, best of 4 alternating (the memory ~35 GB/s): 11008 x 4096 / 4096 x 11008 /
-4096 x 4096 17.9 / 19.1 / 18.5 -> 28.0 / 34.6 / 28.2 (bf16's 16.7 / 16.7 / 16.8); 6 rows 14.0-15.0 -> 28.5-33.0; one
-and 2 rows the same (34-36), but for the minutes the memory reads 50-70 GB/s, when one row reads 42-48 against 50-54
-(unexplained: from the third-level cache, 1024 x 11008 and 2048 x 4096, the loop now reads one row at 103-126 against
-88-89). Full-size vicuna-7b int8 (separate processes, medians of 12 steps): a 5-beam step 427-438 -> 289-293 ms.
+4096 x 4096 17.9 / 19.1 / 18.5 -> 28.0 / 34.6 / 28.2 (bf16's 16.7 / 16.7 / 16.8); 6 rows 14.0-15.0 -> 28.5-33.0; 2
+rows the same (34-36). One row keeps the halves: through q whole it read the same at ~35 GB/s but 42-48 against 50-54
+in the minutes the memory reads 50-70 GB/s (the 7B's 225 mapped matrices, 150-200 passes alternating: the median pass
+1.08-1.11x the time). Full-size vicuna-7b int8 (separate processes, medians of 12 steps): a 5-beam step 427-438 ->
+289-297 ms.
 
 fp32 rows times fp32 weights (load_model's default dtype) take the bf16 loop's twin, vfmadd for vdpbf16ps: on AMD,
 F.linear hands one fp32 row to MKL, whose generic path there reads at about 0.6x the memory rate, and 5 rows to a

@@ -82,13 +82,15 @@ def test_an_all_zero_row_gives_zeros(built):
 
 
 @needs_kernel
-def test_the_largest_products_stay_exact(built):
+@pytest.mark.parametrize("rows, width", [(2, 16416), (1, 16416), (1, 16448)])
+def test_the_largest_products_stay_exact(built, rows, width):
     """q = -16383 (the grid's end) by -128 over two blocks of kernels.c's int32 sums and a chunk of a third: a lane's
-    sum comes to its largest at a block's end."""
-    weight, x = torch.full((5, 16416), -128, dtype=torch.int8), torch.full((2, 16416), -1.0)
+    sum comes to its largest at a block's end (one row of a multiple of 64 inputs: the AVX-512 build's loop on the
+    row's two halves)."""
+    weight, x = torch.full((5, width), -128, dtype=torch.int8), torch.full((rows, width), -1.0)
     got = native.int8_rows(x, weight, torch.ones(5))
     assert torch.equal(got, halves_product(x, weight, torch.ones(5)))
-    assert got[0, 0].item() == 16383 * 128 * 16416 * (1 / quant.GRID)  # (the integer sum, exact, times the step)
+    assert got[0, 0].item() == 16383 * 128 * width * (1 / quant.GRID)  # (the integer sum, exact, times the step)
 
 
 @needs_kernel
