@@ -85,8 +85,8 @@ def test_an_all_zero_row_gives_zeros(built):
 @pytest.mark.parametrize("rows, width", [(2, 16416), (1, 16416), (1, 16448)])
 def test_the_largest_products_stay_exact(built, rows, width):
     """q = -16383 (the grid's end) by -128 over two blocks of kernels.c's int32 sums and a chunk of a third: a lane's
-    sum comes to its largest at a block's end (one row of a multiple of 64 inputs: the AVX-512 build's loop on the
-    row's two halves)."""
+    sum comes to its largest at a block's end. One row of a multiple of 64 inputs (16448) takes the AVX-512 build's
+    loop on the row's two halves instead, whose int32 sums hold 65536 inputs."""
     weight, x = torch.full((5, width), -128, dtype=torch.int8), torch.full((rows, width), -1.0)
     got = native.int8_rows(x, weight, torch.ones(5))
     assert torch.equal(got, halves_product(x, weight, torch.ones(5)))
