@@ -11,8 +11,9 @@
         for oneDNN's int8 x int8 products; the sums below are the same integers);
      2. each int8 weight is widened to int16 (exact), and one instruction multiplies pairs of int16 and adds each
         pair's two products into an int32 lane (AVX-512 VNNI's vpdpwssd: 32 pairs into 16 lanes; AVX2's vpmaddwd,
-        16 pairs into 8, then vpaddd; one row with AVX-512, on q's two int8 halves instead: halves_rows). |q x w| <= 16383 x 128 < 2^21, so a lane stays exact over BLOCK inputs; each
-        block's lanes are summed into int64: the integer sum(q * w);
+        16 pairs into 8, then vpaddd; one row with AVX-512 takes q's two int8 halves instead: halves_rows).
+        |q x w| <= 16383 x 128 < 2^21, so a lane stays exact over BLOCK inputs; each block's lanes are summed into
+        int64: the integer sum(q * w);
      3. y[r, o] = sum(q * w) * step[r] * scales[o], the integer rounded once to fp32, in the order quant._sum_halves
         computes it (built with -ffp-contract=off: no fused multiply-add where that code makes two roundings).
    Rows of up to 65536 inputs (native.MAX_INPUTS; the int64 sums have room for far more). */
@@ -28,6 +29,20 @@
 #define BLOCK 8192 /* inputs a lane's int32 sum stays exact over: it adds BLOCK / 8 products at most (AVX2's 8 lanes;
                       AVX-512's 16 add half as many), 1024 x 16383 x 128 < 2^31 */
 
+/* A row's grid step (step 1): its largest magnitude over GRID, 8 values at a time (the maximum is exact, vector or
+   not: quant._int8_halves' step); an all-zero row stays zero. Once a call, not once a weight: 256 bits in both
+   builds. */
+static float grid_step(const float *x, int64_t in) {
+    __m256 largest = _mm256_setzero_ps();
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t k = 0; k < in; k += 8)
+        largest = _mm256_max_ps(largest, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k))); /* |x|: the sign bit off */
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(largest), _mm256_extractf128_ps(largest, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return fmaxf(_mm_cvtss_f32(m), 1e-30f) / GRID;
+}
+
 /* The int8 loop's vectors, by build: a chunk of CHUNK inputs is one vector of int16 (q, or widened weights). */
 #if defined(__AVX512F__)
 /* 32 registers: a tile of 4 weight rows, whose 4 x 6 sums, 4 widened weights and a row's q take 29. AMD EPYC Zen 4,
@@ -37,7 +52,8 @@
    18.4-19.0; q whole, tiles of 2: 17.4-19.3; tiles of 4: 29.5-33.9 (bf16's 5 rows: 16.5-16.9). 6 rows 14.4-15.0 ->
    28.9-32.8. One and 2 rows the same (34-36) while the memory reads ~35 GB/s; in minutes when it reads 50-70, one row
    42-48 against the halves' 50-54 (why is not understood: read from the third-level cache, this loop is the faster
-   one, 103-126 against 88-89; vpmovsxbw, 32 weights widened, runs ~0.5 a cycle), so one row keeps the halves (below). */
+   one, 103-126 against 88-89; vpmovsxbw, 32 weights widened, runs ~0.5 a cycle), so one row keeps the halves
+   (below). */
 #define INT8_TILE 4
 #define CHUNK 32
 typedef __m512i ivec;
@@ -57,9 +73,7 @@ static inline int64_t lanes_total(ivec v) { /* the 16 int32 lanes' total, in int
    7B checkpoint's 225 mapped matrices, 150-200 passes each alternating: the median pass 1.08-1.11x the time there;
    2 rows 0.96x). */
 static float halves_row(const float *x, int64_t in, uint8_t *halves) { /* high + 128, then low, 64 inputs at a time */
-    __m512 largest = _mm512_setzero_ps();
-    for (int64_t k = 0; k < in; k += 16) largest = _mm512_max_ps(largest, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
-    const float step = fmaxf(_mm512_reduce_max_ps(largest), 1e-30f) / GRID; /* as grid_row's */
+    const float step = grid_step(x, in);
     const __m512 steps = _mm512_set1_ps(step), half = _mm512_set1_ps(HALF), offset = _mm512_set1_ps(128.0f);
     for (int64_t k = 0; k < in; k += 16) {
         __m512 q = _mm512_div_ps(_mm512_loadu_ps(x + k), steps);
@@ -141,16 +155,9 @@ static inline int64_t lanes_total(ivec v) { /* the 8 int32 lanes' total, in int6
 /* One row on its grid (step 1) as int16 q, and the grid's step, 8 values at a time (the roundings of
    quant._int8_halves: division and rounding are exact operations, vector or not). The rows' q are interleaved by
    CHUNK inputs, in the order the sums read them: for the inputs c x CHUNK on, row r's at chunks + c * stride + r x
-   ROW_CHUNK (stride = ROW_CHUNK x rows). Once a call, not once a weight: 256 bits wide in both builds. */
+   ROW_CHUNK (stride = ROW_CHUNK x rows). 256 bits wide in both builds, as grid_step. */
 static float grid_row(const float *x, int64_t in, uint8_t *chunks, int64_t stride) {
-    __m256 largest = _mm256_setzero_ps();
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    for (int64_t k = 0; k < in; k += 8)
-        largest = _mm256_max_ps(largest, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k))); /* |x|: the sign bit off */
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(largest), _mm256_extractf128_ps(largest, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_movehdup_ps(m));
-    const float step = fmaxf(_mm_cvtss_f32(m), 1e-30f) / GRID; /* an all-zero row stays zero */
+    const float step = grid_step(x, in);
     const __m256 steps = _mm256_set1_ps(step);
     for (int64_t k = 0; k < in; k += 8) {
         __m256 q = _mm256_div_ps(_mm256_loadu_ps(x + k), steps);

@@ -43,10 +43,10 @@ weights and a third for the weights' own sum, in tiles of 2 weight rows; it now 
 instructions a row, none for the weights' sum) in tiles of 4 (kernels.c says why), the same integers. 5 rows, G
 weights/s read from memory, 2 threads, best of 4 alternating (the memory ~35 GB/s): 11008 x 4096 / 4096 x 11008 /
 4096 x 4096 17.9 / 19.1 / 18.5 -> 28.0 / 34.6 / 28.2 (bf16's 16.7 / 16.7 / 16.8); 6 rows 14.0-15.0 -> 28.5-33.0; 2
-rows the same (34-36). One row keeps the halves (rows of a multiple of 64 inputs): through q whole it read the same at ~35 GB/s but 42-48 against 50-54
-in the minutes the memory reads 50-70 GB/s (the 7B's 225 mapped matrices, 150-200 passes alternating: the median pass
-1.08-1.11x the time). Full-size vicuna-7b int8 (separate processes, medians of 12 steps): a 5-beam step 427-438 ->
-289-297 ms.
+rows the same (34-36). One row keeps the halves (rows of a multiple of 64 inputs): through q whole it read the same
+at ~35 GB/s but 42-48 against 50-54 in the minutes the memory reads 50-70 GB/s (the 7B's 225 mapped matrices, 150-200
+passes alternating: the median pass 1.08-1.11x the time). Full-size vicuna-7b int8 (separate processes, medians of
+12 steps): a 5-beam step 427-438 -> 289-297 ms.
 
 fp32 rows times fp32 weights (load_model's default dtype) take the bf16 loop's twin, vfmadd for vdpbf16ps: on AMD,
 F.linear hands one fp32 row to MKL, whose generic path there reads at about 0.6x the memory rate, and 5 rows to a
